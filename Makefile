@@ -1,0 +1,40 @@
+# Every target installs into .venv first if needed. Python 3.11 is what is tested.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+TRAIN_ARGS ?=
+
+.PHONY: install train test test-slow bench lint ui clean
+
+install: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+# Build synth_tiny if needed, train ds2_tiny for a fixed budget, evaluate on the held-out test split.
+train: install
+	$(PY) -m ds2exp.quickstart $(TRAIN_ARGS)
+
+test: install
+	$(PY) -m pytest -m "not slow" -q
+
+test-slow: install
+	$(PY) -m pytest -m slow -q
+
+bench: install
+	$(PY) -m bench.run_all
+
+lint: install
+	$(PY) -m pip install -q ruff
+	$(VENV)/bin/ruff check ds2exp tests bench train.py evaluate.py export.py
+
+ui: install
+	@echo "MLflow UI: http://127.0.0.1:5000  (store: sqlite:///$(CURDIR)/mlflow.db; Ctrl-C stops it)"
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+
+clean:
+	rm -rf outputs multirun/[0-9]* .pytest_cache

@@ -1,0 +1,176 @@
+"""Time the plain and fast DeepSpeech2 layers (ds2exp.models.layers) side by side, in one run.
+
+    .venv/bin/python bench/bench_layers.py            # default shapes (a few minutes, plain GRU is slow)
+    .venv/bin/python bench/bench_layers.py --quick    # smaller T, one repeat
+    .venv/bin/python bench/bench_layers.py --only conv --repeats 3
+
+Prints one table: impl, layer, shape, fwd s, fwd+bwd s, GFLOP/s. Times are the median of
+`--repeats` calls after one warm-up call (which also pays numba's compile time, reported apart),
+PYNATIVE mode. "fwd+bwd" is mindspore.value_and_grad w.r.t. the input and every parameter.
+GFLOP/s = 3 x forward FLOPs / fwd+bwd time (backward ~ 2x forward for conv and matmul).
+Rows:
+  plain        the stock cells: nn.Conv2d; nn.LSTM / nn.GRU with seq_length (what make_*(impl="plain") builds)
+  plain-noseq  nn.LSTM without seq_length (MindSpore's fused CPU LSTM kernel; cannot honour lengths)
+  fast         make_*(impl="fast")
+  fast-jit     the same under mindspore.jit (first-call compile time in the note column)
+The machine is shared: compare rows of one run, not numbers across runs.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+
+import ds2exp  # noqa: E402,F401  (sets the protobuf implementation before mindspore loads)
+import mindspore as ms  # noqa: E402
+from mindspore import Tensor, nn, ops  # noqa: E402
+
+from ds2exp.models import layers as L  # noqa: E402
+
+ms.set_context(mode=ms.PYNATIVE_MODE)
+ms.set_device("CPU")
+
+
+def _sync(out):
+    if isinstance(out, (tuple, list)):
+        for o in out:
+            _sync(o)
+    elif isinstance(out, Tensor):
+        out.asnumpy()
+
+
+def timed(fn, repeats):
+    t0 = time.perf_counter()
+    _sync(fn())
+    first = time.perf_counter() - t0
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        _sync(fn())
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts), first
+
+
+def grad_fn(cell, n_inputs):
+    params = cell.trainable_params()
+
+    def loss(*args):
+        y = cell(*args)
+        return (y * y).sum() * 0.5
+
+    return ms.value_and_grad(loss, tuple(range(n_inputs)) if n_inputs > 1 else 0, params), loss
+
+
+ROWS = []
+
+
+def row(impl, layer, shape, fwd, fb, flops, note=""):
+    gf = 3 * flops / fb / 1e9 if fb else float("nan")
+    ROWS.append((impl, layer, shape, fwd, fb, gf, note))
+    print(f"  {impl:<11} {layer:<10} {shape:<28} fwd {fwd:8.3f}  fwd+bwd {fb:8.3f}  {gf:7.1f} GFLOP/s  {note}",
+          file=sys.stderr, flush=True)
+
+
+def bench_conv(name, B, C, O, k, s, p, F, T, impls, repeats):
+    x = Tensor(np.random.randn(B, C, F, T).astype(np.float32))
+    Fo, To = L.conv_output_size(F, T, k, s, p)
+    flops = 2 * B * O * Fo * To * C * k[0] * k[1]
+    ref = None
+    for impl in impls:
+        cell = L.make_conv2d(C, O, k, s, p, impl=impl)
+        if ref is None:
+            ref = cell
+        else:
+            cell.weight.set_data(ref.weight.value().copy())
+        fwd, _ = timed(lambda: cell(x), repeats)
+        g, _ = grad_fn(cell, 1)
+        fb, _ = timed(lambda: g(x), repeats)
+        row(impl, name, f"{B}x{C}x{F}x{T}", fwd, fb, flops)
+
+
+def bench_rnn(mode, B, T, In, H, bidir, impls, repeats, jit=False):
+    D = 2 if bidir else 1
+    G = (4 if mode == "lstm" else 3) * H
+    x = Tensor(np.random.randn(B, T, In).astype(np.float32))
+    lens = np.full(B, T, np.int32)
+    lens[1::2] = T - T // 8           # ragged
+    lens = Tensor(lens)
+    flops = 2 * B * T * D * G * (In + H)
+    shape = f"B{B} T{T} {In}->{H}{' bi' if bidir else ''}"
+    for impl in impls:
+        if impl == "plain-noseq":
+            if mode != "lstm":
+                continue
+            cell = nn.LSTM(In, H, 1, batch_first=True, bidirectional=bidir)
+
+            class NoSeq(nn.Cell):
+                def __init__(self, rnn):
+                    super().__init__()
+                    self.rnn = rnn
+
+                def construct(self, a):
+                    return self.rnn(a)[0]
+
+            c2 = NoSeq(cell)
+            fwd, _ = timed(lambda: c2(x), repeats)
+            g, _ = grad_fn(c2, 1)
+            fb, _ = timed(lambda: g(x), repeats)
+            row(impl, mode, shape, fwd, fb, flops, "no lengths")
+            continue
+        cell = L.make_rnn(mode, In, H, bidir, impl=impl)
+        fwd, first = timed(lambda: cell(x, lens), repeats)
+        g, loss = grad_fn(cell, 1)
+        fb, first_fb = timed(lambda: g(x, lens), repeats)
+        note = f"1st call {max(first, first_fb):.2f}s" if impl == "fast" else ""
+        row(impl, mode, shape, fwd, fb, flops, note)
+        if jit and impl == "fast":
+            jf = ms.jit(cell.construct)
+            jg = ms.jit(g)
+            fwd_j, c1 = timed(lambda: jf(x, lens), repeats)
+            fb_j, c2_ = timed(lambda: jg(x, lens), repeats)
+            row("fast-jit", mode, shape, fwd_j, fb_j, flops, f"compile {c1:.1f}+{c2_:.1f}s")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", choices=["conv", "rnn"], default=None)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="T=100 for the RNNs, skip plain GRU and H=1024")
+    ap.add_argument("--no-plain-gru", action="store_true", help="skip nn.GRU (its Python loop takes minutes)")
+    ap.add_argument("--jit", action="store_true", help="also time the fast RNN under mindspore.jit")
+    args = ap.parse_args(argv)
+    np.random.seed(0)
+    print(f"mindspore {ms.__version__}, numpy {np.__version__}, numba kernels: {L._USE_NUMBA}, "
+          f"cpus {os.cpu_count()}", file=sys.stderr)
+    rep = 1 if args.quick else args.repeats
+    if args.only in (None, "conv"):
+        # DS2 conv1 on 2 s of 10 ms frames; conv2 on its output (T/2)
+        bench_conv("conv1", 8, 1, 32, (41, 11), (2, 2), (20, 20, 5, 5), 161, 200, ["plain", "fast"], rep)
+        bench_conv("conv2", 8, 32, 32, (21, 11), (2, 1), (10, 10, 5, 5), 81, 100, ["plain", "fast"], rep)
+    if args.only in (None, "rnn"):
+        T = 100 if args.quick else 200
+        for mode in ("lstm", "gru"):
+            impls = ["plain", "plain-noseq", "fast"]
+            if mode == "gru" and (args.quick or args.no_plain_gru):
+                impls = ["fast"]
+            bench_rnn(mode, 8, T, 1312, 256, True, impls, rep, jit=args.jit)
+        if not args.quick:
+            for mode in ("lstm", "gru"):
+                impls = ["plain-noseq", "fast"] if mode == "lstm" else ["fast"]
+                bench_rnn(mode, 2, T, 1312, 1024, True, impls, rep)
+    print()
+    hdr = f"| {'impl':<11} | {'layer':<6} | {'shape':<26} | {'fwd s':>7} | {'fwd+bwd s':>9} | {'GFLOP/s':>7} | note"
+    print(hdr)
+    print("|" + "|".join("-" * (len(c) + 0) for c in hdr.split("|")[1:]))
+    for impl, layer, shape, fwd, fb, gf, note in ROWS:
+        print(f"| {impl:<11} | {layer:<6} | {shape:<26} | {fwd:7.3f} | {fb:9.3f} | {gf:7.1f} | {note}")
+
+
+if __name__ == "__main__":
+    main()

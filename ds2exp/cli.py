@@ -1,0 +1,160 @@
+"""Checks a command line's config before Hydra starts a run.
+
+Hydra reports composition errors over several lines and exits with 1, after which a run
+directory may already exist. `preflight()` composes the same config with Hydra's compose API
+(every value of every sweep is tried), runs `config.validate()`, and on any problem prints ONE
+line naming the key and what is allowed, then exits with status 2. Nothing is created.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Callable, Iterable, List, Optional
+
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException, MissingConfigException, OverrideParseException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from ds2exp.config import ConfigValueError, config_dir, validate
+
+EXIT_CONFIG_ERROR = 2
+
+# Flags of Hydra's own parser that consume the following argument.
+_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
+                     "--config-dir", "-cd", "--info", "-i", "--experimental-rerun"}
+
+
+class ConfigError(Exception):
+    pass
+
+
+def split_overrides(argv: Iterable[str]) -> List[str]:
+    """The override arguments of a Hydra command line (flags and their values removed)."""
+    out: List[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg.startswith("-"):
+            name = arg.split("=", 1)[0]
+            if name in _FLAGS_WITH_VALUE and "=" not in arg:
+                # --info takes an optional value; only skip one that is not an override
+                skip = True
+            continue
+        out.append(arg)
+    return out
+
+
+def _one_line(text: str) -> str:
+    return " ".join(part.strip() for part in str(text).strip().splitlines() if part.strip())
+
+
+def _describe(exc: BaseException, base: Optional[DictConfig]) -> str:
+    """Turn a Hydra/OmegaConf exception into one line naming key and allowed values."""
+    if isinstance(exc, ConfigValueError):
+        return str(exc)
+    if isinstance(exc, MissingConfigException):
+        group = None
+        msg = str(exc)
+        options = getattr(exc, "options", None)
+        missing = getattr(exc, "missing_cfg_file", None) or ""
+        if "/" in missing:
+            group, choice = missing.rsplit("/", 1)
+            if options:
+                return f"{group}={choice} is not an option; allowed: {', '.join(sorted(options))}"
+        return _one_line(msg)
+    cause = exc.__cause__ or exc.__context__
+    inner = cause if isinstance(cause, OmegaConfBaseException) else exc
+    if isinstance(inner, OmegaConfBaseException):
+        full_key = getattr(inner, "full_key", None)
+        first = str(inner).strip().splitlines()[0] if str(inner).strip() else type(inner).__name__
+        if full_key and (type(inner).__name__ in ("ConfigKeyError", "ConfigAttributeError") or " not in " in first):
+            parent = full_key.rsplit(".", 1)[0] if "." in full_key else ""
+            allowed = ""
+            if base is not None:
+                node = OmegaConf.select(base, parent) if parent else base
+                if isinstance(node, DictConfig):
+                    allowed = "; allowed keys" + (f" under '{parent}'" if parent else "") + ": " + ", ".join(
+                        k for k in node.keys() if k != "defaults")
+            return f"unknown config key '{full_key}'{allowed}"
+        if full_key:
+            return f"bad value for '{full_key}': {first}"
+        return _one_line(first)
+    return _one_line(str(exc))
+
+
+def _sweep_variants(overrides: List[str]) -> List[List[str]]:
+    """Override lists that together try every value of every sweep at least once."""
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    base: List[str] = []
+    choices: List[tuple[int, List[str]]] = []
+    for i, ov in enumerate(parsed):
+        key = ov.get_key_element()
+        if ov.is_sweep_override():
+            try:
+                values = list(ov.sweep_string_iterator())
+            except Exception:  # interval() etc: sampled by the sweeper, checked when the job runs
+                values = []
+            if not values:
+                base.append(None)  # type: ignore[arg-type]
+                continue
+            base.append(f"{key}={values[0]}")
+            choices.append((i, [f"{key}={v}" for v in values[1:]]))
+        else:
+            base.append(overrides[i])
+    variants = [[o for o in base if o is not None]]
+    for i, rest in choices:
+        for alt in rest:
+            v = list(base)
+            v[i] = alt
+            variants.append([o for o in v if o is not None])
+    return variants
+
+
+def compose_config(overrides: List[str], config_name: str = "train") -> DictConfig:
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=config_dir(), version_base=None):
+        return compose(config_name=config_name, overrides=overrides)
+
+
+def check_overrides(overrides: List[str], config_name: str = "train",
+                    extra_check: Optional[Callable[[DictConfig], None]] = None) -> DictConfig:
+    """Compose and validate; raises ConfigError with a one-line message."""
+    base: Optional[DictConfig] = None
+    try:
+        base = compose_config([], config_name)
+    except Exception:
+        base = None
+    try:
+        variants = _sweep_variants(overrides)
+    except OverrideParseException as exc:
+        raise ConfigError(_one_line(str(exc)).split(" See ")[0]) from exc
+    cfg: Optional[DictConfig] = None
+    for variant in variants:
+        try:
+            cfg = compose_config(variant, config_name)
+            OmegaConf.resolve(cfg)
+            validate(cfg) if config_name == "train" else None
+            if extra_check is not None:
+                extra_check(cfg)
+        except (HydraException, OmegaConfBaseException, ConfigValueError, ValueError) as exc:
+            raise ConfigError(_describe(exc, base)) from exc
+        finally:
+            GlobalHydra.instance().clear()
+    assert cfg is not None
+    return cfg
+
+
+def preflight(argv: List[str], config_name: str = "train",
+              extra_check: Optional[Callable[[DictConfig], None]] = None) -> None:
+    """Exit with status 2 and one line on stderr if the command line's config is bad."""
+    if any(a in ("--help", "-h", "--hydra-help") for a in argv):
+        return
+    try:
+        check_overrides(split_overrides(argv), config_name, extra_check)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        sys.exit(EXIT_CONFIG_ERROR)

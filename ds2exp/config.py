@@ -1,0 +1,363 @@
+"""Structured configs: the schema every composed run config is checked against.
+
+Each config group in `conf/` (dataset, model, optimizer, hardware, precision, logger, trainer)
+is backed by one dataclass here. Hydra merges the YAML files onto these dataclasses, so a
+misspelt key, a wrong type or a value outside an Enum fails at composition time with the
+offending key named, before any work starts. Range checks that types cannot express
+(lr > 0, batch size >= 1, ...) live in `validate()`.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def project_root() -> str:
+    """Absolute project directory: $DS2EXP_ROOT, else the checkout holding conf/, else the cwd.
+
+    Used for the default MLflow store and data cache so that they do not depend on
+    Hydra's per-run working directory.
+    """
+    env = os.environ.get("DS2EXP_ROOT")
+    if env:
+        return str(Path(env).resolve())
+    checkout = PACKAGE_DIR.parent
+    if (checkout / "conf" / "train.yaml").is_file():
+        return str(checkout)
+    return str(Path.cwd().resolve())
+
+
+def config_dir() -> str:
+    env = os.environ.get("DS2EXP_CONFIG_DIR")
+    if env:
+        return str(Path(env).resolve())
+    return str(Path(project_root()) / "conf")
+
+
+if not OmegaConf.has_resolver("ds2exp_root"):
+    OmegaConf.register_new_resolver("ds2exp_root", project_root)
+
+
+class DatasetSource(str, Enum):
+    synth = "synth"
+    librispeech = "librispeech"
+    manifest = "manifest"
+
+
+class RNNType(str, Enum):
+    lstm = "lstm"
+    gru = "gru"
+
+
+class MergeMode(str, Enum):
+    sum = "sum"
+    concat = "concat"
+
+
+class Activation(str, Enum):
+    hardtanh = "hardtanh"
+    tanh = "tanh"
+    relu = "relu"
+
+
+class KernelImpl(str, Enum):
+    fast = "fast"
+    plain = "plain"
+
+
+class OptimizerName(str, Enum):
+    adam = "adam"
+    adamw = "adamw"
+    sgd = "sgd"
+
+
+class Schedule(str, Enum):
+    constant = "constant"
+    exponential = "exponential"
+    warmup_cosine = "warmup_cosine"
+
+
+class DeviceTarget(str, Enum):
+    CPU = "CPU"
+    GPU = "GPU"
+    Ascend = "Ascend"
+
+
+class ExecutionMode(str, Enum):
+    pynative = "pynative"
+    graph = "graph"
+
+
+class DType(str, Enum):
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+class LoggerBackend(str, Enum):
+    mlflow = "mlflow"
+    none = "none"
+
+
+class NonFinitePolicy(str, Enum):
+    skip = "skip"
+    stop = "stop"
+    rollback = "rollback"
+
+
+class MetricDefinition(str, Enum):
+    reference = "reference"
+    standard = "standard"
+
+
+@dataclass
+class PathsConfig:
+    root_dir: str = "${ds2exp_root:}"
+    data_dir: str = "${paths.root_dir}/data"
+    cache_dir: str = "${paths.data_dir}/feature_cache"
+
+
+@dataclass
+class FeatureConfig:
+    sample_rate: int = 16000
+    window_size: float = 0.02  # seconds: n_fft = win = 320 at 16 kHz -> 161 bins
+    window_stride: float = 0.01
+    window: str = "hamming"
+    # The reference used librosa < 0.10, whose centred STFT padded by reflection.
+    pad_mode: str = "reflect"
+    normalize: bool = True
+    cache: bool = True
+
+
+@dataclass
+class SpecAugmentConfig:
+    enabled: bool = False
+    freq_masks: int = 2
+    freq_width: int = 20
+    time_masks: int = 2
+    time_width: int = 30
+
+
+@dataclass
+class DatasetConfig:
+    name: str = "synth_tiny"
+    source: DatasetSource = DatasetSource.synth
+    # synth: corpus preset built into `root`; librispeech: `root` holds LibriSpeech/<subset>/...
+    root: str = "${paths.data_dir}/${dataset.name}"
+    train_subsets: List[str] = field(default_factory=lambda: ["train-synth"])
+    val_subsets: List[str] = field(default_factory=lambda: ["dev-synth"])
+    test_subsets: List[str] = field(default_factory=lambda: ["test-synth"])
+    # manifest: JSON-lines, deepspeech.pytorch JSON or model zoo CSV (detected by content)
+    train_manifest: Optional[str] = None
+    val_manifest: Optional[str] = None
+    test_manifest: Optional[str] = None
+    batch_size: int = 16
+    num_workers: int = 2
+    min_duration: float = 0.0
+    max_duration: float = 16.7
+    num_buckets: int = 4
+    sortagrad: bool = True
+    max_utterances: Optional[int] = None
+    feature: FeatureConfig = field(default_factory=FeatureConfig)
+    spec_augment: SpecAugmentConfig = field(default_factory=SpecAugmentConfig)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "ds2_tiny"
+    conv_channels: int = 32
+    conv_impl: KernelImpl = KernelImpl.fast
+    activation: Activation = Activation.hardtanh
+    batch_norm: bool = True
+    rnn_type: RNNType = RNNType.lstm
+    rnn_layers: int = 2
+    rnn_hidden: int = 256
+    bidirectional: bool = True
+    merge: MergeMode = MergeMode.sum
+    rnn_impl: KernelImpl = KernelImpl.fast
+    # The reference spells its RNN block `RNN`; keep that so model zoo checkpoints load.
+    rnn_block_name: str = "RNN"
+
+
+@dataclass
+class OptimizerConfig:
+    name: OptimizerName = OptimizerName.adam
+    lr: float = 3e-4
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    nesterov: bool = False
+    schedule: Schedule = Schedule.constant
+    anneal: float = 1.1  # exponential: lr / anneal**epoch
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 400.0  # global-norm clipping; 0 disables
+
+
+@dataclass
+class HardwareConfig:
+    name: str = "cpu"
+    device_target: DeviceTarget = DeviceTarget.CPU
+    num_devices: int = 1
+    mode: ExecutionMode = ExecutionMode.pynative
+    threads: Optional[int] = None
+
+
+@dataclass
+class PrecisionConfig:
+    name: str = "fp32"
+    dtype: DType = DType.fp32
+    loss_scale: float = 1.0
+    dynamic_loss_scale: bool = False
+    scale_factor: float = 2.0
+    scale_window: int = 1000
+
+
+@dataclass
+class LoggerConfig:
+    backend: LoggerBackend = LoggerBackend.mlflow
+    tracking_uri: str = "sqlite:///${paths.root_dir}/mlflow.db"
+    experiment_name: str = "ds2exp"
+    run_name: Optional[str] = None
+    log_checkpoint: bool = True  # upload the best checkpoint as an artifact at the end
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = -1  # -1: no step limit, max_epochs decides
+    max_epochs: int = 10
+    max_minutes: Optional[float] = None  # wall-clock budget for the training loop
+    eval_every: int = 200
+    checkpoint_every: int = 200
+    log_every: int = 10
+    keep_best: int = 3
+    seed: int = 1234
+    nonfinite: NonFinitePolicy = NonFinitePolicy.skip
+    nonfinite_patience: int = 20
+    max_eval_utterances: Optional[int] = None
+    metric: MetricDefinition = MetricDefinition.reference
+    progress: bool = True
+
+
+@dataclass
+class TrainConfig:
+    defaults: List[Any] = field(default_factory=list)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    resume: Optional[str] = None
+    pretrained: Optional[str] = None
+
+
+class DecoderName(str, Enum):
+    greedy = "greedy"
+    beam = "beam"
+
+
+@dataclass
+class DecoderConfig:
+    name: DecoderName = DecoderName.greedy
+    beam_width: int = 50
+    alpha: float = 0.5  # language model weight (beam with lm_path only)
+    beta: float = 1.0  # word insertion bonus (beam with lm_path only)
+    lm_path: Optional[str] = None  # KenLM ARPA/binary; needs the `lm` extra
+
+
+@dataclass
+class EvaluateConfig:
+    defaults: List[Any] = field(default_factory=list)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    # Architecture for checkpoints that carry no config (model zoo checkpoints).
+    model: ModelConfig = field(default_factory=ModelConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    checkpoint: Optional[str] = None  # a .ckpt, a run directory or an MLflow run id
+    checkpoints: List[str] = field(default_factory=list)  # several, compared side by side
+    split: str = "test"
+    metric: MetricDefinition = MetricDefinition.reference
+    max_utterances: Optional[int] = None
+    progress: bool = True
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    # One schema for the whole run: conf/train.yaml lists it first in its defaults, so every
+    # group file merged after it is checked key by key and type by type.
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(name="evaluate_schema", node=EvaluateConfig)
+
+
+class ConfigValueError(ValueError):
+    """A config value of the right type but outside its allowed range."""
+
+    def __init__(self, key: str, value: Any, allowed: str):
+        super().__init__(f"{key}={value!r} is not allowed; expected {allowed}")
+        self.key = key
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigValueError(key, value, allowed)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Range checks that types cannot express. Raises ConfigValueError naming the key."""
+    o, d, m, t, p, h = cfg.optimizer, cfg.dataset, cfg.model, cfg.trainer, cfg.precision, cfg.hardware
+    _check(o.lr > 0, "optimizer.lr", o.lr, "a number > 0")
+    _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optimizer.betas", list(o.betas),
+           "two numbers in [0, 1)")
+    _check(o.eps > 0, "optimizer.eps", o.eps, "a number > 0")
+    _check(o.weight_decay >= 0, "optimizer.weight_decay", o.weight_decay, "a number >= 0")
+    _check(o.grad_clip >= 0, "optimizer.grad_clip", o.grad_clip, "a number >= 0 (0 disables clipping)")
+    _check(o.anneal >= 1, "optimizer.anneal", o.anneal, "a number >= 1")
+    _check(o.warmup_steps >= 0, "optimizer.warmup_steps", o.warmup_steps, "an integer >= 0")
+    _check(d.batch_size >= 1, "dataset.batch_size", d.batch_size, "an integer >= 1")
+    _check(d.num_workers >= 0, "dataset.num_workers", d.num_workers, "an integer >= 0")
+    _check(d.num_buckets >= 1, "dataset.num_buckets", d.num_buckets, "an integer >= 1")
+    _check(0 <= d.min_duration < d.max_duration, "dataset.max_duration", d.max_duration,
+           f"a number > dataset.min_duration ({d.min_duration}) >= 0")
+    _check(d.max_utterances is None or d.max_utterances >= 1, "dataset.max_utterances",
+           d.max_utterances, "null or an integer >= 1")
+    _check(d.feature.sample_rate > 0, "dataset.feature.sample_rate", d.feature.sample_rate, "> 0")
+    _check(d.feature.window in ("hamming", "hann", "hanning", "blackman", "bartlett"),
+           "dataset.feature.window", d.feature.window, "one of hamming, hann, hanning, blackman, bartlett")
+    _check(d.feature.pad_mode in ("reflect", "constant"), "dataset.feature.pad_mode",
+           d.feature.pad_mode, "reflect or constant")
+    if d.source == DatasetSource.manifest:
+        _check(d.train_manifest is not None, "dataset.train_manifest", d.train_manifest,
+               "a path to a manifest when dataset.source=manifest")
+    _check(m.conv_channels >= 1, "model.conv_channels", m.conv_channels, "an integer >= 1")
+    _check(m.rnn_layers >= 1, "model.rnn_layers", m.rnn_layers, "an integer >= 1")
+    _check(m.rnn_hidden >= 1, "model.rnn_hidden", m.rnn_hidden, "an integer >= 1")
+    _check(m.rnn_block_name in ("RNN", "rnn"), "model.rnn_block_name", m.rnn_block_name, "RNN or rnn")
+    _check(t.max_steps == -1 or t.max_steps >= 1, "trainer.max_steps", t.max_steps, "-1 or an integer >= 1")
+    _check(t.max_epochs >= 1, "trainer.max_epochs", t.max_epochs, "an integer >= 1")
+    _check(t.max_minutes is None or t.max_minutes > 0, "trainer.max_minutes", t.max_minutes, "null or > 0")
+    for key in ("eval_every", "checkpoint_every", "log_every", "keep_best", "nonfinite_patience"):
+        _check(t[key] >= 1, f"trainer.{key}", t[key], "an integer >= 1")
+    _check(p.loss_scale > 0, "precision.loss_scale", p.loss_scale, "a number > 0")
+    _check(h.num_devices >= 1, "hardware.num_devices", h.num_devices, "an integer >= 1")
+    _check(h.threads is None or h.threads >= 1, "hardware.threads", h.threads, "null or an integer >= 1")
+    for key in ("resume", "pretrained"):
+        value = cfg.get(key)
+        if value is not None:
+            _check(Path(value).exists(), key, value, "an existing checkpoint file or run directory")
+
+
+register_configs()

@@ -1,0 +1,192 @@
+"""Evaluate one or more checkpoints on the same data and compare them side by side."""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from omegaconf import OmegaConf
+
+from ds2exp.training.checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint
+
+log = logging.getLogger("ds2exp.evaluate")
+
+
+def _value(x) -> str:
+    return str(x.value if hasattr(x, "value") else x)
+
+
+def resolve_checkpoint(ref: str, tracking_uri: Optional[str] = None) -> Path:
+    """A .ckpt path, a run directory (its best checkpoint, else last) or an MLflow run id."""
+    p = Path(ref)
+    if p.is_file():
+        return p
+    if p.is_dir():
+        ckpt_dir = p / "checkpoints" if (p / "checkpoints").is_dir() else p
+        best = sorted(ckpt_dir.glob("best-*.ckpt"), key=lambda c: float(c.stem.rsplit("wer", 1)[-1]))
+        if best:
+            return best[0]
+        for name in ("last.ckpt", "last.prev.ckpt"):
+            if (ckpt_dir / name).is_file():
+                return ckpt_dir / name
+        raise CheckpointError(f"no checkpoint in run directory {p}")
+    if tracking_uri and len(ref) >= 16 and ref.isalnum():
+        from mlflow.tracking import MlflowClient
+
+        try:
+            run = MlflowClient(tracking_uri).get_run(ref)
+        except Exception as exc:
+            raise CheckpointError(f"{ref}: not a file, a run directory or an MLflow run id ({exc})") from exc
+        run_dir = run.data.tags.get("ds2exp.run_dir")
+        if not run_dir:
+            raise CheckpointError(f"MLflow run {ref} has no ds2exp.run_dir tag")
+        return resolve_checkpoint(run_dir)
+    raise CheckpointError(f"checkpoint not found: {ref} (expected a .ckpt file, a run directory or an MLflow run id)")
+
+
+def model_config_for(loaded: LoadedCheckpoint, fallback):
+    cfg = loaded.meta.get("config", {}).get("model")
+    return OmegaConf.create(cfg) if cfg else fallback
+
+
+@dataclass
+class CheckpointScore:
+    name: str
+    path: str
+    wer: float
+    cer: float
+    parameters: int
+    step: Optional[int]
+    val_loss: Optional[float]
+    decode_s_per_utt: float
+    utterances: int
+    records: List[dict]
+    training_run_id: Optional[str]
+
+
+def build_eval_loader(cfg, split: str):
+    from ds2exp.data.dataset import (BatchLoader, BucketBatchSampler, DatasetError, load_split,
+                                     resolve_manifests)
+    from ds2exp.data.features import FeatureCache, FeatureSettings
+
+    d = cfg.dataset
+    settings = FeatureSettings.from_config(d.feature)
+    cache = FeatureCache(cfg.paths.cache_dir, settings, enabled=d.feature.cache)
+    manifests = resolve_manifests(cfg, progress=cfg.progress)
+    if not manifests.get(split):
+        raise DatasetError(f"dataset {d.name!r} has no {split!r} split configured")
+    data = load_split(split, manifests[split], cfg, settings)
+    if not data.examples:
+        raise DatasetError(f"the {split} split of {d.name!r} is empty after filtering (dropped: {data.drop_counts()})")
+    sampler = BucketBatchSampler(data.examples, d.batch_size, d.num_buckets, seed=0)
+    return BatchLoader(data, sampler, cache, d.num_workers)
+
+
+def make_decoder(dec_cfg):
+    if _value(dec_cfg.name) == "greedy":
+        return None
+    from ds2exp.evaluation.decoding import BeamSearchDecoder
+
+    beam = BeamSearchDecoder(beam_width=dec_cfg.beam_width, alpha=dec_cfg.alpha, beta=dec_cfg.beta,
+                             lm_path=dec_cfg.lm_path)
+    return lambda log_probs, lengths: [beam.decode(lp, int(n)) for lp, n in zip(log_probs, lengths)]
+
+
+def score_checkpoint(path: Path, cfg, loader) -> CheckpointScore:
+    from ds2exp.evaluation.runner import evaluate_model
+    from ds2exp.models.deepspeech2 import build_model, count_parameters, load_state
+
+    loaded = load_checkpoint(path)
+    model = build_model(model_config_for(loaded, cfg.model))
+    load_state(model, loaded.model_state)
+    res = evaluate_model(model, loader, _value(cfg.metric), cfg.max_utterances, make_decoder(cfg.decoder))
+    m = loaded.meta
+    return CheckpointScore(path.stem if path.parent.name != "checkpoints" else f"{path.parent.parent.name}/{path.stem}",
+                           str(path), res.wer, res.cer, count_parameters(model), m.get("step"), m.get("val_loss"),
+                           res.decode_seconds_per_utt, res.num_utterances, res.records, m.get("mlflow_run_id"))
+
+
+def format_table(scores: List[CheckpointScore]) -> str:
+    head = ["checkpoint", "WER %", "CER %", "params", "step", "val loss", "decode ms/utt", "utts"]
+    rows = [[s.name, f"{s.wer:.2f}", f"{s.cer:.2f}", f"{s.parameters:,}", str(s.step if s.step is not None else "-"),
+             f"{s.val_loss:.3f}" if s.val_loss is not None else "-", f"{1000 * s.decode_s_per_utt:.2f}",
+             str(s.utterances)] for s in scores]
+    widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
+    line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    return "\n".join([line(head), "  ".join("-" * w for w in widths)] + [line(r) for r in rows])
+
+
+def write_records(score: CheckpointScore, out_dir: Path) -> Dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = score.name.replace("/", "__")
+    jl = out_dir / f"{stem}.utterances.jsonl"
+    jl.write_text("".join(json.dumps(r) + "\n" for r in score.records))
+    cp = out_dir / f"{stem}.utterances.csv"
+    with cp.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=["id", "reference", "hypothesis", "word_errors", "ref_words",
+                                           "char_errors", "ref_chars"])
+        w.writeheader()
+        w.writerows(score.records)
+    return {"jsonl": jl, "csv": cp}
+
+
+def bar_chart(scores: List[CheckpointScore], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    x = np.arange(len(scores))
+    fig, ax = plt.subplots(figsize=(max(4, 1.6 * len(scores)), 3.4))
+    ax.bar(x - 0.2, [s.wer for s in scores], 0.4, label="WER")
+    ax.bar(x + 0.2, [s.cer for s in scores], 0.4, label="CER")
+    ax.set_xticks(x, [s.name for s in scores], rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("%")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def run_evaluation(cfg, out_dir: Path) -> List[CheckpointScore]:
+    from ds2exp.tracking.mlflow_tracker import make_tracker
+
+    refs = list(cfg.checkpoints) or ([cfg.checkpoint] if cfg.checkpoint else [])
+    if not refs:
+        raise CheckpointError("give checkpoint=PATH or checkpoints='[a,b]'")
+    uri = cfg.logger.tracking_uri if _value(cfg.logger.backend) == "mlflow" else None
+    paths = [resolve_checkpoint(r, uri) for r in refs]
+    loader = build_eval_loader(cfg, cfg.split)
+    scores = []
+    for p in paths:
+        t0 = time.time()
+        s = score_checkpoint(p, cfg, loader)
+        log.info("%s: WER %.2f CER %.2f (%.1f s)", s.name, s.wer, s.cer, time.time() - t0)
+        scores.append(s)
+    table = format_table(scores)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "comparison.txt").write_text(table + "\n")
+    files = [write_records(s, out_dir) for s in scores]
+    chart = bar_chart(scores, out_dir / "comparison.png")
+    tags = {"ds2exp.kind": "evaluation", "ds2exp.split": cfg.split, "ds2exp.dataset": cfg.dataset.name,
+            "ds2exp.decoder": _value(cfg.decoder.name)}
+    if len(scores) == 1 and scores[0].training_run_id:
+        tags["ds2exp.training_run_id"] = scores[0].training_run_id
+    tracker = make_tracker(cfg.logger, run_name=f"eval-{cfg.dataset.name}-{cfg.split}", tags=tags)
+    for i, s in enumerate(scores):
+        prefix = "eval" if len(scores) == 1 else f"eval/{i}"
+        tracker.log_metrics({f"{prefix}/wer": s.wer, f"{prefix}/cer": s.cer}, step=s.step or 0)
+        for f in files[i].values():
+            tracker.log_artifact(f, "utterances")
+    tracker.log_params({"checkpoints": json.dumps([s.path for s in scores]), "metric": _value(cfg.metric),
+                        "decoder": _value(cfg.decoder.name)})
+    tracker.log_text(table + "\n", "comparison.txt")
+    tracker.log_artifact(chart, "plots")
+    tracker.end()
+    return scores

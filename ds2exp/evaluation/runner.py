@@ -1,0 +1,70 @@
+"""Run a model over a data split: CTC loss, greedy (or beam) transcripts, WER/CER."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import mindspore as ms
+import numpy as np
+from mindspore import ops
+
+from ds2exp.data.dataset import BatchLoader
+from ds2exp.data.labels import BLANK_INDEX
+from ds2exp.evaluation.decoding import batch_greedy_decode
+from ds2exp.evaluation.metrics import ErrorRateAccumulator
+
+
+def ctc_losses(logits, out_lengths, labels, label_lengths):
+    """Per-utterance CTC negative log-likelihood (fp32), blank = last label."""
+    log_probs = ops.log_softmax(logits.astype(ms.float32), -1).transpose(1, 0, 2)
+    out = ops.ctc_loss(log_probs, labels, out_lengths, label_lengths, blank=BLANK_INDEX, reduction="none",
+                       zero_infinity=False)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    wer: float
+    cer: float
+    num_utterances: int
+    records: List[dict] = field(default_factory=list)
+    decode_seconds: float = 0.0
+    summary: Dict = field(default_factory=dict)
+
+    @property
+    def decode_seconds_per_utt(self) -> float:
+        return self.decode_seconds / max(1, self.num_utterances)
+
+
+def evaluate_model(model, loader: BatchLoader, definition: str = "reference", max_utterances: Optional[int] = None,
+                   decode: Optional[Callable[[np.ndarray, np.ndarray], List[str]]] = None) -> EvalResult:
+    """Evaluate in inference mode (BatchNorm uses its moving statistics)."""
+    model.set_train(False)
+    acc = ErrorRateAccumulator(definition=definition)
+    losses: List[float] = []
+    seen = 0
+    decode_time = 0.0
+    try:
+        for batch in loader.iterate(epoch=0):
+            logits, out_lengths = model(ms.Tensor(batch.features), ms.Tensor(batch.feature_lengths))
+            loss = ctc_losses(logits, out_lengths, ms.Tensor(batch.labels), ms.Tensor(batch.label_lengths))
+            losses.extend(loss.asnumpy().tolist())
+            t0 = time.perf_counter()
+            log_probs = logits.astype(ms.float32).asnumpy()
+            lengths = out_lengths.asnumpy()
+            hyps = decode(log_probs, lengths) if decode else batch_greedy_decode(log_probs, lengths)
+            decode_time += time.perf_counter() - t0
+            for uid, ref, hyp in zip(batch.ids, batch.transcripts, hyps):
+                acc.add(ref, hyp, uid)
+            seen += batch.size
+            if max_utterances and seen >= max_utterances:
+                break
+    finally:
+        model.set_train(True)
+    if seen == 0:
+        raise ValueError("evaluation data set is empty: no utterance could be loaded")
+    finite = [x for x in losses if np.isfinite(x)]
+    return EvalResult(float(np.mean(finite)) if finite else float("inf"), acc.wer, acc.cer, seen,
+                      acc.per_utterance, decode_time, acc.summary())

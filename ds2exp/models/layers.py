@@ -1,0 +1,811 @@
+"""Fast CPU implementations of the two slow DeepSpeech2 layers (2-D convolution and the RNN).
+
+MindSpore 2.8 on CPU runs the *backward* of ``nn.Conv2d`` slowly (the DS2 second conv: forward
+0.19 s, forward+backward 1.3 s for 8x32x81x100) and, once ``seq_length`` is given, ``nn.LSTM`` /
+``nn.GRU`` become a Python loop of small kernels whose backward is 10-20x the forward. Each layer
+here comes in two implementations behind one interface, selected by ``impl``:
+
+``"plain"``
+    the stock MindSpore cells (``nn.Conv2d`` with ``pad_mode="pad"``; ``nn.LSTM`` / ``nn.GRU`` with
+    ``seq_length``). The reference.
+``"fast"``
+    *conv*: forward with MindSpore's own convolution kernel (which is competitive), backward by a
+    custom bprop that runs in numpy as large matrix multiplies (im2col over frequency rows only,
+    then one GEMM per gradient, shift-adds over the time taps; a per-tap variant when the channel
+    count is small). *RNN*: the input projection of all time steps and both directions is ONE
+    MindSpore matmul; the recurrence (forward and a hand-written backward, both directions in one
+    loop, ragged lengths) runs in a ``mindspore.ops.Custom(func_type="pyfunc")`` op with a custom
+    bprop, so autodiff works through the whole model, in PYNATIVE mode, under
+    ``mindspore.value_and_grad`` and under ``mindspore.jit``. The small per-step matrix-vector
+    product uses a numba kernel when numba is importable (OpenBLAS is 2-3x slower at M=2..16 rows),
+    numpy's matmul otherwise.
+
+Parameters carry the same names and shapes in both implementations (``weight`` for the conv;
+``weight_ih_l0``, ``weight_hh_l0``, ``bias_ih_l0``, ``bias_hh_l0`` and the ``_reverse`` ones for the
+RNN, gate order as ``nn.LSTM`` (i, f, g, o) and ``nn.GRU`` (r, z, n)), so checkpoints load into either.
+Measured numbers: ``bench/bench_layers.py``.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+from numpy.lib.stride_tricks import as_strided
+
+import mindspore as ms
+from mindspore import Parameter, Tensor, nn, ops
+from mindspore.common.initializer import HeUniform, Uniform, initializer
+
+__all__ = ["make_conv2d", "make_rnn", "FastConv2d", "FastRNN", "PlainRNN", "conv_output_size",
+           "PlainLSTM", "PlainGRU", "HAVE_NUMBA", "set_numba_enabled"]
+
+IMPLS = ("plain", "fast")
+
+# --------------------------------------------------------------------------------------------
+# numba (optional): the per-time-step matrix products of the recurrence
+# --------------------------------------------------------------------------------------------
+try:  # pragma: no cover - exercised implicitly
+    import numba as _numba
+    HAVE_NUMBA = True
+except Exception:  # ImportError, or a numba that does not match this numpy
+    _numba = None
+    HAVE_NUMBA = False
+
+_USE_NUMBA = HAVE_NUMBA and os.environ.get("DS2EXP_NO_NUMBA", "") in ("", "0")
+# numba's kernels beat OpenBLAS at these small row counts (measured: B=8, H=256: 130 us vs 300 us
+# a step; B=2, H=1024: 1.4 ms vs 4 ms); above this batch size BLAS is as fast.
+_NUMBA_MAX_ROWS = 32
+
+
+def set_numba_enabled(flag: bool) -> bool:
+    """Turn the numba kernels on/off (numpy fallback); returns the previous setting."""
+    global _USE_NUMBA
+    old = _USE_NUMBA
+    _USE_NUMBA = bool(flag) and HAVE_NUMBA
+    return old
+
+
+if HAVE_NUMBA:
+    @_numba.njit(fastmath=True, cache=True, nogil=True)
+    def _nb_h_wT(h, w, out):  # pragma: no cover - compiled
+        """out[d, b, j] = sum_k h[d, b, k] * w[d, j, k]; streams each weight row once."""
+        D, G, H = w.shape
+        B = h.shape[1]
+        for d in range(D):
+            for j in range(G):
+                for b in range(B):
+                    s = np.float32(0.0)
+                    for k in range(H):
+                        s += w[d, j, k] * h[d, b, k]
+                    out[d, b, j] = s
+
+    @_numba.njit(fastmath=True, cache=True, nogil=True)
+    def _nb_g_w(g, w, out):  # pragma: no cover - compiled
+        """out[d, b, k] = sum_j g[d, b, j] * w[d, j, k]."""
+        D, G, H = w.shape
+        B = g.shape[1]
+        for d in range(D):
+            for b in range(B):
+                for k in range(H):
+                    out[d, b, k] = 0.0
+            for j in range(G):
+                for b in range(B):
+                    s = g[d, b, j]
+                    if s != 0.0:
+                        for k in range(H):
+                            out[d, b, k] += s * w[d, j, k]
+
+
+def _h_wT(h, w, wT):
+    """(D,B,H) x (D,G,H)^T -> (D,B,G). h must be C-contiguous."""
+    if _USE_NUMBA and h.shape[1] <= _NUMBA_MAX_ROWS:
+        out = np.empty((w.shape[0], h.shape[1], w.shape[1]), np.float32)
+        _nb_h_wT(h, w, out)
+        return out
+    return np.matmul(h, wT)
+
+
+def _g_w(g, w):
+    """(D,B,G) x (D,G,H) -> (D,B,H). g must be C-contiguous."""
+    if _USE_NUMBA and g.shape[1] <= _NUMBA_MAX_ROWS:
+        out = np.empty((w.shape[0], g.shape[1], w.shape[2]), np.float32)
+        _nb_g_w(g, w, out)
+        return out
+    return np.matmul(g, w)
+
+
+# --------------------------------------------------------------------------------------------
+# RNN recurrence in numpy: both directions in one loop over "aligned" time
+# --------------------------------------------------------------------------------------------
+# Direction 1 (reverse) is handled by reversing every row within its own length before the loop
+# (t -> L-1-t for t < L, padding frames stay in place), so both directions run forward over a
+# valid prefix of length L. Outputs at t >= L are zeroed and so receive no gradient; the states
+# that run on past L in a shorter row never reach a valid output, so they get zero gradient too.
+
+
+def _align_index(lengths, T):
+    t = np.arange(T)[None, :]
+    L = lengths.astype(np.int64)[:, None]
+    return np.where(t < L, L - 1 - t, t)
+
+
+def _to_aligned(xp, lengths, D):
+    """(B, T, D*G) -> (D, T, B, G); direction 1 reversed within each row's length."""
+    B, T, DG = xp.shape
+    G = DG // D
+    x4 = xp.reshape(B, T, D, G)
+    out = np.empty((D, T, B, G), np.float32)
+    out[0] = x4[:, :, 0].transpose(1, 0, 2)
+    if D == 2:
+        idx = _align_index(lengths, T)
+        out[1] = x4[np.arange(B)[:, None], idx, 1].transpose(1, 0, 2)
+    return out
+
+
+def _from_aligned(a, lengths):
+    """(D, T, B, G) -> (B, T, D*G); inverse of _to_aligned."""
+    D, T, B, G = a.shape
+    out = np.empty((B, T, D, G), np.float32)
+    out[:, :, 0] = a[0].transpose(1, 0, 2)
+    if D == 2:
+        idx = _align_index(lengths, T)
+        out[:, :, 1] = a[1].transpose(1, 0, 2)[np.arange(B)[:, None], idx]
+    return out.reshape(B, T, D * G)
+
+
+def _valid_mask(lengths, T):
+    """(1, T, B, 1) float mask of valid (aligned) frames."""
+    m = (np.arange(T)[:, None] < lengths[None, :]).astype(np.float32)
+    return m[None, :, :, None]
+
+
+def _clip_lengths(lengths, T):
+    return np.clip(np.asarray(lengths).astype(np.int64).reshape(-1), 0, T)
+
+
+def lstm_forward_np(xp, lengths, w, b):
+    """LSTM recurrence.
+
+    xp: (B, T, D*4H) input projections incl. bias_ih (direction-major on the last axis);
+    lengths: (B,); w: (D, 4H, H) weight_hh; b: (D, 4H) bias_hh.
+    Returns y (B, T, D*H) (zero at padded frames) and the saved activations for the backward:
+    A (D, T, B, 4H) gate activations, C (D, T, B, H) cell states, Hs (D, T, B, H) hidden states.
+    """
+    D, G, H = w.shape
+    B, T, _ = xp.shape
+    lengths = _clip_lengths(lengths, T)
+    X = _to_aligned(xp, lengths, D)
+    X += b[:, None, None, :]
+    Tm = int(lengths.max()) if B else 0
+    A = np.zeros((D, T, B, G), np.float32)
+    C = np.zeros((D, T, B, H), np.float32)
+    Hs = np.zeros((D, T, B, H), np.float32)
+    w = np.ascontiguousarray(w)
+    wT = np.ascontiguousarray(w.transpose(0, 2, 1))
+    # sigmoid(x) = 0.5 * tanh(0.5 x) + 0.5: one tanh over all four gates
+    scale = np.full(G, 0.5, np.float32)
+    scale[2 * H:3 * H] = 1.0
+    shift = np.full(G, 0.5, np.float32)
+    shift[2 * H:3 * H] = 0.0
+    h = np.zeros((D, B, H), np.float32)
+    c = np.zeros((D, B, H), np.float32)
+    for t in range(Tm):
+        g = _h_wT(h, w, wT)
+        g += X[:, t]
+        g *= scale
+        np.tanh(g, out=g)
+        g *= scale
+        g += shift
+        A[:, t] = g
+        i, f, gg, o = g[..., :H], g[..., H:2 * H], g[..., 2 * H:3 * H], g[..., 3 * H:]
+        c *= f
+        c += i * gg
+        C[:, t] = c
+        h = np.tanh(c)
+        h *= o
+        Hs[:, t] = h
+    Y = Hs * _valid_mask(lengths, T)
+    return _from_aligned(Y, lengths), A, C, Hs
+
+
+def lstm_backward_np(lengths, w, A, C, Hs, dy):
+    """Gradients of lstm_forward_np: returns d_xp (B, T, D*4H), d_w (D, 4H, H), d_b (D, 4H)."""
+    D, G, H = w.shape
+    _, T, B, _ = A.shape
+    lengths = _clip_lengths(lengths, T)
+    dY = _to_aligned(np.asarray(dy, np.float32), lengths, D)
+    dY *= _valid_mask(lengths, T)
+    Tm = int(lengths.max()) if B else 0
+    w = np.ascontiguousarray(w)
+    dG = np.zeros((D, T, B, G), np.float32)
+    dh = np.zeros((D, B, H), np.float32)
+    dc = np.zeros((D, B, H), np.float32)
+    d = np.empty((D, B, G), np.float32)
+    for t in range(Tm - 1, -1, -1):
+        a = A[:, t]
+        i, f, gg, o = a[..., :H], a[..., H:2 * H], a[..., 2 * H:3 * H], a[..., 3 * H:]
+        dh += dY[:, t]
+        tc = np.tanh(C[:, t])
+        np.multiply(dh, tc, out=d[..., 3 * H:])                   # d o
+        d[..., 3 * H:] *= o * (1.0 - o)
+        tc *= tc
+        np.subtract(1.0, tc, out=tc)
+        tc *= o
+        tc *= dh
+        dc += tc                                                  # d c_t
+        np.multiply(dc, gg, out=d[..., :H])                       # d i
+        d[..., :H] *= i * (1.0 - i)
+        np.multiply(dc, i, out=d[..., 2 * H:3 * H])               # d g
+        d[..., 2 * H:3 * H] *= 1.0 - gg * gg
+        if t > 0:
+            np.multiply(dc, C[:, t - 1], out=d[..., H:2 * H])     # d f
+            d[..., H:2 * H] *= f * (1.0 - f)
+        else:
+            d[..., H:2 * H] = 0.0
+        dc *= f
+        dG[:, t] = d
+        dh = _g_w(d, w)
+    Hprev = np.zeros_like(Hs)
+    Hprev[:, 1:] = Hs[:, :-1]
+    dw = np.matmul(dG.reshape(D, T * B, G).transpose(0, 2, 1), Hprev.reshape(D, T * B, H))
+    db = dG.sum(axis=(1, 2))
+    return _from_aligned(dG, lengths), dw.astype(np.float32), db.astype(np.float32)
+
+
+def gru_forward_np(xp, lengths, w, b):
+    """GRU recurrence (r, z, n gates as nn.GRU / PyTorch: n = tanh(x_n + r * (W_hn h + b_hn))).
+
+    xp: (B, T, D*3H) incl. bias_ih; w: (D, 3H, H); b: (D, 3H) bias_hh. Returns y (B, T, D*H) and
+    A (D, T, B, 3H) = (r, z, n), S (D, T, B, H) = W_hn h + b_hn, Hs (D, T, B, H).
+    """
+    D, G, H = w.shape
+    B, T, _ = xp.shape
+    lengths = _clip_lengths(lengths, T)
+    X = _to_aligned(xp, lengths, D)
+    Tm = int(lengths.max()) if B else 0
+    A = np.zeros((D, T, B, G), np.float32)
+    S = np.zeros((D, T, B, H), np.float32)
+    Hs = np.zeros((D, T, B, H), np.float32)
+    w = np.ascontiguousarray(w)
+    wT = np.ascontiguousarray(w.transpose(0, 2, 1))
+    bb = b[:, None, :]
+    h = np.zeros((D, B, H), np.float32)
+    a = np.empty((D, B, G), np.float32)
+    for t in range(Tm):
+        gh = _h_wT(h, w, wT)
+        gh += bb
+        x = X[:, t]
+        rz = a[..., :2 * H]
+        np.add(x[..., :2 * H], gh[..., :2 * H], out=rz)
+        rz *= 0.5
+        np.tanh(rz, out=rz)
+        rz *= 0.5
+        rz += 0.5
+        r, z = a[..., :H], a[..., H:2 * H]
+        n = a[..., 2 * H:]
+        np.multiply(r, gh[..., 2 * H:], out=n)
+        n += x[..., 2 * H:]
+        np.tanh(n, out=n)
+        S[:, t] = gh[..., 2 * H:]
+        A[:, t] = a
+        hn = h - n
+        hn *= z
+        hn += n
+        h = hn
+        Hs[:, t] = h
+    Y = Hs * _valid_mask(lengths, T)
+    return _from_aligned(Y, lengths), A, S, Hs
+
+
+def gru_backward_np(lengths, w, A, S, Hs, dy):
+    """Gradients of gru_forward_np: returns d_xp (B, T, D*3H), d_w (D, 3H, H), d_b (D, 3H)."""
+    D, G, H = w.shape
+    _, T, B, _ = A.shape
+    lengths = _clip_lengths(lengths, T)
+    dY = _to_aligned(np.asarray(dy, np.float32), lengths, D)
+    dY *= _valid_mask(lengths, T)
+    Tm = int(lengths.max()) if B else 0
+    w = np.ascontiguousarray(w)
+    dX = np.zeros((D, T, B, G), np.float32)
+    dGh = np.zeros((D, T, B, G), np.float32)
+    dh = np.zeros((D, B, H), np.float32)
+    zeros = np.zeros((D, B, H), np.float32)
+    dx = np.empty((D, B, G), np.float32)
+    dg = np.empty((D, B, G), np.float32)
+    for t in range(Tm - 1, -1, -1):
+        a = A[:, t]
+        r, z, n = a[..., :H], a[..., H:2 * H], a[..., 2 * H:]
+        dh += dY[:, t]
+        h_prev = Hs[:, t - 1] if t > 0 else zeros
+        dn = dx[..., 2 * H:]
+        np.multiply(dh, 1.0 - z, out=dn)
+        dn *= 1.0 - n * n                                          # d n_pre
+        dz = dx[..., H:2 * H]
+        np.subtract(h_prev, n, out=dz)
+        dz *= dh
+        dz *= z * (1.0 - z)                                        # d z_pre
+        dr = dx[..., :H]
+        np.multiply(dn, S[:, t], out=dr)
+        dr *= r * (1.0 - r)                                        # d r_pre
+        dg[..., :2 * H] = dx[..., :2 * H]
+        np.multiply(dn, r, out=dg[..., 2 * H:])                    # d (W_hn h + b_hn)
+        dX[:, t] = dx
+        dGh[:, t] = dg
+        dh *= z
+        dh += _g_w(dg, w)
+    Hprev = np.zeros_like(Hs)
+    Hprev[:, 1:] = Hs[:, :-1]
+    dw = np.matmul(dGh.reshape(D, T * B, G).transpose(0, 2, 1), Hprev.reshape(D, T * B, H))
+    db = dGh.sum(axis=(1, 2))
+    return _from_aligned(dX, lengths), dw.astype(np.float32), db.astype(np.float32)
+
+
+_NP_KERNELS = {"lstm": (lstm_forward_np, lstm_backward_np), "gru": (gru_forward_np, gru_backward_np)}
+_GATES = {"lstm": 4, "gru": 3}
+
+
+def _make_scan_ops(mode, D):
+    """Custom pyfunc forward op (with custom bprop) for a `mode` recurrence with D directions.
+
+    Forward op inputs: xp (B, T, D*G), lengths (B,) int32, then (w_hh, b_hh) per direction.
+    Outputs: y (B, T, D*H) and three saved tensors (D, T, B, G|H|H) used by the backward.
+    """
+    fwd_np, bwd_np = _NP_KERNELS[mode]
+
+    def _out_shapes(xs, ws):
+        B, T = xs[0], xs[1]
+        G, H = ws[0], ws[1]
+        return (B, T, D * H), (D, T, B, G), (D, T, B, H), (D, T, B, H)
+
+    if D == 1:
+        def fwd(xp, lengths, w0, b0):
+            return fwd_np(xp, lengths, w0[None], b0[None])
+
+        def fwd_shape(xs, ls, w0, b0):
+            return _out_shapes(xs, w0)
+
+        def fwd_dtype(xt, lt, w0, b0):
+            return xt, xt, xt, xt
+
+        def bwd(lengths, w0, a, s, hs, dy):
+            dxp, dw, db = bwd_np(lengths, w0[None], a, s, hs, dy)
+            return dxp, dw[0], db[0]
+
+        def bwd_shape(ls, w0, a, s, hs, dy):
+            return (dy[0], dy[1], w0[0]), tuple(w0), (w0[0],)
+
+        def bwd_dtype(lt, w0, a, s, hs, dy):
+            return w0, w0, w0
+
+        bwd_op = ops.Custom(bwd, out_shape=bwd_shape, out_dtype=bwd_dtype, func_type="pyfunc")
+
+        def bprop(xp, lengths, w0, b0, out, dout):
+            dxp, dw0, db0 = bwd_op(lengths, w0, out[1], out[2], out[3], dout[0])
+            return dxp, ops.zeros_like(lengths), dw0, db0
+    else:
+        def fwd(xp, lengths, w0, b0, w1, b1):
+            return fwd_np(xp, lengths, np.stack((w0, w1)), np.stack((b0, b1)))
+
+        def fwd_shape(xs, ls, w0, b0, w1, b1):
+            return _out_shapes(xs, w0)
+
+        def fwd_dtype(xt, lt, w0, b0, w1, b1):
+            return xt, xt, xt, xt
+
+        def bwd(lengths, w0, w1, a, s, hs, dy):
+            dxp, dw, db = bwd_np(lengths, np.stack((w0, w1)), a, s, hs, dy)
+            return dxp, dw[0], db[0], dw[1], db[1]
+
+        def bwd_shape(ls, w0, w1, a, s, hs, dy):
+            return (dy[0], dy[1], 2 * w0[0]), tuple(w0), (w0[0],), tuple(w1), (w1[0],)
+
+        def bwd_dtype(lt, w0, w1, a, s, hs, dy):
+            return w0, w0, w0, w0, w0
+
+        bwd_op = ops.Custom(bwd, out_shape=bwd_shape, out_dtype=bwd_dtype, func_type="pyfunc")
+
+        def bprop(xp, lengths, w0, b0, w1, b1, out, dout):
+            dxp, dw0, db0, dw1, db1 = bwd_op(lengths, w0, w1, out[1], out[2], out[3], dout[0])
+            return dxp, ops.zeros_like(lengths), dw0, db0, dw1, db1
+
+    fwd_op = ops.Custom(fwd, out_shape=fwd_shape, out_dtype=fwd_dtype, func_type="pyfunc", bprop=bprop)
+    # keep the Python callables alive: the pyfunc registry is keyed by id()
+    fwd_op._ds2_keep = (fwd, bwd, bprop, bwd_op)
+    return fwd_op
+
+
+_SCAN_OPS = {}
+
+
+def _scan_op(mode, D):
+    key = (mode, D)
+    if key not in _SCAN_OPS:
+        _SCAN_OPS[key] = _make_scan_ops(mode, D)
+    return _SCAN_OPS[key]
+
+
+# --------------------------------------------------------------------------------------------
+# RNN cells
+# --------------------------------------------------------------------------------------------
+def _check_rnn_type(rnn_type):
+    t = str(rnn_type).lower()
+    if t not in _GATES:
+        raise ValueError(f"rnn_type must be 'lstm' or 'gru', got {rnn_type!r}")
+    return t
+
+
+class _PlainRNNMixin:
+    """Reference: nn.LSTM / nn.GRU (one layer, batch_first) called with seq_length.
+
+    Subclasses (not wrappers) of the stock cells, so the parameters sit at this level with the
+    stock names (``weight_ih_l0`` ...), exactly like the fast implementation's, also when nested.
+    """
+
+    def _setup(self, rnn_type, hidden_size, bidirectional):
+        self.rnn_type = rnn_type
+        self.hidden_size = hidden_size
+        self.num_directions = 2 if bidirectional else 1
+
+
+class PlainLSTM(_PlainRNNMixin, nn.LSTM):
+    def __init__(self, input_size, hidden_size, bidirectional):
+        nn.LSTM.__init__(self, input_size, hidden_size, num_layers=1, has_bias=True, batch_first=True,
+                         bidirectional=bidirectional)
+        self._setup("lstm", hidden_size, bidirectional)
+
+    def construct(self, x, lengths):
+        return nn.LSTM.construct(self, x, None, lengths)[0]
+
+
+class PlainGRU(_PlainRNNMixin, nn.GRU):
+    def __init__(self, input_size, hidden_size, bidirectional):
+        nn.GRU.__init__(self, input_size, hidden_size, num_layers=1, has_bias=True, batch_first=True,
+                        bidirectional=bidirectional)
+        self._setup("gru", hidden_size, bidirectional)
+
+    def construct(self, x, lengths):
+        return nn.GRU.construct(self, x, None, lengths)[0]
+
+
+def PlainRNN(rnn_type, input_size, hidden_size, bidirectional):  # noqa: N802 - a class factory
+    """The reference RNN layer (``PlainLSTM`` or ``PlainGRU``)."""
+    cls = PlainLSTM if _check_rnn_type(rnn_type) == "lstm" else PlainGRU
+    return cls(input_size, hidden_size, bidirectional)
+
+
+class FastRNN(nn.Cell):
+    """One-layer (bi)LSTM/GRU: one input-projection matmul + numpy/numba recurrence (Custom op)."""
+
+    def __init__(self, rnn_type, input_size, hidden_size, bidirectional):
+        super().__init__()
+        self.rnn_type = _check_rnn_type(rnn_type)
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.num_directions = 2 if bidirectional else 1
+        G = _GATES[self.rnn_type] * hidden_size
+        stdv = 1.0 / math.sqrt(hidden_size)
+
+        def p(shape, name):
+            return Parameter(initializer(Uniform(stdv), shape, ms.float32), name=name)
+
+        self.weight_ih_l0 = p((G, input_size), "weight_ih_l0")
+        self.weight_hh_l0 = p((G, hidden_size), "weight_hh_l0")
+        self.bias_ih_l0 = p((G,), "bias_ih_l0")
+        self.bias_hh_l0 = p((G,), "bias_hh_l0")
+        if bidirectional:
+            self.weight_ih_l0_reverse = p((G, input_size), "weight_ih_l0_reverse")
+            self.weight_hh_l0_reverse = p((G, hidden_size), "weight_hh_l0_reverse")
+            self.bias_ih_l0_reverse = p((G,), "bias_ih_l0_reverse")
+            self.bias_hh_l0_reverse = p((G,), "bias_hh_l0_reverse")
+        self.matmul_t = ops.MatMul(transpose_b=True)
+        self.scan = _scan_op(self.rnn_type, self.num_directions)
+
+    def construct(self, x, lengths):
+        B, T, In = x.shape
+        lengths = lengths.astype(ms.int32)
+        if self.num_directions == 2:
+            w_ih = ops.concat((self.weight_ih_l0, self.weight_ih_l0_reverse), 0)
+            b_ih = ops.concat((self.bias_ih_l0, self.bias_ih_l0_reverse), 0)
+        else:
+            w_ih = self.weight_ih_l0
+            b_ih = self.bias_ih_l0
+        xp = self.matmul_t(x.reshape(B * T, In), w_ih) + b_ih
+        xp = xp.reshape(B, T, -1)
+        if self.num_directions == 2:
+            out = self.scan(xp, lengths, self.weight_hh_l0, self.bias_hh_l0,
+                            self.weight_hh_l0_reverse, self.bias_hh_l0_reverse)
+        else:
+            out = self.scan(xp, lengths, self.weight_hh_l0, self.bias_hh_l0)
+        return out[0]
+
+
+def make_rnn(rnn_type, input_size, hidden_size, bidirectional, impl="fast") -> nn.Cell:
+    """One RNN layer: ``cell(x (B,T,In) float32, lengths (B,) int32) -> (B, T, D*hidden)``.
+
+    Forward direction first, then reverse (which starts at each row's own last valid frame);
+    padded frames of the output are 0.
+    """
+    if impl == "plain":
+        return PlainRNN(rnn_type, input_size, hidden_size, bidirectional)
+    if impl == "fast":
+        return FastRNN(rnn_type, input_size, hidden_size, bidirectional)
+    raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Convolution
+# --------------------------------------------------------------------------------------------
+def _pair(v):
+    if isinstance(v, int):
+        return (v, v)
+    v = tuple(int(a) for a in v)
+    if len(v) != 2:
+        raise ValueError(f"expected an int or a pair, got {v!r}")
+    return v
+
+
+def _pad4(p):
+    if isinstance(p, int):
+        return (p, p, p, p)
+    p = tuple(int(a) for a in p)
+    if len(p) == 2:
+        return (p[0], p[0], p[1], p[1])
+    if len(p) != 4:
+        raise ValueError(f"padding must be an int, a pair or (top, bottom, left, right), got {p!r}")
+    return p
+
+
+def conv_output_size(F, T, kernel_size, stride, padding):
+    """(F_out, T_out) of a conv with pad_mode="pad" and padding (top, bottom, left, right)."""
+    kF, kT = _pair(kernel_size)
+    sF, sT = _pair(stride)
+    pt, pb, pl, pr = _pad4(padding)
+    return (F + pt + pb - kF) // sF + 1, (T + pl + pr - kT) // sT + 1
+
+
+def _freq_im2col(x, kF, sF, Fo, pt, pb, pl, Tu):
+    """x (B, C, F, T) -> Xf (B, Tu, Fo, kF*C): Xf[b, t, f, kf*C + c] = xpad[b, c, sF*f + kf, t]."""
+    B, C, F, T = x.shape
+    Fp = F + pt + pb
+    xp = np.zeros((B, Tu, Fp, C), np.float32)
+    tv = max(0, min(T, Tu - pl))
+    if tv > 0:
+        xp[:, pl:pl + tv, pt:pt + F, :] = x[:, :, :, :tv].transpose(0, 3, 2, 1)
+    sb, st, sf, sc = xp.strides
+    v = as_strided(xp, (B, Tu, Fo, kF, C), (sb, st, sf * sF, sf, sc), writeable=False)
+    return np.ascontiguousarray(v).reshape(B, Tu, Fo, kF * C)
+
+
+def _freq_col2im(dXf, C, kF, sF, F, T, pt, pb, pl):
+    """Adjoint of _freq_im2col: dXf (B, Tu, Fo, kF*C) -> dx (B, C, F, T)."""
+    B, Tu, Fo, _ = dXf.shape
+    Fp = F + pt + pb
+    d5 = dXf.reshape(B, Tu, Fo, kF, C)
+    dxp = np.zeros((B, Tu, Fp, C), np.float32)
+    span = (Fo - 1) * sF + 1
+    for kf in range(kF):
+        dxp[:, :, kf:kf + span:sF, :] += d5[:, :, :, kf, :]
+    dx = np.zeros((B, C, F, T), np.float32)
+    tv = max(0, min(T, Tu - pl))
+    if tv > 0:
+        dx[:, :, :, :tv] = dxp[:, pl:pl + tv, pt:pt + F, :].transpose(0, 3, 2, 1)
+    return dx
+
+
+def conv_backward_np(x, w, dy, stride, padding, strategy="auto"):
+    """Gradients (dx, dw) of the no-bias conv y = conv2d(x, w, stride, pad=(top, bottom, left, right)).
+
+    Both strategies build the frequency-only im2col Xf (B, Tu, Fo, kF*C) (kF/sF times the input,
+    not kF*kT times as a full im2col would be):
+      "wide": dZ (B*Tu*Fo, kT*O) = the kT time shifts of dy side by side, then dW = Xf^T dZ and
+              dXf = dZ W^T as two large GEMMs. Best when kF*C is large (DS2 conv2).
+      "tap":  one pair of GEMMs per time tap (N = O), no kT-times blow-up of dy. Best when kF*C
+              is small (DS2 conv1, 1 input channel).
+    """
+    x = np.asarray(x, np.float32)
+    w = np.asarray(w, np.float32)
+    dy = np.asarray(dy, np.float32)
+    B, C, F, T = x.shape
+    O, _, kF, kT = w.shape
+    sF, sT = stride
+    pt, pb, pl, pr = padding
+    Fo, To = conv_output_size(F, T, (kF, kT), stride, padding)
+    Tu = (To - 1) * sT + kT          # padded time frames the conv reads
+    K = kF * C
+    if strategy == "auto":
+        strategy = "wide" if K >= 128 else "tap"
+    Xf = _freq_im2col(x, kF, sF, Fo, pt, pb, pl, Tu)                 # (B, Tu, Fo, K)
+    dY = np.ascontiguousarray(dy.transpose(0, 3, 2, 1))               # (B, To, Fo, O)
+    Wr = np.ascontiguousarray(w.transpose(2, 1, 3, 0)).reshape(K, kT, O)   # [kf*C + c, kt, o]
+    tspan = (To - 1) * sT + 1
+    if strategy == "wide":
+        dZ = np.zeros((B, Tu, Fo, kT, O), np.float32)
+        for kt in range(kT):
+            dZ[:, kt:kt + tspan:sT, :, kt, :] = dY
+        dZ = dZ.reshape(B * Tu * Fo, kT * O)
+        dWr = Xf.reshape(B * Tu * Fo, K).T @ dZ                        # (K, kT*O)
+        dXf = (dZ @ Wr.reshape(K, kT * O).T).reshape(B, Tu, Fo, K)
+        del dZ
+    elif strategy == "tap":
+        dY2 = dY.reshape(B * To * Fo, O)
+        dWr = np.empty((K, kT, O), np.float32)
+        dXf = np.zeros((B, Tu, Fo, K), np.float32)
+        for kt in range(kT):
+            Xk = np.ascontiguousarray(Xf[:, kt:kt + tspan:sT]).reshape(B * To * Fo, K)
+            dWr[:, kt, :] = Xk.T @ dY2
+            dXf[:, kt:kt + tspan:sT] += (dY2 @ Wr[:, kt, :].T).reshape(B, To, Fo, K)
+    else:
+        raise ValueError(f"unknown strategy {strategy!r}")
+    dw = np.ascontiguousarray(dWr.reshape(kF, C, kT, O).transpose(3, 1, 0, 2))
+    dx = _freq_col2im(dXf, C, kF, sF, F, T, pt, pb, pl)
+    return dx, dw
+
+
+def conv_forward_np(x, w, stride, padding):
+    """numpy reference of the forward (im2col over frequency, one GEMM, shift-add over time taps)."""
+    x = np.asarray(x, np.float32)
+    w = np.asarray(w, np.float32)
+    B, C, F, T = x.shape
+    O, _, kF, kT = w.shape
+    sF, sT = stride
+    pt, pb, pl, pr = padding
+    Fo, To = conv_output_size(F, T, (kF, kT), stride, padding)
+    Tu = (To - 1) * sT + kT
+    K = kF * C
+    Xf = _freq_im2col(x, kF, sF, Fo, pt, pb, pl, Tu).reshape(B * Tu * Fo, K)
+    Z = (Xf @ np.ascontiguousarray(w.transpose(2, 1, 3, 0)).reshape(K, kT * O)).reshape(B, Tu, Fo, kT, O)
+    Y = np.zeros((B, To, Fo, O), np.float32)
+    tspan = (To - 1) * sT + 1
+    for kt in range(kT):
+        Y += Z[:, kt:kt + tspan:sT, :, kt, :]
+    return np.ascontiguousarray(Y.transpose(0, 3, 2, 1))
+
+
+def _conv_geometry(x_shape, w_shape, stride, padding):
+    B, C, F, T = x_shape
+    O, _, kF, kT = w_shape
+    Fo, To = conv_output_size(F, T, (kF, kT), stride, padding)
+    Tu = (To - 1) * stride[1] + kT
+    return B, C, F, T, O, kF, kT, Fo, To, Tu
+
+
+class _ConvFn(nn.Cell):
+    """conv2d(x, w) with MindSpore's forward kernel and a GEMM backward (custom bprop).
+
+    strategy "ms" (default): the data movement (frequency im2col of x, the kT time shifts of dy,
+    col2im of the input gradient) runs in numpy pyfunc ops, the two big GEMMs in MindSpore
+    (its matmul is ~2x OpenBLAS's here). "wide"/"tap": everything in one numpy pyfunc
+    (conv_backward_np). "native": MindSpore's own conv backward (no custom bprop).
+    """
+
+    def __init__(self, out_channels, kernel_size, stride, padding, strategy="ms"):
+        super().__init__()
+        self.conv = ops.Conv2D(out_channel=out_channels, kernel_size=kernel_size, mode=1, pad_mode="pad",
+                               pad=padding, stride=stride)
+        stride = tuple(stride)
+        padding = tuple(padding)
+        self.strategy = strategy
+        self.kernel_size = tuple(kernel_size)
+        self.matmul_ta = ops.MatMul(transpose_a=True)
+        self.matmul_tb = ops.MatMul(transpose_b=True)
+        sF, sT = stride
+        pt, pb, pl, pr = padding
+        kF, kT = self.kernel_size
+
+        def bwd(x, w, dy):
+            return conv_backward_np(x, w, dy, stride, padding, strategy)
+
+        def im2col(x, dy):
+            B, C, F, T = x.shape
+            Fo, To = dy.shape[2], dy.shape[3]
+            Tu = (To - 1) * sT + kT
+            return _freq_im2col(x, kF, sF, Fo, pt, pb, pl, Tu).reshape(B * Tu * Fo, kF * C)
+
+        def im2col_shape(xs, ds):
+            Tu = (ds[3] - 1) * sT + kT
+            return (xs[0] * Tu * ds[2], kF * xs[1])
+
+        def shifts(dy):
+            B, O, Fo, To = dy.shape
+            Tu = (To - 1) * sT + kT
+            dZ = np.zeros((B, Tu, Fo, kT, O), np.float32)
+            dY = dy.transpose(0, 3, 2, 1)
+            tspan = (To - 1) * sT + 1
+            for kt in range(kT):
+                dZ[:, kt:kt + tspan:sT, :, kt, :] = dY
+            return dZ.reshape(B * Tu * Fo, kT * O)
+
+        def shifts_shape(ds):
+            Tu = (ds[3] - 1) * sT + kT
+            return (ds[0] * Tu * ds[2], kT * ds[1])
+
+        def col2im(dxf, x, dy):
+            B, C, F, T = x.shape
+            Fo, To = dy.shape[2], dy.shape[3]
+            Tu = (To - 1) * sT + kT
+            return _freq_col2im(dxf.reshape(B, Tu, Fo, kF * C), C, kF, sF, F, T, pt, pb, pl)
+
+        # the pyfunc registry is keyed by id(): keep the callables alive
+        self._keep = (bwd, im2col, shifts, col2im)
+        self.bwd = ops.Custom(bwd, out_shape=lambda xs, ws, ds: (xs, ws),
+                              out_dtype=lambda xt, wt, dt: (xt, wt), func_type="pyfunc")
+        self.im2col = ops.Custom(im2col, out_shape=im2col_shape, out_dtype=lambda xt, dt: xt, func_type="pyfunc")
+        self.shifts = ops.Custom(shifts, out_shape=shifts_shape, out_dtype=lambda dt: dt, func_type="pyfunc")
+        self.col2im = ops.Custom(col2im, out_shape=lambda fs, xs, ds: xs, out_dtype=lambda ft, xt, dt: xt,
+                                 func_type="pyfunc")
+
+    def construct(self, x, w):
+        return self.conv(x, w)
+
+    def bprop(self, x, w, out, dout):
+        if self.strategy != "ms":
+            dx, dw = self.bwd(x, w, dout)
+            return dx, dw
+        O, C, kF, kT = w.shape
+        xf = self.im2col(x, dout)                                    # (B*Tu*Fo, kF*C)
+        dz = self.shifts(dout)                                       # (B*Tu*Fo, kT*O)
+        wr = ops.transpose(w, (2, 1, 3, 0)).reshape(kF * C, kT * O)
+        dwr = self.matmul_ta(xf, dz)                                 # (kF*C, kT*O)
+        dw = ops.transpose(dwr.reshape(kF, C, kT, O), (3, 1, 0, 2))
+        dxf = self.matmul_tb(dz, wr)                                 # (B*Tu*Fo, kF*C)
+        dx = self.col2im(dxf, x, dout)
+        return dx, dw
+
+
+class _NativeConvFn(nn.Cell):
+    """conv2d(x, w) entirely with MindSpore's kernels (forward and backward)."""
+
+    def __init__(self, out_channels, kernel_size, stride, padding):
+        super().__init__()
+        self.conv = ops.Conv2D(out_channel=out_channels, kernel_size=kernel_size, mode=1, pad_mode="pad",
+                               pad=padding, stride=stride)
+
+    def construct(self, x, w):
+        return self.conv(x, w)
+
+
+def _auto_conv_strategy(in_channels, kernel_size):
+    # measured (bench/bench_layers.py): the GEMM backward wins when the im2col rows are long
+    # (DS2 conv2: kF*C = 672); with one input channel (conv1: kF*C = 41) MindSpore's own
+    # backward is as fast, so keep it there.
+    return "ms" if in_channels * kernel_size[0] >= 128 else "native"
+
+
+class FastConv2d(nn.Cell):
+    """No-bias conv2d (pad_mode="pad") with a fast backward; one parameter ``weight`` (O, C, kF, kT)."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride, padding, strategy="auto"):
+        super().__init__()
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = _pair(kernel_size)
+        self.stride = _pair(stride)
+        self.padding = _pad4(padding)
+        shape = (out_channels, in_channels) + self.kernel_size
+        self.weight = Parameter(initializer(HeUniform(math.sqrt(5)), shape, ms.float32), name="weight")
+        if strategy == "auto":
+            strategy = _auto_conv_strategy(in_channels, self.kernel_size)
+        self.strategy = strategy
+        if strategy == "native":
+            self.fn = _NativeConvFn(out_channels, self.kernel_size, self.stride, self.padding)
+        else:
+            self.fn = _ConvFn(out_channels, self.kernel_size, self.stride, self.padding, strategy)
+
+    def construct(self, x):
+        return self.fn(x, self.weight)
+
+    def extend_repr(self):
+        return (f"in_channels={self.in_channels}, out_channels={self.out_channels}, "
+                f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, "
+                f"strategy={self.strategy}")
+
+
+def make_conv2d(in_channels, out_channels, kernel_size, stride, padding, impl="fast") -> nn.Cell:
+    """No-bias 2-D conv over (B, C, F, T) input with padding (top, bottom, left, right)."""
+    if impl == "plain":
+        return nn.Conv2d(in_channels, out_channels, _pair(kernel_size), _pair(stride), pad_mode="pad",
+                         padding=_pad4(padding), has_bias=False)
+    if impl == "fast":
+        return FastConv2d(in_channels, out_channels, kernel_size, stride, padding)
+    raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")

@@ -1,0 +1,52 @@
+"""Optimizers and learning-rate schedules from the `optimizer` config group."""
+from __future__ import annotations
+
+import math
+
+import mindspore as ms
+from mindspore import nn
+
+
+def _value(x) -> str:
+    return str(x.value if hasattr(x, "value") else x)
+
+
+def build_optimizer(params, cfg) -> nn.Optimizer:
+    """Adam, AdamW (decoupled decay) or SGD with (Nesterov) momentum; the lr is set every step."""
+    name = _value(cfg.name)
+    lr = float(cfg.lr)
+    b1, b2 = float(cfg.betas[0]), float(cfg.betas[1])
+    if name == "adam":
+        return nn.Adam(params, learning_rate=lr, beta1=b1, beta2=b2, eps=float(cfg.eps),
+                       weight_decay=float(cfg.weight_decay))
+    if name == "adamw":
+        return nn.AdamWeightDecay(params, learning_rate=lr, beta1=b1, beta2=b2, eps=float(cfg.eps),
+                                  weight_decay=float(cfg.weight_decay))
+    if name == "sgd":
+        return nn.SGD(params, learning_rate=lr, momentum=float(cfg.momentum), nesterov=bool(cfg.nesterov),
+                      weight_decay=float(cfg.weight_decay))
+    raise ValueError(f"optimizer.name={name!r}; allowed: adam, adamw, sgd")
+
+
+def learning_rate(cfg, step: int, epoch: int, total_steps: int) -> float:
+    """lr for a step. constant; exponential: lr / anneal**epoch (deepspeech.pytorch's per-epoch
+    anneal); warmup_cosine: linear warm-up then cosine decay to lr * min_lr_ratio."""
+    base = float(cfg.lr)
+    schedule = _value(cfg.schedule)
+    warm = int(cfg.warmup_steps)
+    if warm > 0 and step < warm:
+        return base * (step + 1) / warm
+    if schedule == "constant":
+        return base
+    if schedule == "exponential":
+        return base / (float(cfg.anneal) ** epoch)
+    if schedule == "warmup_cosine":
+        span = max(1, total_steps - warm)
+        progress = min(1.0, max(0.0, (step - warm) / span))
+        floor = base * float(cfg.min_lr_ratio)
+        return floor + (base - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    raise ValueError(f"optimizer.schedule={schedule!r}")
+
+
+def set_learning_rate(optimizer: nn.Optimizer, lr: float) -> None:
+    optimizer.learning_rate.set_data(ms.Tensor(lr, ms.float32))

@@ -1,0 +1,185 @@
+"""Wires one training run together from a composed config (called by train.py)."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import random
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+import ds2exp
+from ds2exp.config import project_root
+
+log = logging.getLogger("ds2exp.train")
+
+
+def _value(x) -> str:
+    return str(x.value if hasattr(x, "value") else x)
+
+
+def setup_mindspore(hw_cfg, seed: int) -> None:
+    import mindspore as ms
+
+    target = _value(hw_cfg.device_target)
+    mode = ms.GRAPH_MODE if _value(hw_cfg.mode) == "graph" else ms.PYNATIVE_MODE
+    if hasattr(ms, "set_device"):
+        ms.set_device(target)
+        ms.set_context(mode=mode)
+    else:
+        ms.set_context(mode=mode, device_target=target)
+    if hw_cfg.threads:
+        try:
+            ms.set_context(runtime_num_threads=int(hw_cfg.threads))
+        except (ValueError, TypeError, RuntimeError) as exc:
+            log.warning("hardware.threads=%s not applied: %s", hw_cfg.threads, exc)
+    ms.set_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=project_root(), capture_output=True, text=True,
+                              timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def run_dir_from_hydra() -> Path:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return Path(HydraConfig.get().runtime.output_dir)
+    except (ImportError, ValueError):
+        from datetime import datetime
+
+        return Path(project_root()) / "outputs" / datetime.now().strftime("%Y-%m-%d/%H-%M-%S")
+
+
+def build_data(cfg, run_dir: Optional[Path] = None, need_test: bool = False) -> Dict[str, Any]:
+    from ds2exp.data.dataset import BatchLoader, BucketBatchSampler, DatasetError, load_split, resolve_manifests
+    from ds2exp.data.features import FeatureCache, FeatureSettings
+
+    d = cfg.dataset
+    settings = FeatureSettings.from_config(d.feature)
+    cache = FeatureCache(cfg.paths.cache_dir, settings, enabled=d.feature.cache)
+    manifests = resolve_manifests(cfg, progress=cfg.trainer.progress)
+    out: Dict[str, Any] = {"settings": settings, "cache": cache, "manifests": manifests}
+    for split in ("train", "val", "test"):
+        if not manifests.get(split) or (split == "test" and not need_test):
+            out[split] = None
+            continue
+        data = load_split(split, manifests[split], cfg, settings, report_dir=run_dir)
+        if not data.examples:
+            raise DatasetError(f"the {split} split is empty after filtering (manifests: "
+                               f"{', '.join(map(str, manifests[split]))}; dropped: {data.drop_counts()})")
+        train = split == "train"
+        sampler = BucketBatchSampler(data.examples, d.batch_size, d.num_buckets, cfg.trainer.seed,
+                                     sortagrad=train and d.sortagrad)
+        out[split] = BatchLoader(data, sampler, cache, d.num_workers,
+                                 spec_augment_cfg=d.spec_augment if train else None, seed=cfg.trainer.seed)
+    return out
+
+
+def run_training(cfg: DictConfig) -> float:
+    """Train; returns the best validation WER (the value Hydra sweepers minimise)."""
+    import mindspore as ms
+
+    from ds2exp.models.deepspeech2 import build_model, count_parameters, load_state
+    from ds2exp.training.checkpoint import load_checkpoint
+    from ds2exp.training.optim import build_optimizer
+    from ds2exp.training.trainer import Trainer, TrainingStopped
+    from ds2exp.tracking.mlflow_tracker import flatten, make_tracker
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    resumed = None
+    if cfg.resume:
+        resumed = load_checkpoint(cfg.resume)
+        run_dir = Path(resumed.meta.get("run_dir") or Path(cfg.resume).parent)
+        log.info("resuming from %s (step %s)", resumed.path, resumed.meta.get("step"))
+    else:
+        run_dir = run_dir_from_hydra()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    setup_mindspore(cfg.hardware, cfg.trainer.seed)
+    data = build_data(cfg, run_dir)
+    model = build_model(cfg.model)
+    if cfg.pretrained:
+        pre = load_checkpoint(cfg.pretrained)
+        load_state(model, pre.model_state)
+        log.info("initialised from %s", pre.path)
+    optimizer = build_optimizer(model.trainable_params(), cfg.optimizer)
+    run_id = resumed.meta.get("mlflow_run_id") if resumed else None
+    tracker = make_tracker(cfg.logger, run_name=cfg.logger.run_name or run_dir.name, run_id=run_id,
+                           tags={"ds2exp.run_dir": str(run_dir)})
+    train_loader = data["train"]
+    steps_per_epoch = len(train_loader.sampler)
+    trainer = Trainer(cfg, model, optimizer, train_loader, data["val"], tracker, run_dir, steps_per_epoch)
+    if resumed:
+        trainer.restore(resumed)
+    else:
+        resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+        params = flatten(resolved)
+        params.update({"git_commit": git_commit(), "mindspore_version": ms.__version__,
+                       "ds2exp_version": ds2exp.__version__, "device": _value(cfg.hardware.device_target),
+                       "platform": platform.platform(), "model_parameters": count_parameters(model),
+                       "train_utterances": len(train_loader.split.examples),
+                       "train_audio_hours": round(train_loader.split.total_audio_seconds / 3600, 4)})
+        tracker.log_params(params)
+        tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config/resolved.yaml")
+        overrides = _hydra_overrides()
+        tracker.log_text("\n".join(overrides) + "\n", "config/overrides.txt")
+        (run_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    dropped = train_loader.split.drop_counts()
+    if dropped:
+        log.info("train split: dropped %s", dropped)
+        tracker.log_dict({"train": train_loader.split.dropped}, "data/dropped_train.json")
+    log.info("run directory: %s", run_dir)
+    log.info("model: %s parameters; train: %d utterances (%.2f h), %d steps/epoch", f"{count_parameters(model):,}",
+             len(train_loader.split.examples), train_loader.split.total_audio_seconds / 3600, steps_per_epoch)
+    status = "FINISHED"
+    try:
+        summary = trainer.fit()
+    except TrainingStopped as stop:
+        status = "FAILED"
+        summary = {"stop_reason": "nonfinite", **stop.diagnosis}
+        tracker.set_tags({"diverged_at_step": stop.diagnosis.get("step"),
+                          "divergence_cause": stop.diagnosis.get("cause", "unknown")})
+        tracker.log_dict(stop.diagnosis, "diagnosis.json")
+        log.error("training stopped: %s", stop.diagnosis.get("summary"))
+    except BaseException:
+        tracker.end("KILLED" if sys.exc_info()[0] is KeyboardInterrupt else "FAILED")
+        raise
+    _finish(trainer, tracker, cfg, run_dir, summary)
+    tracker.end(status)
+    best = min((b["wer"] for b in trainer.state.best), default=float("nan"))
+    return float(best)
+
+
+def _hydra_overrides():
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return list(HydraConfig.get().overrides.task)
+    except (ImportError, ValueError):
+        return []
+
+
+def _finish(trainer, tracker, cfg, run_dir: Path, summary: Dict[str, Any]) -> None:
+    from ds2exp.tracking.plots import plot_curves
+
+    s = trainer.state
+    summary = {**summary, "best": s.best, "run_dir": str(run_dir), "mlflow_run_id": tracker.run_id}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    png = plot_curves(s.history, run_dir / "curves.png")
+    if png is not None:
+        tracker.log_artifact(png, "plots")
+    tracker.log_artifact(run_dir / "summary.json")
+    if s.best and cfg.logger.log_checkpoint and Path(s.best[0]["path"]).exists():
+        tracker.log_artifact(s.best[0]["path"], "checkpoints")

@@ -1,0 +1,322 @@
+"""The training loop: plain and explicit, one method per job.
+
+Each step: forward + CTC loss + gradients (MindSpore `value_and_grad`), then the checks that
+decide whether the step may touch the weights: loss and every gradient finite (after undoing
+loss scaling), then global-norm clipping and the optimizer update. A non-finite step never
+updates the weights; it is counted, and `trainer.nonfinite` decides what happens after
+`trainer.nonfinite_patience` of them in a row (ESPnet-style skipping, or stop, or rollback).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import mindspore as ms
+import numpy as np
+from mindspore import ops
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+from ds2exp.data.dataset import Batch, BatchLoader
+from ds2exp.evaluation.runner import EvalResult, ctc_losses, evaluate_model
+from ds2exp.models.deepspeech2 import parameter_groups
+from ds2exp.training.checkpoint import restore_optimizer, save_checkpoint
+from ds2exp.training.optim import learning_rate, set_learning_rate
+from ds2exp.tracking.mlflow_tracker import Tracker
+
+log = logging.getLogger(__name__)
+
+
+def _value(x) -> str:
+    return str(x.value if hasattr(x, "value") else x)
+
+
+class TrainingStopped(Exception):
+    """Raised when the non-finite policy gives up; carries the diagnosis."""
+
+    def __init__(self, diagnosis: Dict[str, Any]):
+        super().__init__(diagnosis.get("summary", "training stopped"))
+        self.diagnosis = diagnosis
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float
+    finite: bool
+    group_norms: Dict[str, float]
+    logits_absmax: float
+    losses: np.ndarray
+    first_bad_group: Optional[str] = None
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps attempted (good + skipped)
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    nonfinite_steps: int = 0
+    consecutive_nonfinite: int = 0
+    rollbacks: int = 0
+    loss_scale: float = 1.0
+    good_since_scale: int = 0
+    best: List[Dict[str, Any]] = field(default_factory=list)  # [{"wer", "step", "path"}]
+    history: Dict[str, List] = field(default_factory=lambda: {"step": [], "loss": [], "val_step": [],
+                                                              "val_wer": [], "val_cer": [], "val_loss": []})
+    lr_factor: float = 1.0
+
+
+class Trainer:
+    def __init__(self, cfg, model, optimizer, train_loader: BatchLoader, val_loader: Optional[BatchLoader],
+                 tracker: Tracker, run_dir: Path, steps_per_epoch: int):
+        self.cfg = cfg
+        self.model = model
+        self.optimizer = optimizer
+        self.train_loader = train_loader
+        self.val_loader = val_loader
+        self.tracker = tracker
+        self.run_dir = Path(run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.steps_per_epoch = max(1, steps_per_epoch)
+        t = cfg.trainer
+        self.max_steps = t.max_steps if t.max_steps > 0 else t.max_epochs * self.steps_per_epoch
+        self.state = TrainState(loss_scale=float(cfg.precision.loss_scale))
+        self.params = optimizer.parameters
+        self.param_names = [p.name for p in self.params]
+        groups = parameter_groups(model)
+        name_to_group = {n: g for g, names in groups.items() for n in names}
+        own_names = {p.name: n for n, p in model.parameters_and_names()}
+        self.param_groups = [name_to_group.get(own_names.get(p.name, p.name), "other") for p in self.params]
+        self.group_names = list(dict.fromkeys(self.param_groups))
+        self.grad_fn = ms.value_and_grad(self._forward, None, self.params, has_aux=True)
+        self.inject_nan_at: set = set()  # steps whose gradients are replaced by NaN (fault injection)
+        self.started = time.time()
+
+    # ------------------------------------------------------------------ one step
+    def _forward(self, x, x_len, y, y_len, scale):
+        logits, out_len = self.model(x, x_len)
+        losses = ctc_losses(logits, out_len, y, y_len)
+        loss = losses.mean()
+        return loss * scale, (losses, ops.abs(logits).max())
+
+    def train_step(self, batch: Batch) -> StepResult:
+        scale = self.state.loss_scale
+        (scaled_loss, (losses, absmax)), grads = self.grad_fn(
+            ms.Tensor(batch.features), ms.Tensor(batch.feature_lengths), ms.Tensor(batch.labels),
+            ms.Tensor(batch.label_lengths), ms.Tensor(scale, ms.float32))
+        grads_np = [g.asnumpy().astype(np.float64) / scale for g in grads]
+        if self.state.step in self.inject_nan_at:
+            grads_np = [np.full_like(g, np.nan) for g in grads_np]
+        group_sq: Dict[str, float] = {g: 0.0 for g in self.group_names}
+        first_bad = None
+        for g, name in zip(grads_np, self.param_groups):
+            sq = float(np.sum(g * g))
+            group_sq[name] += sq
+            if first_bad is None and not math.isfinite(sq):
+                first_bad = name
+        total = sum(group_sq.values())
+        grad_norm = math.sqrt(total) if math.isfinite(total) else float("inf") if not np.isnan(total) else float("nan")
+        loss = float(scaled_loss.asnumpy()) / scale
+        finite = math.isfinite(loss) and math.isfinite(grad_norm)
+        result = StepResult(loss, grad_norm, finite, {k: math.sqrt(v) if math.isfinite(v) else v
+                                                      for k, v in group_sq.items()},
+                            float(absmax.asnumpy()), losses.asnumpy(), first_bad)
+        if finite:
+            clip = float(self.cfg.optimizer.grad_clip)
+            factor = min(1.0, clip / (grad_norm + 1e-6)) if clip > 0 else 1.0
+            new_grads = tuple(ms.Tensor((g * factor).astype(np.float32)) for g in grads_np)
+            self.optimizer(new_grads)
+        return result
+
+    # ------------------------------------------------------------------ loss scale
+    def _update_loss_scale(self, finite: bool) -> None:
+        p = self.cfg.precision
+        if not p.dynamic_loss_scale:
+            return
+        if not finite:
+            self.state.loss_scale = max(1.0, self.state.loss_scale / float(p.scale_factor))
+            self.state.good_since_scale = 0
+        else:
+            self.state.good_since_scale += 1
+            if self.state.good_since_scale >= int(p.scale_window):
+                self.state.loss_scale *= float(p.scale_factor)
+                self.state.good_since_scale = 0
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint_meta(self) -> Dict[str, Any]:
+        s = self.state
+        return {"step": s.step, "epoch": s.epoch, "batch_in_epoch": s.batch_in_epoch,
+                "nonfinite_steps": s.nonfinite_steps, "loss_scale": s.loss_scale,
+                "good_since_scale": s.good_since_scale, "best": s.best, "history": s.history,
+                "rollbacks": s.rollbacks, "lr_factor": s.lr_factor,
+                "mlflow_run_id": self.tracker.run_id, "run_dir": str(self.run_dir),
+                "rng": {"numpy_seed": int(self.cfg.trainer.seed)},
+                "config": OmegaConf.to_container(self.cfg, resolve=True, enum_to_str=True),
+                "val_loss": s.history["val_loss"][-1] if s.history["val_loss"] else None,
+                "val_wer": s.history["val_wer"][-1] if s.history["val_wer"] else None}
+
+    def save_last(self) -> Path:
+        last = self.ckpt_dir / "last.ckpt"
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        if last.exists():
+            os.replace(last, self.ckpt_dir / "last.prev.ckpt")  # kept until the new one is complete
+        return save_checkpoint(last, self.model, self.optimizer, self.checkpoint_meta())
+
+    def save_best(self, wer: float) -> None:
+        k = int(self.cfg.trainer.keep_best)
+        best = self.state.best
+        if len(best) >= k and wer >= max(b["wer"] for b in best):
+            return
+        path = self.ckpt_dir / f"best-step{self.state.step:07d}-wer{wer:.2f}.ckpt"
+        best.append({"wer": wer, "step": self.state.step, "path": str(path)})
+        best.sort(key=lambda b: (b["wer"], b["step"]))
+        save_checkpoint(path, self.model, self.optimizer, self.checkpoint_meta())
+        for b in best[k:]:
+            Path(b["path"]).unlink(missing_ok=True)
+        del best[k:]
+
+    def restore(self, loaded) -> None:
+        from ds2exp.models.deepspeech2 import load_state
+
+        load_state(self.model, loaded.model_state)
+        restore_optimizer(self.optimizer, loaded.optimizer_state)
+        m = loaded.meta
+        s = self.state
+        s.step, s.epoch, s.batch_in_epoch = int(m["step"]), int(m["epoch"]), int(m["batch_in_epoch"])
+        s.nonfinite_steps = int(m.get("nonfinite_steps", 0))
+        s.loss_scale = float(m.get("loss_scale", s.loss_scale))
+        s.good_since_scale = int(m.get("good_since_scale", 0))
+        s.best = list(m.get("best", []))
+        s.history = m.get("history", s.history)
+        s.rollbacks = int(m.get("rollbacks", 0))
+        s.lr_factor = float(m.get("lr_factor", 1.0))
+
+    # ------------------------------------------------------------------ evaluation
+    def validate(self) -> Optional[EvalResult]:
+        if self.val_loader is None:
+            return None
+        res = evaluate_model(self.model, self.val_loader, _value(self.cfg.trainer.metric),
+                             self.cfg.trainer.max_eval_utterances)
+        h = self.state.history
+        h["val_step"].append(self.state.step)
+        h["val_wer"].append(res.wer)
+        h["val_cer"].append(res.cer)
+        h["val_loss"].append(res.loss)
+        self.tracker.log_metrics({"val/loss": res.loss, "val/wer": res.wer, "val/cer": res.cer}, self.state.step)
+        table = ["| id | reference | hypothesis |", "|---|---|---|"]
+        table += [f"| {r['id']} | {r['reference']} | {r['hypothesis']} |" for r in res.records[:20]]
+        self.tracker.log_text("\n".join(table) + "\n", f"samples/step_{self.state.step:07d}.md")
+        return res
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> Dict[str, Any]:
+        cfg = self.cfg
+        t = cfg.trainer
+        s = self.state
+        deadline = self.started + 60 * float(t.max_minutes) if t.max_minutes else None
+        bar = tqdm(total=self.max_steps, initial=s.step, desc="train", unit="step", disable=not t.progress,
+                   file=sys.stderr, dynamic_ncols=True)
+        window = {"loss": [], "utts": 0, "audio": 0.0, "time": 0.0, "wait": 0.0}
+        last_result: Optional[StepResult] = None
+        stop_reason = "max_steps"
+        done = s.step >= self.max_steps
+        while not done:
+            batches = self.train_loader.iterate(s.epoch, s.batch_in_epoch)
+            t_wait = time.perf_counter()
+            for batch in batches:
+                wait = time.perf_counter() - t_wait
+                lr = learning_rate(cfg.optimizer, s.step, s.epoch, self.max_steps) * s.lr_factor
+                set_learning_rate(self.optimizer, lr)
+                t0 = time.perf_counter()
+                res = self.train_step(batch)
+                dt = time.perf_counter() - t0
+                last_result = res
+                s.step += 1
+                s.batch_in_epoch += 1
+                self._update_loss_scale(res.finite)
+                if res.finite:
+                    s.consecutive_nonfinite = 0
+                    window["loss"].append(res.loss)
+                    s.history["step"].append(s.step)
+                    s.history["loss"].append(res.loss)
+                else:
+                    s.nonfinite_steps += 1
+                    s.consecutive_nonfinite += 1
+                    self._on_nonfinite(batch, res, lr)
+                window["utts"] += batch.size
+                window["audio"] += batch.audio_seconds
+                window["time"] += dt + wait
+                window["wait"] += wait
+                if s.step % t.log_every == 0 or not res.finite:
+                    self._log_train(res, lr, window)
+                    window = {"loss": [], "utts": 0, "audio": 0.0, "time": 0.0, "wait": 0.0}
+                bar.update(1)
+                bar.set_postfix(loss=f"{res.loss:.3f}", lr=f"{lr:.2e}", bad=s.nonfinite_steps)
+                if s.step % t.eval_every == 0:
+                    self._evaluate_and_checkpoint(bar)
+                elif s.step % t.checkpoint_every == 0:
+                    self.save_last()
+                if s.step >= self.max_steps:
+                    done = True
+                    break
+                if deadline and time.time() > deadline:
+                    done, stop_reason = True, "max_minutes"
+                    break
+                t_wait = time.perf_counter()
+            else:
+                s.epoch += 1
+                s.batch_in_epoch = 0
+                if t.max_steps <= 0 and s.epoch >= t.max_epochs:
+                    done, stop_reason = True, "max_epochs"
+        bar.close()
+        if s.step % t.eval_every != 0 or not s.history["val_step"] or s.history["val_step"][-1] != s.step:
+            self._evaluate_and_checkpoint(None)
+        return {"stop_reason": stop_reason, "step": s.step, "epoch": s.epoch,
+                "last_loss": last_result.loss if last_result else float("nan"),
+                "nonfinite_steps": s.nonfinite_steps}
+
+    def _evaluate_and_checkpoint(self, bar) -> None:
+        res = self.validate()
+        if res is not None:
+            msg = f"step {self.state.step}: val loss {res.loss:.3f}  WER {res.wer:.2f}%  CER {res.cer:.2f}%"
+            (bar.write if bar is not None else log.info)(msg)
+            self.save_best(res.wer)
+        self.save_last()
+
+    def _log_train(self, res: StepResult, lr: float, window: Dict[str, Any]) -> None:
+        s = self.state
+        m = {"train/lr": lr, "train/loss_scale": s.loss_scale, "train/nonfinite_steps": s.nonfinite_steps,
+             "train/logits_absmax": res.logits_absmax}
+        if window["loss"]:
+            m["train/loss"] = float(np.mean(window["loss"]))
+        if math.isfinite(res.grad_norm):
+            m["train/grad_norm"] = res.grad_norm
+        for g, v in res.group_norms.items():
+            if math.isfinite(v):
+                m[f"grad_norm/{g}"] = v
+        if window["time"] > 0:
+            m["train/utt_per_s"] = window["utts"] / window["time"]
+            m["train/audio_s_per_s"] = window["audio"] / window["time"]
+            m["train/data_wait_share"] = window["wait"] / window["time"]
+        self.tracker.log_metrics(m, s.step)
+
+    def _on_nonfinite(self, batch: Batch, res: StepResult, lr: float) -> None:
+        s = self.state
+        log.warning("step %d: non-finite loss/gradients (loss=%s, grad_norm=%s, first group=%s); step skipped",
+                    s.step, res.loss, res.grad_norm, res.first_bad_group)
+        if s.consecutive_nonfinite < int(self.cfg.trainer.nonfinite_patience):
+            return
+        policy = _value(self.cfg.trainer.nonfinite)
+        if policy == "skip":
+            # ESPnet's rule: skipping is fine now and then, but a run that only skips is dead.
+            pass
+        raise TrainingStopped({"summary": f"{s.consecutive_nonfinite} consecutive non-finite steps at step {s.step}",
+                               "step": s.step, "lr": lr, "loss_scale": s.loss_scale,
+                               "first_bad_group": res.first_bad_group, "ids": batch.ids})

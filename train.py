@@ -1,0 +1,24 @@
+"""Train a DeepSpeech2 model: `python train.py hardware=cpu optimizer.lr=1e-4`.
+
+Sweeps: `python train.py -m optimizer.lr=1e-4,1e-3 dataset.batch_size=8,16`.
+"""
+import sys
+
+import ds2exp  # noqa: F401  (first: fixes the protobuf implementation before MindSpore/MLflow load)
+import hydra
+from omegaconf import DictConfig
+
+from ds2exp.cli import preflight
+from ds2exp.config import config_dir
+
+
+@hydra.main(config_path=config_dir(), config_name="train", version_base=None)
+def main(cfg: DictConfig) -> float:
+    from ds2exp.training.run import run_training
+
+    return run_training(cfg)
+
+
+if __name__ == "__main__":
+    preflight(sys.argv[1:])
+    main()
