@@ -39,7 +39,10 @@ def config_dir() -> str:
     env = os.environ.get("DS2EXP_CONFIG_DIR")
     if env:
         return str(Path(env).resolve())
-    return str(Path(project_root()) / "conf")
+    checkout_conf = PACKAGE_DIR.parent / "conf"
+    if (checkout_conf / "train.yaml").is_file():
+        return str(checkout_conf)
+    return str(Path.cwd().resolve() / "conf")
 
 
 if not OmegaConf.has_resolver("ds2exp_root"):

@@ -200,12 +200,14 @@ def prefix_beam_search_nbest(
                 elif c == last:
                     s = _get(prefix)  # repeat collapses
                     s[1] = _lse(s[1], pnb + lp)
-                    s = _get(prefix + (c,))  # separated by a blank: new label
-                    s[1] = _lse(s[1], pb + lp)
+                    if pb != _NEG_INF:  # separated by a blank: new label
+                        s = _get(prefix + (c,))
+                        s[1] = _lse(s[1], pb + lp)
                 else:
                     s = _get(prefix + (c,))
                     s[1] = _lse(s[1], total + lp)
-        scored = sorted(nxt.items(), key=lambda kv: _lse(*kv[1]), reverse=True)
+        scored = [(p, s) for p, s in nxt.items() if _lse(*s) != _NEG_INF]
+        scored.sort(key=lambda kv: _lse(*kv[1]), reverse=True)
         if beam_prune_logp is not None and scored:
             floor = _lse(*scored[0][1]) + beam_prune_logp
             scored = [kv for kv in scored if _lse(*kv[1]) >= floor]
@@ -228,9 +230,8 @@ def prefix_beam_search(
     beam_prune_logp: float | None = None,
 ) -> str:
     """Top hypothesis of :func:`prefix_beam_search_nbest` (pure numpy/Python, no LM)."""
-    return prefix_beam_search_nbest(
-        log_probs, beam_width, length, blank, labels, token_min_logp, beam_prune_logp
-    )[0][0]
+    nbest = prefix_beam_search_nbest(log_probs, beam_width, length, blank, labels, token_min_logp, beam_prune_logp)
+    return nbest[0][0] if nbest else ""
 
 
 # ---------------------------------------------------------------- beam search class
@@ -252,6 +253,9 @@ class BeamSearchDecoder:
     ``token_min_logp`` / ``beam_prune_logp`` are the pyctcdecode pruning knobs (labels
     below ``token_min_logp`` at a frame are skipped unless argmax; beams more than
     ``-beam_prune_logp`` below the best are dropped) and are applied by both backends.
+    ``prune_history`` (pyctcdecode only) keeps, among beams that share the last LM-order
+    words, only the best one: faster, but it discards probability mass, so it is off by
+    default (pyctcdecode's own ``decode()`` always turns it on).
     """
 
     def __init__(
@@ -264,6 +268,7 @@ class BeamSearchDecoder:
         blank: int = BLANK_INDEX,
         token_min_logp: float = -5.0,
         beam_prune_logp: float = -10.0,
+        prune_history: bool = False,
         backend: str | None = None,
     ) -> None:
         if beam_width < 1:
@@ -278,6 +283,7 @@ class BeamSearchDecoder:
         self.blank = int(blank)
         self.token_min_logp = float(token_min_logp)
         self.beam_prune_logp = float(beam_prune_logp)
+        self.prune_history = bool(prune_history)
 
         if backend is None:
             backend = "pyctcdecode" if (pyctcdecode_available() or self.lm_path) else "numpy"
@@ -342,12 +348,15 @@ class BeamSearchDecoder:
                 token_min_logp=self.token_min_logp,
                 beam_prune_logp=self.beam_prune_logp,
             )
-        return self._decoder.decode(
+        # decode_beams rather than pyctcdecode's decode(), which hard-wires prune_history=True
+        beams = self._decoder.decode_beams(
             arr,
             beam_width=self.beam_width,
             token_min_logp=self.token_min_logp,
             beam_prune_logp=self.beam_prune_logp,
+            prune_history=self.prune_history,
         )
+        return beams[0][0] if beams else ""
 
     def decode_batch(
         self, log_probs: np.ndarray, lengths: Sequence[int] | np.ndarray | None = None

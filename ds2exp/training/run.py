@@ -103,6 +103,7 @@ def run_training(cfg: DictConfig) -> float:
     if cfg.resume:
         resumed = load_checkpoint(cfg.resume)
         run_dir = Path(resumed.meta.get("run_dir") or Path(cfg.resume).parent)
+        cfg = resume_config(cfg, resumed.meta.get("config"), _hydra_overrides())
         log.info("resuming from %s (step %s)", resumed.path, resumed.meta.get("step"))
     else:
         run_dir = run_dir_from_hydra()
@@ -160,6 +161,23 @@ def run_training(cfg: DictConfig) -> float:
     tracker.end(status)
     best = min((b["wer"] for b in trainer.state.best), default=float("nan"))
     return float(best)
+
+
+def resume_config(cfg: DictConfig, saved: Optional[Dict[str, Any]], overrides) -> DictConfig:
+    """The checkpoint's own config, with only what this command line overrides explicitly
+    (e.g. a larger trainer.max_steps) taken from the new one: a resumed run continues the
+    experiment it belongs to, not whatever the defaults are today."""
+    if not saved:
+        return cfg
+    merged = OmegaConf.merge(cfg, saved)
+    for ov in overrides:
+        key = ov.split("=", 1)[0].lstrip("+~")
+        if key in ("resume",) or "/" in key or key.startswith("hydra"):
+            continue
+        value = OmegaConf.select(cfg, key, default=None)
+        OmegaConf.update(merged, key, value, merge=False)
+    merged.resume = cfg.resume
+    return merged
 
 
 def _hydra_overrides():

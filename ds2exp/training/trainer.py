@@ -226,6 +226,8 @@ class Trainer:
         window = {"loss": [], "utts": 0, "audio": 0.0, "time": 0.0, "wait": 0.0}
         last_result: Optional[StepResult] = None
         stop_reason = "max_steps"
+        # MindSpore cells start in inference mode; BatchNorm must use batch statistics here.
+        self.model.set_train(True)
         done = s.step >= self.max_steps
         while not done:
             batches = self.train_loader.iterate(s.epoch, s.batch_in_epoch)

@@ -1,0 +1,269 @@
+"""Fast vs plain DeepSpeech2 layers (ds2exp.models.layers): same outputs, same gradients.
+
+Small shapes; the whole file runs in well under a minute on 2 cores.
+"""
+import numpy as np
+import pytest
+
+import ds2exp  # noqa: F401  (protobuf implementation before mindspore)
+import mindspore as ms
+from mindspore import Tensor, nn
+
+from ds2exp.models import layers as L
+
+ms.set_context(mode=ms.PYNATIVE_MODE)
+ms.set_device("CPU")
+
+TOL = 1e-4
+
+
+def assert_close(actual, expected, name=""):
+    """|a - e| <= 1e-4 * max(1, max|e|): 1e-4 absolute for O(1) values, relative for large sums."""
+    actual = np.asarray(actual)
+    expected = np.asarray(expected)
+    assert actual.shape == expected.shape, (name, actual.shape, expected.shape)
+    scale = max(1.0, float(np.abs(expected).max(initial=0.0)))
+    err = float(np.abs(actual - expected).max(initial=0.0))
+    assert err <= TOL * scale, f"{name}: max abs error {err:.3g} > {TOL} x {scale:.3g}"
+
+
+def copy_params(src, dst):
+    """Copy parameters by name (what loading a reference checkpoint into either impl does)."""
+    sp = {p.name: p for p in src.get_parameters()}
+    dp = list(dst.get_parameters())
+    assert sorted(sp) == sorted(p.name for p in dp)
+    for p in dp:
+        assert tuple(p.shape) == tuple(sp[p.name].shape), p.name
+        p.set_data(Tensor(sp[p.name].asnumpy().copy()))
+
+
+def outputs_and_grads(cell, inputs, dy):
+    """y, d(sum(y*dy))/d inputs[0], and {param name: grad}."""
+    params = cell.trainable_params()
+    dyt = Tensor(dy)
+
+    def loss(*args):
+        return (cell(*args) * dyt).sum()
+
+    _, (gx, gp) = ms.value_and_grad(loss, 0, params)(*inputs)
+    y = cell(*inputs).asnumpy()
+    return y, gx.asnumpy(), {p.name: g.asnumpy() for p, g in zip(params, gp)}
+
+
+def assert_same(plain, fast, inputs, seed=0):
+    y0 = plain(*inputs).asnumpy()
+    dy = np.random.default_rng(seed).standard_normal(y0.shape).astype(np.float32)
+    yp, gxp, gpp = outputs_and_grads(plain, inputs, dy)
+    yf, gxf, gpf = outputs_and_grads(fast, inputs, dy)
+    assert_close(yf, yp, "output")
+    assert_close(gxf, gxp, "d input")
+    assert sorted(gpf) == sorted(gpp)
+    for name in gpp:
+        assert_close(gpf[name], gpp[name], "d " + name)
+    return yp, gxp, gpp
+
+
+# ------------------------------------------------------------------------------------------ conv
+CONVS = {
+    # name: (C_in, C_out, kernel, stride, padding (top, bottom, left, right), F, T, B)
+    "ds2_conv1": (1, 32, (41, 11), (2, 2), (20, 20, 5, 5), 161, 14, 2),
+    "ds2_conv2": (32, 32, (21, 11), (2, 1), (10, 10, 5, 5), 81, 7, 2),
+    "odd": (3, 5, (5, 4), (3, 2), (2, 1, 0, 3), 17, 13, 3),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONVS))
+@pytest.mark.parametrize("strategy", ["auto", "ms", "wide", "tap"])
+def test_conv_fast_matches_plain(name, strategy):
+    C, O, k, s, p, F, T, B = CONVS[name]
+    plain = L.make_conv2d(C, O, k, s, p, impl="plain")
+    fast = L.FastConv2d(C, O, k, s, p, strategy=strategy) if strategy != "auto" else \
+        L.make_conv2d(C, O, k, s, p, impl="fast")
+    copy_params(plain, fast)
+    x = Tensor(np.random.default_rng(1).standard_normal((B, C, F, T)).astype(np.float32))
+    yp, _, _ = assert_same(plain, fast, (x,))
+    assert yp.shape == (B, O) + L.conv_output_size(F, T, k, s, p)
+
+
+def test_conv_auto_strategy():
+    assert L.make_conv2d(32, 32, (21, 11), (2, 1), (10, 10, 5, 5)).strategy == "ms"
+    assert L.make_conv2d(1, 32, (41, 11), (2, 2), (20, 20, 5, 5)).strategy == "native"
+
+
+@pytest.mark.parametrize("name", sorted(CONVS))
+def test_conv_numpy_reference(name):
+    """The numpy forward/backward helpers agree with MindSpore's conv."""
+    C, O, k, s, p, F, T, B = CONVS[name]
+    plain = L.make_conv2d(C, O, k, s, p, impl="plain")
+    x = np.random.default_rng(2).standard_normal((B, C, F, T)).astype(np.float32)
+    w = plain.weight.asnumpy()
+    y = plain(Tensor(x)).asnumpy()
+    assert_close(L.conv_forward_np(x, w, s, p), y, "forward")
+    dy = np.random.default_rng(3).standard_normal(y.shape).astype(np.float32)
+    _, gx, gp = outputs_and_grads(plain, (Tensor(x),), dy)
+    for strategy in ("wide", "tap"):
+        dx, dw = L.conv_backward_np(x, w, dy, s, p, strategy)
+        assert_close(dx, gx, strategy + " dx")
+        assert_close(dw, gp["weight"], strategy + " dw")
+
+
+@pytest.mark.parametrize("impl", ["plain", "fast"])
+def test_conv_params(impl):
+    cell = L.make_conv2d(32, 32, (21, 11), (2, 1), (10, 10, 5, 5), impl=impl)
+    params = list(cell.get_parameters())
+    assert [(q.name, tuple(q.shape)) for q in params] == [("weight", (32, 32, 21, 11))]
+    with pytest.raises(ValueError):
+        L.make_conv2d(1, 1, 3, 1, 1, impl="nope")
+
+
+def test_conv_under_jit():
+    C, O, k, s, p, F, T, B = CONVS["ds2_conv2"]
+    fast = L.make_conv2d(C, O, k, s, p, impl="fast")
+    x = Tensor(np.random.default_rng(4).standard_normal((B, C, F, T)).astype(np.float32))
+
+    def loss(a):
+        return (fast(a) ** 2).sum()
+
+    g = ms.value_and_grad(loss, 0, fast.trainable_params())
+    v0, (gx0, gw0) = g(x)
+    v1, (gx1, gw1) = ms.jit(g)(x)
+    assert_close(v1.asnumpy(), v0.asnumpy(), "loss")
+    assert_close(gx1.asnumpy(), gx0.asnumpy(), "dx")
+    assert_close(gw1[0].asnumpy(), gw0[0].asnumpy(), "dw")
+
+
+# ------------------------------------------------------------------------------------------- rnn
+RNN_NAMES = ["weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"]
+
+
+def rnn_inputs(B=3, T=7, In=5, lengths=(7, 3, 5), seed=5):
+    x = np.random.default_rng(seed).standard_normal((B, T, In)).astype(np.float32)
+    return Tensor(x), Tensor(np.asarray(lengths, np.int32))
+
+
+@pytest.fixture(params=[True, False], ids=["numba", "numpy"])
+def numba_mode(request):
+    if request.param and not L.HAVE_NUMBA:
+        pytest.skip("numba not installed")
+    old = L.set_numba_enabled(request.param)
+    yield request.param
+    L.set_numba_enabled(old)
+
+
+@pytest.mark.parametrize("rnn_type", ["lstm", "gru"])
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+def test_rnn_fast_matches_plain(rnn_type, bidirectional, numba_mode):
+    In, H = 5, 4
+    plain = L.make_rnn(rnn_type, In, H, bidirectional, impl="plain")
+    fast = L.make_rnn(rnn_type, In, H, bidirectional, impl="fast")
+    copy_params(plain, fast)
+    x, lens = rnn_inputs(In=In)
+    yp, _, _ = assert_same(plain, fast, (x, lens))
+    D = 2 if bidirectional else 1
+    assert yp.shape == (3, 7, D * H)
+
+
+@pytest.mark.parametrize("rnn_type", ["lstm", "gru"])
+def test_rnn_matches_stock_cell_full_length(rnn_type):
+    """Against nn.LSTM / nn.GRU called WITHOUT seq_length (the fused kernel for LSTM): gate order."""
+    In, H = 6, 3
+    cls = nn.LSTM if rnn_type == "lstm" else nn.GRU
+    stock = cls(In, H, 1, batch_first=True, bidirectional=True)
+    fast = L.make_rnn(rnn_type, In, H, True, impl="fast")
+    copy_params(stock, fast)
+    x, lens = rnn_inputs(B=2, T=5, In=In, lengths=(5, 5))
+    assert_close(fast(x, lens).asnumpy(), stock(x)[0].asnumpy(), "output")
+
+
+@pytest.mark.parametrize("impl", ["plain", "fast"])
+@pytest.mark.parametrize("rnn_type", ["lstm", "gru"])
+def test_rnn_params(impl, rnn_type):
+    In, H = 7, 5
+    G = (4 if rnn_type == "lstm" else 3) * H
+    shapes = {"weight_ih_l0": (G, In), "weight_hh_l0": (G, H), "bias_ih_l0": (G,), "bias_hh_l0": (G,)}
+    uni = L.make_rnn(rnn_type, In, H, False, impl=impl)
+    assert {q.name: tuple(q.shape) for q in uni.get_parameters()} == shapes
+    bi = L.make_rnn(rnn_type, In, H, True, impl=impl)
+    expect = dict(shapes, **{k + "_reverse": v for k, v in shapes.items()})
+    assert {q.name: tuple(q.shape) for q in bi.get_parameters()} == expect
+
+
+def test_rnn_param_names_nested_identical():
+    class Model(nn.Cell):
+        def __init__(self, impl):
+            super().__init__()
+            self.conv = L.make_conv2d(1, 2, (3, 3), (1, 1), (1, 1, 1, 1), impl=impl)
+            self.rnns = nn.CellList([L.make_rnn("lstm", 4, 3, True, impl=impl),
+                                     L.make_rnn("gru", 6, 3, False, impl=impl)])
+
+    names = {impl: sorted(Model(impl).parameters_dict()) for impl in ("plain", "fast")}
+    assert names["plain"] == names["fast"]
+    assert "rnns.0.weight_hh_l0_reverse" in names["fast"] and "conv.weight" in names["fast"]
+
+
+@pytest.mark.parametrize("impl", ["plain", "fast"])
+@pytest.mark.parametrize("rnn_type", ["lstm", "gru"])
+def test_rnn_padding_zero_and_reverse_respects_lengths(impl, rnn_type):
+    In, H = 5, 4
+    cell = L.make_rnn(rnn_type, In, H, True, impl=impl)
+    x, lens = rnn_inputs(In=In)
+    y = cell(x, lens).asnumpy()
+    for b, n in enumerate(lens.asnumpy()):
+        assert np.all(y[b, n:] == 0.0), "padded frames must be 0"
+        assert np.abs(y[b, :n]).min() > 0.0
+    # append 4 frames of garbage: valid frames (both directions) must not change
+    xn = x.asnumpy()
+    garbage = 100.0 * np.random.default_rng(9).standard_normal((3, 4, In)).astype(np.float32)
+    x2 = np.concatenate([xn, garbage], axis=1)
+    for b, n in enumerate(lens.asnumpy()):        # also garbage in the row's own padding
+        x2[b, n:] = 50.0
+    y2 = cell(Tensor(x2), lens).asnumpy()
+    assert_close(y2[:, :7], y, "output with extra padding")
+    assert np.all(y2[:, 7:] == 0.0)
+
+
+def test_rnn_reverse_starts_at_last_valid_frame():
+    """The reverse direction's output at a row's last valid frame sees only that frame."""
+    In, H = 5, 4
+    cell = L.make_rnn("lstm", In, H, True, impl="fast")
+    x, lens = rnn_inputs(In=In)
+    y = cell(x, lens).asnumpy()
+    xn = x.asnumpy()
+    for b, n in enumerate(lens.asnumpy()):
+        one = cell(Tensor(xn[b:b + 1, n - 1:n]), Tensor(np.array([1], np.int32))).asnumpy()
+        assert_close(y[b, n - 1, H:], one[0, 0, H:], "reverse at last frame")
+
+
+def test_rnn_zero_length_row_and_padding_gradients():
+    In, H = 5, 4
+    cell = L.make_rnn("gru", In, H, True, impl="fast")
+    x, _ = rnn_inputs(In=In)
+    lens = Tensor(np.array([7, 0, 2], np.int32))
+    out, gx, _ = outputs_and_grads(cell, (x, lens), np.ones((3, 7, 2 * H), np.float32))
+    assert np.all(out[1] == 0.0) and np.all(out[2, 2:] == 0.0)
+    assert np.all(gx[1] == 0.0) and np.all(gx[2, 2:] == 0.0), "padding must get no gradient"
+
+
+@pytest.mark.parametrize("rnn_type", ["lstm", "gru"])
+def test_rnn_under_jit(rnn_type):
+    In, H = 5, 4
+    cell = L.make_rnn(rnn_type, In, H, True, impl="fast")
+    x, lens = rnn_inputs(In=In)
+
+    def loss(a, n):
+        return (cell(a, n) ** 2).sum()
+
+    g = ms.value_and_grad(loss, 0, cell.trainable_params())
+    v0, (gx0, gp0) = g(x, lens)
+    v1, (gx1, gp1) = ms.jit(g)(x, lens)
+    assert_close(v1.asnumpy(), v0.asnumpy(), "loss")
+    assert_close(gx1.asnumpy(), gx0.asnumpy(), "dx")
+    for a, b in zip(gp1, gp0):
+        assert_close(a.asnumpy(), b.asnumpy(), "dparam")
+
+
+def test_make_rnn_rejects_bad_args():
+    with pytest.raises(ValueError):
+        L.make_rnn("rnn", 3, 2, False)
+    with pytest.raises(ValueError):
+        L.make_rnn("lstm", 3, 2, False, impl="nope")

@@ -1,0 +1,109 @@
+"""Real training runs (MindSpore, synthesised audio, an MLflow SQLite store)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import ROOT
+
+SMALL = ["model.conv_channels=4", "model.rnn_hidden=32", "model.rnn_layers=1", "dataset.batch_size=4",
+         "dataset.max_utterances=48", "trainer.max_eval_utterances=8", "trainer.progress=false"]
+
+
+def train(tmp_root: Path, data_dir: Path, *overrides: str, check: bool = True, timeout: int = 600):
+    env = {**os.environ, "DS2EXP_ROOT": str(tmp_root)}
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), f"paths.data_dir={data_dir}",
+                        f"hydra.run.dir={tmp_root}/outputs/run", *overrides],
+                       capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
+    if check:
+        assert r.returncode == 0, r.stderr[-4000:]
+    return r
+
+
+def mlflow_runs(tmp_root: Path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_root}/mlflow.db")
+    exp = client.get_experiment_by_name("ds2exp")
+    return client, client.search_runs([exp.experiment_id])
+
+
+def test_acceptance_train_20_steps_logs_everything_to_mlflow(tmp_path, shared_data_dir):
+    train(tmp_path, shared_data_dir, "hardware=cpu", "optimizer.lr=1e-4", "trainer.max_steps=20",
+          "trainer.log_every=5", "trainer.eval_every=10", "trainer.max_eval_utterances=24")
+    client, runs = mlflow_runs(tmp_path)
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    for name in ("train/loss", "train/lr", "train/grad_norm", "train/loss_scale", "train/nonfinite_steps",
+                 "train/utt_per_s", "train/audio_s_per_s", "val/loss", "val/wer", "val/cer"):
+        assert name in run.data.metrics, name
+    history = client.get_metric_history(run.info.run_id, "train/loss")
+    assert [m.step for m in history] == [5, 10, 15, 20]
+    assert all(np.isfinite(m.value) and m.value > 0 for m in history)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/wer")] == [10, 20]
+    lr = client.get_metric_history(run.info.run_id, "train/lr")
+    assert all(abs(m.value - 1e-4) < 1e-12 for m in lr)
+    p = run.data.params
+    assert p["optimizer.lr"] == "0.0001" and p["hardware.device_target"] == "CPU"
+    assert p["mindspore_version"] == "2.8.0" and p["device"] == "CPU" and len(p["git_commit"]) >= 4
+    arts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config", "samples", "plots", "checkpoints"} <= arts
+    ckpts = client.list_artifacts(run.info.run_id, "checkpoints")
+    assert ckpts and ckpts[0].file_size > 100_000
+    resolved = Path(client.download_artifacts(run.info.run_id, "config/resolved.yaml", str(tmp_path)))
+    assert "lr: 0.0001" in resolved.read_text()
+    run_dir = tmp_path / "outputs" / "run"
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert run.data.tags["ds2exp.run_dir"] == str(run_dir)
+
+
+def _params(path: Path):
+    from ds2exp.training.checkpoint import load_checkpoint
+
+    c = load_checkpoint(path)
+    return c.model_state, c.optimizer_state, c.meta
+
+
+def test_resume_continues_exactly(tmp_path, shared_data_dir):
+    a, b = tmp_path / "a", tmp_path / "b"
+    common = SMALL + ["trainer.eval_every=4", "trainer.checkpoint_every=2", "trainer.log_every=2",
+                      "dataset.num_buckets=2"]
+    train(a, shared_data_dir, "trainer.max_steps=8", *common)
+    train(b, shared_data_dir, "trainer.max_steps=4", *common)
+    run_b = b / "outputs" / "run"
+    env_resume = ["trainer.max_steps=8", f"resume={run_b}"]
+    train(b, shared_data_dir, *env_resume, *common)
+    ma, oa, meta_a = _params(a / "outputs" / "run" / "checkpoints" / "last.ckpt")
+    mb, ob, meta_b = _params(run_b / "checkpoints" / "last.ckpt")
+    assert meta_a["step"] == meta_b["step"] == 8
+    assert set(ma) == set(mb)
+    for k in ma:  # CPU kernels are deterministic for a fixed seed: bitwise equal
+        np.testing.assert_array_equal(ma[k], mb[k], err_msg=k)
+    for k in oa:
+        np.testing.assert_array_equal(oa[k], ob[k], err_msg=k)
+    # the resumed run is the same MLflow run, its metrics continuing from step 4
+    client, runs = mlflow_runs(b)
+    assert len(runs) == 1
+    steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")]
+    assert steps == [2, 4, 6, 8]
+
+
+def test_logger_none_writes_no_store(tmp_path, shared_data_dir):
+    train(tmp_path, shared_data_dir, "logger=none", "trainer.max_steps=2", *SMALL)
+    assert not (tmp_path / "mlflow.db").exists()
+    assert (tmp_path / "outputs" / "run" / "checkpoints" / "last.ckpt").is_file()
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_other_optimizers_and_schedules_train(tmp_path, shared_data_dir, optimizer):
+    train(tmp_path, shared_data_dir, f"optimizer={optimizer}", "trainer.max_steps=3", "logger=none", *SMALL)
+    from ds2exp.training.checkpoint import load_checkpoint
+
+    meta = load_checkpoint(tmp_path / "outputs" / "run").meta
+    assert meta["step"] == 3 and meta["config"]["optimizer"]["name"] == optimizer
