@@ -164,6 +164,17 @@ def test_rnn_fast_matches_plain(rnn_type, bidirectional, numba_mode):
 
 
 @pytest.mark.parametrize("rnn_type", ["lstm", "gru"])
+def test_rnn_directions_in_separate_loops(rnn_type, monkeypatch):
+    """Large W_hh: each direction runs its own time loop (the H=1024 path) - same results."""
+    monkeypatch.setattr(L, "_JOINT_DIRECTIONS_MAX_BYTES", 0)
+    In, H = 5, 4
+    plain = L.make_rnn(rnn_type, In, H, True, impl="plain")
+    fast = L.make_rnn(rnn_type, In, H, True, impl="fast")
+    copy_params(plain, fast)
+    assert_same(plain, fast, rnn_inputs(In=In))
+
+
+@pytest.mark.parametrize("rnn_type", ["lstm", "gru"])
 def test_rnn_matches_stock_cell_full_length(rnn_type):
     """Against nn.LSTM / nn.GRU called WITHOUT seq_length (the fused kernel for LSTM): gate order."""
     In, H = 6, 3

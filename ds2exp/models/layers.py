@@ -98,11 +98,13 @@ if HAVE_NUMBA:
 
 
 def _h_wT(h, w, wT):
-    """(D,B,H) x (D,G,H)^T -> (D,B,G). h must be C-contiguous."""
+    """(D,B,H) x (D,G,H)^T -> (D,B,G); wT is w transposed (C-contiguous) for the BLAS path."""
     if _USE_NUMBA and h.shape[1] <= _NUMBA_MAX_ROWS:
         out = np.empty((w.shape[0], h.shape[1], w.shape[1]), np.float32)
         _nb_h_wT(h, w, out)
         return out
+    if wT is None:
+        wT = w.transpose(0, 2, 1)
     return np.matmul(h, wT)
 
 
@@ -164,25 +166,23 @@ def _clip_lengths(lengths, T):
     return np.clip(np.asarray(lengths).astype(np.int64).reshape(-1), 0, T)
 
 
-def lstm_forward_np(xp, lengths, w, b):
-    """LSTM recurrence.
+# Both directions share one loop (half the Python per-step overhead) while their two W_hh fit in
+# cache together; above this size each direction runs its own loop so that its W_hh stays in L3
+# (measured, B=2 H=1024: 0.87 ms a step for two sequential directions vs 1.34 ms interleaved).
+_JOINT_DIRECTIONS_MAX_BYTES = 16 << 20
 
-    xp: (B, T, D*4H) input projections incl. bias_ih (direction-major on the last axis);
-    lengths: (B,); w: (D, 4H, H) weight_hh; b: (D, 4H) bias_hh.
-    Returns y (B, T, D*H) (zero at padded frames) and the saved activations for the backward:
-    A (D, T, B, 4H) gate activations, C (D, T, B, H) cell states, Hs (D, T, B, H) hidden states.
-    """
+
+def _direction_groups(w):
+    D = w.shape[0]
+    if D == 1 or w.nbytes <= _JOINT_DIRECTIONS_MAX_BYTES:
+        return [slice(0, D)]
+    return [slice(d, d + 1) for d in range(D)]
+
+
+def _lstm_fwd_loop(X, w, A, C, Hs, Tm):
     D, G, H = w.shape
-    B, T, _ = xp.shape
-    lengths = _clip_lengths(lengths, T)
-    X = _to_aligned(xp, lengths, D)
-    X += b[:, None, None, :]
-    Tm = int(lengths.max()) if B else 0
-    A = np.zeros((D, T, B, G), np.float32)
-    C = np.zeros((D, T, B, H), np.float32)
-    Hs = np.zeros((D, T, B, H), np.float32)
-    w = np.ascontiguousarray(w)
-    wT = np.ascontiguousarray(w.transpose(0, 2, 1))
+    B = X.shape[2]
+    wT = None if (_USE_NUMBA and B <= _NUMBA_MAX_ROWS) else np.ascontiguousarray(w.transpose(0, 2, 1))
     # sigmoid(x) = 0.5 * tanh(0.5 x) + 0.5: one tanh over all four gates
     scale = np.full(G, 0.5, np.float32)
     scale[2 * H:3 * H] = 1.0
@@ -205,20 +205,35 @@ def lstm_forward_np(xp, lengths, w, b):
         h = np.tanh(c)
         h *= o
         Hs[:, t] = h
+
+
+def lstm_forward_np(xp, lengths, w, b):
+    """LSTM recurrence.
+
+    xp: (B, T, D*4H) input projections incl. bias_ih (direction-major on the last axis);
+    lengths: (B,); w: (D, 4H, H) weight_hh; b: (D, 4H) bias_hh.
+    Returns y (B, T, D*H) (zero at padded frames) and the saved activations for the backward:
+    A (D, T, B, 4H) gate activations, C (D, T, B, H) cell states, Hs (D, T, B, H) hidden states.
+    """
+    D, G, H = w.shape
+    B, T, _ = xp.shape
+    lengths = _clip_lengths(lengths, T)
+    X = _to_aligned(xp, lengths, D)
+    X += b[:, None, None, :]
+    Tm = int(lengths.max()) if B else 0
+    A = np.zeros((D, T, B, G), np.float32)
+    C = np.zeros((D, T, B, H), np.float32)
+    Hs = np.zeros((D, T, B, H), np.float32)
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    for sl in _direction_groups(w):
+        _lstm_fwd_loop(X[sl], w[sl], A[sl], C[sl], Hs[sl], Tm)
     Y = Hs * _valid_mask(lengths, T)
     return _from_aligned(Y, lengths), A, C, Hs
 
 
-def lstm_backward_np(lengths, w, A, C, Hs, dy):
-    """Gradients of lstm_forward_np: returns d_xp (B, T, D*4H), d_w (D, 4H, H), d_b (D, 4H)."""
+def _lstm_bwd_loop(dY, w, A, C, dG, Tm):
     D, G, H = w.shape
-    _, T, B, _ = A.shape
-    lengths = _clip_lengths(lengths, T)
-    dY = _to_aligned(np.asarray(dy, np.float32), lengths, D)
-    dY *= _valid_mask(lengths, T)
-    Tm = int(lengths.max()) if B else 0
-    w = np.ascontiguousarray(w)
-    dG = np.zeros((D, T, B, G), np.float32)
+    B = dY.shape[2]
     dh = np.zeros((D, B, H), np.float32)
     dc = np.zeros((D, B, H), np.float32)
     d = np.empty((D, B, G), np.float32)
@@ -246,6 +261,20 @@ def lstm_backward_np(lengths, w, A, C, Hs, dy):
         dc *= f
         dG[:, t] = d
         dh = _g_w(d, w)
+
+
+def lstm_backward_np(lengths, w, A, C, Hs, dy):
+    """Gradients of lstm_forward_np: returns d_xp (B, T, D*4H), d_w (D, 4H, H), d_b (D, 4H)."""
+    D, G, H = w.shape
+    _, T, B, _ = A.shape
+    lengths = _clip_lengths(lengths, T)
+    dY = _to_aligned(np.asarray(dy, np.float32), lengths, D)
+    dY *= _valid_mask(lengths, T)
+    Tm = int(lengths.max()) if B else 0
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    dG = np.zeros((D, T, B, G), np.float32)
+    for sl in _direction_groups(w):
+        _lstm_bwd_loop(dY[sl], w[sl], A[sl], C[sl], dG[sl], Tm)
     Hprev = np.zeros_like(Hs)
     Hprev[:, 1:] = Hs[:, :-1]
     dw = np.matmul(dG.reshape(D, T * B, G).transpose(0, 2, 1), Hprev.reshape(D, T * B, H))
@@ -253,22 +282,10 @@ def lstm_backward_np(lengths, w, A, C, Hs, dy):
     return _from_aligned(dG, lengths), dw.astype(np.float32), db.astype(np.float32)
 
 
-def gru_forward_np(xp, lengths, w, b):
-    """GRU recurrence (r, z, n gates as nn.GRU / PyTorch: n = tanh(x_n + r * (W_hn h + b_hn))).
-
-    xp: (B, T, D*3H) incl. bias_ih; w: (D, 3H, H); b: (D, 3H) bias_hh. Returns y (B, T, D*H) and
-    A (D, T, B, 3H) = (r, z, n), S (D, T, B, H) = W_hn h + b_hn, Hs (D, T, B, H).
-    """
+def _gru_fwd_loop(X, w, b, A, S, Hs, Tm):
     D, G, H = w.shape
-    B, T, _ = xp.shape
-    lengths = _clip_lengths(lengths, T)
-    X = _to_aligned(xp, lengths, D)
-    Tm = int(lengths.max()) if B else 0
-    A = np.zeros((D, T, B, G), np.float32)
-    S = np.zeros((D, T, B, H), np.float32)
-    Hs = np.zeros((D, T, B, H), np.float32)
-    w = np.ascontiguousarray(w)
-    wT = np.ascontiguousarray(w.transpose(0, 2, 1))
+    B = X.shape[2]
+    wT = None if (_USE_NUMBA and B <= _NUMBA_MAX_ROWS) else np.ascontiguousarray(w.transpose(0, 2, 1))
     bb = b[:, None, :]
     h = np.zeros((D, B, H), np.float32)
     a = np.empty((D, B, G), np.float32)
@@ -294,21 +311,33 @@ def gru_forward_np(xp, lengths, w, b):
         hn += n
         h = hn
         Hs[:, t] = h
+
+
+def gru_forward_np(xp, lengths, w, b):
+    """GRU recurrence (r, z, n gates as nn.GRU / PyTorch: n = tanh(x_n + r * (W_hn h + b_hn))).
+
+    xp: (B, T, D*3H) incl. bias_ih; w: (D, 3H, H); b: (D, 3H) bias_hh. Returns y (B, T, D*H) and
+    A (D, T, B, 3H) = (r, z, n), S (D, T, B, H) = W_hn h + b_hn, Hs (D, T, B, H).
+    """
+    D, G, H = w.shape
+    B, T, _ = xp.shape
+    lengths = _clip_lengths(lengths, T)
+    X = _to_aligned(xp, lengths, D)
+    Tm = int(lengths.max()) if B else 0
+    A = np.zeros((D, T, B, G), np.float32)
+    S = np.zeros((D, T, B, H), np.float32)
+    Hs = np.zeros((D, T, B, H), np.float32)
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    b = np.asarray(b, np.float32)
+    for sl in _direction_groups(w):
+        _gru_fwd_loop(X[sl], w[sl], b[sl], A[sl], S[sl], Hs[sl], Tm)
     Y = Hs * _valid_mask(lengths, T)
     return _from_aligned(Y, lengths), A, S, Hs
 
 
-def gru_backward_np(lengths, w, A, S, Hs, dy):
-    """Gradients of gru_forward_np: returns d_xp (B, T, D*3H), d_w (D, 3H, H), d_b (D, 3H)."""
+def _gru_bwd_loop(dY, w, A, S, Hs, dX, dGh, Tm):
     D, G, H = w.shape
-    _, T, B, _ = A.shape
-    lengths = _clip_lengths(lengths, T)
-    dY = _to_aligned(np.asarray(dy, np.float32), lengths, D)
-    dY *= _valid_mask(lengths, T)
-    Tm = int(lengths.max()) if B else 0
-    w = np.ascontiguousarray(w)
-    dX = np.zeros((D, T, B, G), np.float32)
-    dGh = np.zeros((D, T, B, G), np.float32)
+    B = dY.shape[2]
     dh = np.zeros((D, B, H), np.float32)
     zeros = np.zeros((D, B, H), np.float32)
     dx = np.empty((D, B, G), np.float32)
@@ -334,6 +363,21 @@ def gru_backward_np(lengths, w, A, S, Hs, dy):
         dGh[:, t] = dg
         dh *= z
         dh += _g_w(dg, w)
+
+
+def gru_backward_np(lengths, w, A, S, Hs, dy):
+    """Gradients of gru_forward_np: returns d_xp (B, T, D*3H), d_w (D, 3H, H), d_b (D, 3H)."""
+    D, G, H = w.shape
+    _, T, B, _ = A.shape
+    lengths = _clip_lengths(lengths, T)
+    dY = _to_aligned(np.asarray(dy, np.float32), lengths, D)
+    dY *= _valid_mask(lengths, T)
+    Tm = int(lengths.max()) if B else 0
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    dX = np.zeros((D, T, B, G), np.float32)
+    dGh = np.zeros((D, T, B, G), np.float32)
+    for sl in _direction_groups(w):
+        _gru_bwd_loop(dY[sl], w[sl], A[sl], S[sl], Hs[sl], dX[sl], dGh[sl], Tm)
     Hprev = np.zeros_like(Hs)
     Hprev[:, 1:] = Hs[:, :-1]
     dw = np.matmul(dGh.reshape(D, T * B, G).transpose(0, 2, 1), Hprev.reshape(D, T * B, H))

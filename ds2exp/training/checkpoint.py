@@ -75,9 +75,12 @@ def save_checkpoint(path: str | Path, model, optimizer=None, meta: Optional[Dict
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise CheckpointError(f"could not write checkpoint {path}: {exc.strerror or exc}") from exc
+        # MindSpore stages its write in `<name>.tmp`; remove ours and its leftovers.
+        for leftover in path.parent.glob(Path(tmp).name[: -len(".ckpt")] + "*"):
+            leftover.unlink(missing_ok=True)
+        if isinstance(exc, (OSError, RuntimeError, ValueError)):  # MindSpore wraps I/O errors
+            why = getattr(exc, "strerror", None) or str(exc).strip().splitlines()[0][:200]
+            raise CheckpointError(f"could not write checkpoint {path}: {why}") from exc
         raise
     return path
 
