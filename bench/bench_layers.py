@@ -25,19 +25,18 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
+import mindspore as ms
+import numpy as np
+from mindspore import Tensor, nn
 
-import ds2exp  # noqa: E402,F401  (sets the protobuf implementation before mindspore loads)
-import mindspore as ms  # noqa: E402
-from mindspore import Tensor, nn, ops  # noqa: E402
-
-from ds2exp.models import layers as L  # noqa: E402
+from ds2exp.models import layers as L
 
 ms.set_context(mode=ms.PYNATIVE_MODE)
 ms.set_device("CPU")
 if "--async" not in sys.argv:
-    # Synchronous op launch: on this 2-core machine it makes every row faster (conv2 plain
-    # fwd+bwd 1.3 -> 0.9 s) and the pyfunc-based fast layers 2x faster (see ds2exp.models.layers).
+    # Synchronous op launch. On this 2-core machine MindSpore's default asynchronous launch is
+    # what makes the stock layers slow (measured: nn.Conv2d conv2 fwd+bwd 1.0 -> 0.5 s, fused
+    # bi-LSTM fwd+bwd 5.0 -> 0.2 s) and it also slows the pyfunc-based fast conv backward.
     ms.runtime.launch_blocking()
 
 
@@ -92,9 +91,9 @@ def bench_conv(name, B, C, O, k, s, p, F, T, impls, repeats):
             ref = cell
         else:
             cell.weight.set_data(ref.weight.value().copy())
-        fwd, _ = timed(lambda: cell(x), repeats)
+        fwd, _ = timed(lambda c=cell: c(x), repeats)
         g, _ = grad_fn(cell, 1)
-        fb, _ = timed(lambda: g(x), repeats)
+        fb, _ = timed(lambda g=g: g(x), repeats)
         row(impl, name, f"{B}x{C}x{F}x{T}", fwd, fb, flops)
 
 
@@ -122,22 +121,22 @@ def bench_rnn(mode, B, T, In, H, bidir, impls, repeats, jit=False):
                     return self.rnn(a)[0]
 
             c2 = NoSeq(cell)
-            fwd, _ = timed(lambda: c2(x), repeats)
+            fwd, _ = timed(lambda c=c2: c(x), repeats)
             g, _ = grad_fn(c2, 1)
-            fb, _ = timed(lambda: g(x), repeats)
+            fb, _ = timed(lambda g=g: g(x), repeats)
             row(impl, mode, shape, fwd, fb, flops, "no lengths")
             continue
         cell = L.make_rnn(mode, In, H, bidir, impl=impl)
-        fwd, first = timed(lambda: cell(x, lens), repeats)
-        g, loss = grad_fn(cell, 1)
-        fb, first_fb = timed(lambda: g(x, lens), repeats)
+        fwd, first = timed(lambda c=cell: c(x, lens), repeats)
+        g, _ = grad_fn(cell, 1)
+        fb, first_fb = timed(lambda g=g: g(x, lens), repeats)
         note = f"1st call {max(first, first_fb):.2f}s" if impl == "fast" else ""
         row(impl, mode, shape, fwd, fb, flops, note)
         if jit and impl == "fast":
             jf = ms.jit(cell.construct)
             jg = ms.jit(g)
-            fwd_j, c1 = timed(lambda: jf(x, lens), repeats)
-            fb_j, c2_ = timed(lambda: jg(x, lens), repeats)
+            fwd_j, c1 = timed(lambda f=jf: f(x, lens), repeats)
+            fb_j, c2_ = timed(lambda f=jg: f(x, lens), repeats)
             row("fast-jit", mode, shape, fwd_j, fb_j, flops, f"compile {c1:.1f}+{c2_:.1f}s")
 
 

@@ -298,12 +298,36 @@ class EvaluateConfig:
     progress: bool = True
 
 
+class ExportFormat(str, Enum):
+    MINDIR = "MINDIR"
+    ONNX = "ONNX"
+    AIR = "AIR"
+
+
+@dataclass
+class ExportConfig:
+    defaults: List[Any] = field(default_factory=list)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)  # for checkpoints without a config
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    checkpoint: Optional[str] = None
+    format: ExportFormat = ExportFormat.MINDIR
+    output: Optional[str] = None  # default: beside the checkpoint
+    frames: int = 0  # fixed input length of the exported graph; 0: the longest verification utterance
+    verify_utterances: int = 4  # real utterances compared between export and checkpoint
+    split: str = "test"
+    tolerance: float = 1e-4
+    progress: bool = True
+
+
 def register_configs() -> None:
     cs = ConfigStore.instance()
     # One schema for the whole run: conf/train.yaml lists it first in its defaults, so every
     # group file merged after it is checked key by key and type by type.
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="evaluate_schema", node=EvaluateConfig)
+    cs.store(name="export_schema", node=ExportConfig)
 
 
 class ConfigValueError(ValueError):

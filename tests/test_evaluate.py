@@ -72,3 +72,30 @@ def test_missing_checkpoint_and_other_architecture_are_clear_errors(trained_run,
     assert r.returncode == 2 and "config error: checkpoint" in r.stderr
     r = evaluate(root, shared_data_dir, f"checkpoint={tmp_path / 'nope.ckpt'}", check=False)
     assert r.returncode == 1 and "checkpoint not found" in r.stderr and "nope.ckpt" in r.stderr
+
+
+def export(root, data_dir, *overrides):
+    env = {**os.environ, "DS2EXP_ROOT": str(root)}
+    return subprocess.run([sys.executable, str(ROOT / "export.py"), f"paths.data_dir={data_dir}",
+                           f"hydra.run.dir={root}/outputs/export", *overrides],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+
+
+def test_export_mindir_round_trip_within_tolerance(trained_run, shared_data_dir, tmp_path):
+    import re
+
+    root, run_dir = trained_run
+    out = tmp_path / "model.mindir"
+    r = export(root, shared_data_dir, f"checkpoint={run_dir / 'checkpoints' / 'last.ckpt'}", f"output={out}",
+               "verify_utterances=3")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert out.stat().st_size > 10_000
+    m = re.search(r"verified on 3 utterances: max \|export - checkpoint\| = (\S+) \(OK", r.stdout)
+    assert m and float(m.group(1)) <= 1e-4
+
+
+def test_export_onnx_reports_mindspore_reason(trained_run, shared_data_dir):
+    root, run_dir = trained_run
+    r = export(root, shared_data_dir, f"checkpoint={run_dir}", "format=ONNX", "verify_utterances=1")
+    assert r.returncode == 1
+    assert "cannot export this model as ONNX" in r.stderr

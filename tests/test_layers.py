@@ -2,11 +2,9 @@
 
 Small shapes; the whole file runs in well under a minute on 2 cores.
 """
+import mindspore as ms
 import numpy as np
 import pytest
-
-import ds2exp  # noqa: F401  (protobuf implementation before mindspore)
-import mindspore as ms
 from mindspore import Tensor, nn
 
 from ds2exp.models import layers as L
@@ -271,6 +269,13 @@ def test_rnn_under_jit(rnn_type):
     assert_close(gx1.asnumpy(), gx0.asnumpy(), "dx")
     for a, b in zip(gp1, gp0):
         assert_close(a.asnumpy(), b.asnumpy(), "dparam")
+
+
+def test_rnn_lengths_default_to_full():
+    cell = L.make_rnn("lstm", 5, 4, True, impl="fast")
+    x, _ = rnn_inputs(In=5)
+    full = Tensor(np.full(3, 7, np.int32))
+    assert_close(cell(x).asnumpy(), cell(x, full).asnumpy(), "lengths=None")
 
 
 def test_make_rnn_rejects_bad_args():

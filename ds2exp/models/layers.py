@@ -1,44 +1,61 @@
 """Fast CPU implementations of the two slow DeepSpeech2 layers (2-D convolution and the RNN).
 
-MindSpore 2.8 on CPU runs the *backward* of ``nn.Conv2d`` slowly (the DS2 second conv: forward
-0.19 s, forward+backward 1.3 s for 8x32x81x100) and, once ``seq_length`` is given, ``nn.LSTM`` /
-``nn.GRU`` become a Python loop of small kernels whose backward is 10-20x the forward. Each layer
-here comes in two implementations behind one interface, selected by ``impl``:
+Each layer comes in two implementations behind one interface, selected by ``impl``:
 
 ``"plain"``
-    the stock MindSpore cells (``nn.Conv2d`` with ``pad_mode="pad"``; ``nn.LSTM`` / ``nn.GRU`` with
-    ``seq_length``). The reference.
+    the stock MindSpore cells: ``nn.Conv2d(pad_mode="pad", has_bias=False)``; ``nn.LSTM`` /
+    ``nn.GRU`` (one layer, batch_first) called with ``seq_length``. The reference.
 ``"fast"``
-    *conv*: forward with MindSpore's own convolution kernel (which is competitive), backward by a
-    custom bprop that runs in numpy as large matrix multiplies (im2col over frequency rows only,
-    then one GEMM per gradient, shift-adds over the time taps; a per-tap variant when the channel
-    count is small). *RNN*: the input projection of all time steps and both directions is ONE
-    MindSpore matmul; the recurrence (forward and a hand-written backward, both directions in one
-    loop, ragged lengths) runs in a ``mindspore.ops.Custom(func_type="pyfunc")`` op with a custom
-    bprop, so autodiff works through the whole model, in PYNATIVE mode, under
-    ``mindspore.value_and_grad`` and under ``mindspore.jit``. The small per-step matrix-vector
-    product uses a numba kernel when numba is importable (OpenBLAS is 2-3x slower at M=2..16 rows),
-    numpy's matmul otherwise.
+    *conv*: forward with MindSpore's own convolution kernel (it is competitive), backward by a
+    custom bprop built from large matrix multiplies: numpy pyfunc ops do the data movement
+    (im2col over frequency rows only - kF/sF times the input, not kF*kT times; the kT time
+    shifts of dy; col2im) and MindSpore's matmul (about 2x OpenBLAS's here) does the two GEMMs.
+    With a single input channel (DS2 conv1) MindSpore's own backward is as fast, so it is kept.
+    *RNN*: the input projection of all time steps and both directions is ONE MindSpore matmul;
+    the recurrence - forward and a hand-written backward, both directions, ragged lengths - runs
+    in a ``mindspore.ops.Custom(func_type="pyfunc")`` op with a custom bprop, so autodiff works
+    through the whole model in PYNATIVE mode, under ``mindspore.value_and_grad`` and under
+    ``mindspore.jit``. The per-step matrix-vector product uses a small numba kernel when numba
+    is importable (OpenBLAS is 2-3x slower at 2..16 rows), numpy's matmul otherwise.
 
 Parameters carry the same names and shapes in both implementations (``weight`` for the conv;
 ``weight_ih_l0``, ``weight_hh_l0``, ``bias_ih_l0``, ``bias_hh_l0`` and the ``_reverse`` ones for the
-RNN, gate order as ``nn.LSTM`` (i, f, g, o) and ``nn.GRU`` (r, z, n)), so checkpoints load into either.
-Measured numbers: ``bench/bench_layers.py``.
+RNN, gate order of ``nn.LSTM`` (i, f, g, o) and ``nn.GRU`` (r, z, n)), also when nested in a
+model, so checkpoints load into either.
+
+Notes (measured on the 2-core CPU, bench/bench_layers.py):
+
+* Call ``mindspore.runtime.launch_blocking()`` once at start-up. MindSpore's default asynchronous
+  op launch is what makes the stock layers slow on this machine (nn.Conv2d conv2 fwd+bwd 1.0 ->
+  0.5 s, the fused nn.LSTM fwd+bwd 5.0 -> 0.2 s) and it costs the pyfunc-based fast conv
+  backward about 2x (the pyfunc runs on a runtime thread that fights the main thread for the GIL).
+* The pyfunc ops run on CPU only; float32 only.
+* numba compiles its two kernels on first use (~0.4 s, then cached in __pycache__).
+  ``DS2EXP_NO_NUMBA=1`` or ``set_numba_enabled(False)`` selects the numpy fallback.
 """
 from __future__ import annotations
 
 import math
 import os
 
+import mindspore as ms
 import numpy as np
+from mindspore import Parameter, nn, ops
+from mindspore.common.initializer import HeUniform, Uniform, initializer
 from numpy.lib.stride_tricks import as_strided
 
-import mindspore as ms
-from mindspore import Parameter, Tensor, nn, ops
-from mindspore.common.initializer import HeUniform, Uniform, initializer
-
-__all__ = ["make_conv2d", "make_rnn", "FastConv2d", "FastRNN", "PlainRNN", "conv_output_size",
-           "PlainLSTM", "PlainGRU", "HAVE_NUMBA", "set_numba_enabled"]
+__all__ = [
+    "HAVE_NUMBA",
+    "FastConv2d",
+    "FastRNN",
+    "PlainGRU",
+    "PlainLSTM",
+    "PlainRNN",
+    "conv_output_size",
+    "make_conv2d",
+    "make_rnn",
+    "set_numba_enabled",
+]
 
 IMPLS = ("plain", "fast")
 
@@ -48,7 +65,7 @@ IMPLS = ("plain", "fast")
 try:  # pragma: no cover - exercised implicitly
     import numba as _numba
     HAVE_NUMBA = True
-except Exception:  # ImportError, or a numba that does not match this numpy
+except ImportError:  # also raised by a numba built for another numpy
     _numba = None
     HAVE_NUMBA = False
 
@@ -512,7 +529,7 @@ class PlainGRU(_PlainRNNMixin, nn.GRU):
         return nn.GRU.construct(self, x, None, lengths)[0]
 
 
-def PlainRNN(rnn_type, input_size, hidden_size, bidirectional):  # noqa: N802 - a class factory
+def PlainRNN(rnn_type, input_size, hidden_size, bidirectional):
     """The reference RNN layer (``PlainLSTM`` or ``PlainGRU``)."""
     cls = PlainLSTM if _check_rnn_type(rnn_type) == "lstm" else PlainGRU
     return cls(input_size, hidden_size, bidirectional)
@@ -545,8 +562,10 @@ class FastRNN(nn.Cell):
         self.matmul_t = ops.MatMul(transpose_b=True)
         self.scan = _scan_op(self.rnn_type, self.num_directions)
 
-    def construct(self, x, lengths):
+    def construct(self, x, lengths=None):
         B, T, In = x.shape
+        if lengths is None:
+            lengths = ops.fill(ms.int32, (B,), T)
         lengths = lengths.astype(ms.int32)
         if self.num_directions == 2:
             w_ih = ops.concat((self.weight_ih_l0, self.weight_ih_l0_reverse), 0)
@@ -653,7 +672,7 @@ def conv_backward_np(x, w, dy, stride, padding, strategy="auto"):
     B, C, F, T = x.shape
     O, _, kF, kT = w.shape
     sF, sT = stride
-    pt, pb, pl, pr = padding
+    pt, pb, pl, _ = padding
     Fo, To = conv_output_size(F, T, (kF, kT), stride, padding)
     Tu = (To - 1) * sT + kT          # padded time frames the conv reads
     K = kF * C
@@ -693,7 +712,7 @@ def conv_forward_np(x, w, stride, padding):
     B, C, F, T = x.shape
     O, _, kF, kT = w.shape
     sF, sT = stride
-    pt, pb, pl, pr = padding
+    pt, pb, pl, _ = padding
     Fo, To = conv_output_size(F, T, (kF, kT), stride, padding)
     Tu = (To - 1) * sT + kT
     K = kF * C
@@ -704,14 +723,6 @@ def conv_forward_np(x, w, stride, padding):
     for kt in range(kT):
         Y += Z[:, kt:kt + tspan:sT, :, kt, :]
     return np.ascontiguousarray(Y.transpose(0, 3, 2, 1))
-
-
-def _conv_geometry(x_shape, w_shape, stride, padding):
-    B, C, F, T = x_shape
-    O, _, kF, kT = w_shape
-    Fo, To = conv_output_size(F, T, (kF, kT), stride, padding)
-    Tu = (To - 1) * stride[1] + kT
-    return B, C, F, T, O, kF, kT, Fo, To, Tu
 
 
 class _ConvFn(nn.Cell):
@@ -734,14 +745,14 @@ class _ConvFn(nn.Cell):
         self.matmul_ta = ops.MatMul(transpose_a=True)
         self.matmul_tb = ops.MatMul(transpose_b=True)
         sF, sT = stride
-        pt, pb, pl, pr = padding
+        pt, pb, pl, _ = padding
         kF, kT = self.kernel_size
 
         def bwd(x, w, dy):
             return conv_backward_np(x, w, dy, stride, padding, strategy)
 
         def im2col(x, dy):
-            B, C, F, T = x.shape
+            B, C = x.shape[:2]
             Fo, To = dy.shape[2], dy.shape[3]
             Tu = (To - 1) * sT + kT
             return _freq_im2col(x, kF, sF, Fo, pt, pb, pl, Tu).reshape(B * Tu * Fo, kF * C)
