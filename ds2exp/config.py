@@ -213,6 +213,7 @@ class HardwareConfig:
     num_devices: int = 1
     mode: ExecutionMode = ExecutionMode.pynative
     threads: Optional[int] = None
+    blocking_launch: bool = True  # CPU: synchronous op launch, measured 2-30x faster on small CPUs
 
 
 @dataclass

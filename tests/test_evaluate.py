@@ -99,3 +99,19 @@ def test_export_onnx_reports_mindspore_reason(trained_run, shared_data_dir):
     r = export(root, shared_data_dir, f"checkpoint={run_dir}", "format=ONNX", "verify_utterances=1")
     assert r.returncode == 1
     assert "cannot export this model as ONNX" in r.stderr
+
+
+def test_average_best_checkpoints(trained_run, tmp_path):
+    import numpy as np
+
+    from ds2exp.average import main as average_main
+    from ds2exp.training.checkpoint import load_checkpoint
+
+    _, run_dir = trained_run
+    out = tmp_path / "avg.ckpt"
+    assert average_main([str(run_dir), "--mode", "best", "--k", "2", "--out", str(out)]) == 0
+    best = sorted((run_dir / "checkpoints").glob("best-*.ckpt"))
+    a, b, avg = (load_checkpoint(p).model_state for p in (best[0], best[1], out))
+    name = "RNN.lstms.0.weight_hh_l0"
+    np.testing.assert_allclose(avg[name], (a[name] + b[name]) / 2, rtol=1e-6, atol=1e-7)
+    assert not np.array_equal(a[name], b[name])

@@ -84,7 +84,7 @@ def set_numba_enabled(flag: bool) -> bool:
 
 
 if HAVE_NUMBA:
-    @_numba.njit(fastmath=True, cache=True, nogil=True)
+    @_numba.njit(fastmath=True, cache=True)
     def _nb_h_wT(h, w, out):  # pragma: no cover - compiled
         """out[d, b, j] = sum_k h[d, b, k] * w[d, j, k]; streams each weight row once."""
         D, G, H = w.shape
@@ -97,7 +97,7 @@ if HAVE_NUMBA:
                         s += w[d, j, k] * h[d, b, k]
                     out[d, b, j] = s
 
-    @_numba.njit(fastmath=True, cache=True, nogil=True)
+    @_numba.njit(fastmath=True, cache=True)
     def _nb_g_w(g, w, out):  # pragma: no cover - compiled
         """out[d, b, k] = sum_j g[d, b, j] * w[d, j, k]."""
         D, G, H = w.shape
