@@ -380,6 +380,10 @@ def validate(cfg: DictConfig) -> None:
     for key in ("eval_every", "checkpoint_every", "log_every", "keep_best", "nonfinite_patience"):
         _check(t[key] >= 1, f"trainer.{key}", t[key], "an integer >= 1")
     _check(p.loss_scale > 0, "precision.loss_scale", p.loss_scale, "a number > 0")
+    # Measured with MindSpore 2.8: its CPU conv/LSTM kernels have no bfloat16 implementation.
+    _check(not (p.dtype == DType.bf16 and h.device_target == DeviceTarget.CPU), "precision", "bf16",
+           "fp32 or fp16 with hardware=cpu (MindSpore 2.8 has no bfloat16 CPU kernels for conv/LSTM); "
+           "bf16 runs with hardware=gpu or hardware=ascend")
     _check(h.num_devices >= 1, "hardware.num_devices", h.num_devices, "an integer >= 1")
     _check(h.threads is None or h.threads >= 1, "hardware.threads", h.threads, "null or an integer >= 1")
     for key in ("resume", "pretrained"):

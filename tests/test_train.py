@@ -107,3 +107,19 @@ def test_other_optimizers_and_schedules_train(tmp_path, shared_data_dir, optimiz
 
     meta = load_checkpoint(tmp_path / "outputs" / "run").meta
     assert meta["step"] == 3 and meta["config"]["optimizer"]["name"] == optimizer
+
+
+def test_fp16_trains_with_dynamic_loss_scale(tmp_path, shared_data_dir):
+    r = train(tmp_path, shared_data_dir, "precision=fp16", "trainer.max_steps=3", "trainer.log_every=1", *SMALL)
+    assert "using the plain MindSpore kernels" in r.stdout + r.stderr
+    client, runs = mlflow_runs(tmp_path)
+    scale = client.get_metric_history(runs[0].info.run_id, "train/loss_scale")
+    assert [m.value for m in scale] == [1024.0, 1024.0, 1024.0]
+    losses = client.get_metric_history(runs[0].info.run_id, "train/loss")
+    assert all(np.isfinite(m.value) for m in losses)
+
+
+def test_bf16_on_cpu_is_a_config_error(tmp_path, shared_data_dir):
+    r = train(tmp_path, shared_data_dir, "precision=bf16", check=False)
+    assert r.returncode == 2
+    assert "no bfloat16 CPU kernels" in r.stderr and len(r.stderr.strip().splitlines()) == 1

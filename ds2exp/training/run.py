@@ -95,6 +95,28 @@ def build_data(cfg, run_dir: Optional[Path] = None, need_test: bool = False) -> 
     return out
 
 
+def build_model_for_precision(cfg):
+    """The model, with its compute in fp16 when precision=fp16 (parameters stay fp32).
+
+    The fast CPU kernels are float32-only (numpy/numba), so fp16 uses the plain MindSpore
+    kernels, which have the same parameters; the switch is logged.
+    """
+    import mindspore as ms
+
+    from ds2exp.models.deepspeech2 import build_model
+
+    dtype = _value(cfg.precision.dtype)
+    if dtype == "fp32":
+        return build_model(cfg.model)
+    mcfg = OmegaConf.create(OmegaConf.to_container(cfg.model, enum_to_str=True))
+    if "fast" in (mcfg.conv_impl, mcfg.rnn_impl):
+        log.warning("precision=%s: using the plain MindSpore kernels (the fast CPU kernels are float32 only)", dtype)
+        mcfg.conv_impl = mcfg.rnn_impl = "plain"
+    model = build_model(mcfg)
+    model.to_float(ms.float16 if dtype == "fp16" else ms.bfloat16)
+    return model
+
+
 def run_training(cfg: DictConfig) -> float:
     """Train; returns the best validation WER (the value Hydra sweepers minimise)."""
     import mindspore as ms
@@ -117,7 +139,7 @@ def run_training(cfg: DictConfig) -> float:
     run_dir.mkdir(parents=True, exist_ok=True)
     setup_mindspore(cfg.hardware, cfg.trainer.seed)
     data = build_data(cfg, run_dir)
-    model = build_model(cfg.model)
+    model = build_model_for_precision(cfg)
     if cfg.pretrained:
         pre = load_checkpoint(cfg.pretrained)
         load_state(model, pre.model_state)

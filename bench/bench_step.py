@@ -1,0 +1,714 @@
+"""One DeepSpeech2 training step, three ways, side by side in one run: ds2exp vs naive MindSpore vs PyTorch.
+
+    .venv/bin/python -m bench.bench_step             # ds2_tiny and ds2_reference (about 10 minutes)
+    .venv/bin/python -m bench.bench_step --quick     # ds2_tiny only, fewer steps (about 2 minutes)
+
+Rows (each in its own subprocess, so peak memory and thread settings are isolated):
+
+  ds2exp   a real ``ds2exp.training.trainer.Trainer`` built from the composed Hydra config
+           (``setup_mindspore``: blocking launch; fast kernels; Adam; grad_clip 400) and its
+           ``train_step``: value_and_grad, numpy gradient checks and per-group norms, clipping,
+           optimizer. The step is split into fwd+bwd / numpy gradient handling / Adam by timing
+           wrappers around ``trainer.grad_fn`` and ``trainer.optimizer``.
+  naive    what the MindSpore model zoo recipe builds: nn.Conv2d + nn.LSTM (impl="plain"), default
+           asynchronous launch, every utterance padded to 1250 frames, batch 1,
+           value_and_grad + nn.Adam. Audio s/s counts the real (unpadded) audio of the utterance.
+  pytorch  the same architecture in PyTorch (conv + BN + activation, packed bidirectional nn.LSTM
+           with directions summed, Linear without bias, nn.CTCLoss(blank=28), Adam,
+           clip_grad_norm_), torch.set_num_threads(2), the same batch as the ds2exp row.
+
+Seconds per step = median of the timed steps after warm-up. GFLOP/s = 3 x analytic forward FLOPs
+(convolutions, LSTM input and recurrent matrix products, FC; element-wise work not counted) of
+the shape actually computed (the naive row's 1250 padded frames included) / s per step, against
+the GEMM peak: MindSpore ops.matmul of 2048x2048 float32, best of a few, measured in this run.
+Data wait: the ds2exp Trainer fed by the real ``BatchLoader`` on synth_tiny (if built under
+data/), share of wall time spent waiting for the next batch. Memory: ru_maxrss of each subprocess.
+The machine may be shared: compare rows of one run only.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import ds2exp  # noqa: E402,F401  (protobuf implementation before mindspore)
+
+NUM_BINS = 161
+NUM_CLASSES = 29
+BLANK = 28
+FRAMES_PER_SECOND = 100  # 10 ms feature stride
+NAIVE_FRAMES = 1250  # the model zoo pads every utterance to 1250 frames
+TRAIN_CLEAN_100_HOURS = 100.6
+
+ARCH_KEYS = ("conv_channels", "activation", "batch_norm", "rnn_type", "rnn_layers", "rnn_hidden", "bidirectional",
+             "merge")
+ARCH_DEFAULTS = {"batch_norm": True, "rnn_type": "lstm", "bidirectional": True, "merge": "sum"}
+
+# model -> (batch, frames) of the ds2exp / PyTorch rows
+SHAPES = {"ds2_tiny": (16, 300), "ds2_reference": (4, 400)}
+
+TARGET_SPEEDUP = 20.0  # ds2exp audio s/s >= 20 x naive
+TARGET_TORCH_RATIO = 1.2  # ds2exp s/step <= 1.2 x PyTorch
+TARGET_PEAK_SHARE = 0.40  # ds2exp GFLOP/s >= 40 % of the GEMM peak on ds2_reference
+
+
+# --------------------------------------------------------------------------------------------
+# architecture, FLOPs, batches (no MindSpore / PyTorch needed)
+# --------------------------------------------------------------------------------------------
+def model_arch(name: str) -> Dict[str, Any]:
+    """Architecture keys of conf/model/<name>.yaml (missing keys take the schema defaults)."""
+    from omegaconf import OmegaConf
+
+    raw = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "model" / f"{name}.yaml"))
+    arch = {k: raw.get(k, ARCH_DEFAULTS.get(k)) for k in ARCH_KEYS}
+    missing = [k for k, v in arch.items() if v is None]
+    if missing:
+        raise ValueError(f"conf/model/{name}.yaml lacks {missing}")
+    return arch
+
+
+def conv_shapes(frames: int, bins: int = NUM_BINS):
+    """(F1, T1, F2, T2) after conv1 (41x11, stride 2x2, pad 20/5) and conv2 (21x11, stride 2x1, pad 10/5)."""
+    f1 = (bins + 40 - 41) // 2 + 1
+    t1 = (frames + 10 - 11) // 2 + 1
+    f2 = (f1 + 20 - 21) // 2 + 1
+    t2 = (t1 + 10 - 11) // 1 + 1
+    return f1, t1, f2, t2
+
+
+def forward_flops(arch: Dict[str, Any], batch: int, frames: int, bins: int = NUM_BINS,
+                  classes: int = NUM_CLASSES) -> Dict[str, float]:
+    """Multiply-add FLOPs (2 per MAC) of one forward pass, by component.
+
+    conv: 2 * B * O * F_out * T_out * C_in * kF * kT. RNN, per layer and direction:
+    input projection 2 * B * T' * G * In and recurrence 2 * B * T' * G * H (G = 4H for LSTM, 3H
+    for GRU). FC: 2 * B * T' * H_out * classes. BN, activations, gate non-linearities, the
+    direction sum, log-softmax and CTC are element-wise and left out.
+    """
+    c = int(arch["conv_channels"])
+    f1, t1, f2, t2 = conv_shapes(frames, bins)
+    out: Dict[str, float] = {}
+    out["conv1"] = 2.0 * batch * c * f1 * t1 * 1 * 41 * 11
+    out["conv2"] = 2.0 * batch * c * f2 * t2 * c * 21 * 11
+    h = int(arch["rnn_hidden"])
+    d = 2 if arch["bidirectional"] else 1
+    g = (4 if str(arch["rnn_type"]) == "lstm" else 3) * h
+    size = c * f2
+    ih = hh = 0.0
+    for _ in range(int(arch["rnn_layers"])):
+        ih += 2.0 * batch * t2 * d * g * size
+        hh += 2.0 * batch * t2 * d * g * h
+        size = h if (d == 1 or arch["merge"] == "sum") else d * h
+    out["rnn_input"] = ih
+    out["rnn_recurrent"] = hh
+    out["fc"] = 2.0 * batch * t2 * size * classes
+    out["total"] = sum(out.values())
+    return out
+
+
+def train_flops(arch: Dict[str, Any], batch: int, frames: int) -> float:
+    """Forward + backward = 3 x the forward FLOPs."""
+    return 3.0 * forward_flops(arch, batch, frames)["total"]
+
+
+def parameter_count(arch: Dict[str, Any], bins: int = NUM_BINS, classes: int = NUM_CLASSES) -> int:
+    """Trainable parameters (convs without bias, BN gamma/beta, RNN with both biases, FC without bias)."""
+    c = int(arch["conv_channels"])
+    _, _, f2, _ = conv_shapes(100, bins)
+    n = c * 41 * 11 + c * c * 21 * 11 + (4 * c if arch["batch_norm"] else 0)
+    h = int(arch["rnn_hidden"])
+    d = 2 if arch["bidirectional"] else 1
+    g = (4 if str(arch["rnn_type"]) == "lstm" else 3) * h
+    size = c * f2
+    for _ in range(int(arch["rnn_layers"])):
+        n += d * (g * size + g * h + 2 * g)
+        size = h if (d == 1 or arch["merge"] == "sum") else d * h
+    return n + size * classes
+
+
+def label_length(frames: int) -> int:
+    """Synthetic transcript length: about 12.5 characters per second of audio (synth_tiny: ~13)."""
+    return max(1, frames // 8)
+
+
+def synthetic_batch(batch: int, frames: int, pad_to: Optional[int] = None, seed: int = 0):
+    """features (B, 161, pad_to or frames) float32 (zero beyond `frames`), lengths, labels, label lengths.
+
+    The same seed gives the same numbers in every row (MindSpore or PyTorch)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    total = pad_to or frames
+    x = np.zeros((batch, NUM_BINS, total), np.float32)
+    x[:, :, :frames] = rng.standard_normal((batch, NUM_BINS, frames)).astype(np.float32)
+    lengths = np.full((batch,), frames, np.int32)
+    n = label_length(frames)
+    y = rng.integers(0, BLANK, (batch, n)).astype(np.int32)  # letters only, never the blank
+    y_len = np.full((batch,), n, np.int32)
+    return x, lengths, y, y_len
+
+
+def epoch_hours(audio_per_s: Optional[float], hours: float = TRAIN_CLEAN_100_HOURS) -> Optional[float]:
+    """Wall hours to train on `hours` of audio once at `audio_per_s` audio seconds per second."""
+    if not audio_per_s or audio_per_s <= 0:
+        return None
+    return hours / audio_per_s
+
+
+def check(name: str, value: Optional[float], target: float, higher_is_better: bool, fmt: str) -> str:
+    if value is None:
+        return f"  {name}: n/a (a row failed) ... MISS"
+    ok = value >= target if higher_is_better else value <= target
+    sign = ">=" if higher_is_better else "<="
+    return f"  {name}: {format(value, fmt)} (target {sign} {format(target, fmt)}) ... {'PASS' if ok else 'MISS'}"
+
+
+def _max_rss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+def _median(ts: List[float]) -> float:
+    return float(statistics.median(ts))
+
+
+# --------------------------------------------------------------------------------------------
+# child rows (each runs in its own interpreter)
+# --------------------------------------------------------------------------------------------
+def child_peak(args) -> Dict[str, Any]:
+    import mindspore as ms
+    import numpy as np
+    from mindspore import ops
+
+    ms.set_device("CPU")
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    ms.runtime.launch_blocking()
+    n = args.gemm_n
+    rng = np.random.default_rng(0)
+    a = ms.Tensor(rng.standard_normal((n, n)).astype(np.float32))
+    b = ms.Tensor(rng.standard_normal((n, n)).astype(np.float32))
+    ops.matmul(a, b).asnumpy()
+    ts = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        ops.matmul(a, b).asnumpy()
+        ts.append(time.perf_counter() - t0)
+    best = min(ts)
+    return {"gflops": 2.0 * n ** 3 / best / 1e9, "n": n, "best_s": best, "median_s": _median(ts)}
+
+
+def _ds2exp_trainer(model_name: str, batch_size: int, blocking: bool = True):
+    """A real Trainer (and its config) as train.py builds it, minus MLflow."""
+    import tempfile
+
+    from ds2exp.cli import compose_config
+    from ds2exp.models.deepspeech2 import build_model
+    from ds2exp.tracking.mlflow_tracker import NullTracker
+    from ds2exp.training.optim import build_optimizer
+    from ds2exp.training.run import setup_mindspore
+    from ds2exp.training.trainer import Trainer
+
+    cfg = compose_config([f"model={model_name}", "logger=none", "trainer.progress=false",
+                          f"dataset.batch_size={batch_size}", f"hardware.blocking_launch={str(blocking).lower()}"])
+    setup_mindspore(cfg.hardware, int(cfg.trainer.seed))
+    model = build_model(cfg.model)
+    optimizer = build_optimizer(model.trainable_params(), cfg.optimizer)
+    run_dir = tempfile.mkdtemp(prefix="ds2exp-bench-")
+    trainer = Trainer(cfg, model, optimizer, None, None, NullTracker(), Path(run_dir), steps_per_epoch=1)
+    model.set_train(True)
+    return cfg, model, trainer
+
+
+class _Timed:
+    """Wraps a callable; records the wall time of each call (MindSpore results synced)."""
+
+    def __init__(self, fn, sync=None):
+        self.fn = fn
+        self.sync = sync
+        self.times: List[float] = []
+
+    def __call__(self, *a, **k):
+        t0 = time.perf_counter()
+        out = self.fn(*a, **k)
+        if self.sync is not None:
+            self.sync(out)
+        self.times.append(time.perf_counter() - t0)
+        return out
+
+
+def _grad_variants(trainer, grads, repeats: int) -> Dict[str, float]:
+    """Seconds for the gradient handling between backward and optimizer, three ways, same grads.
+
+    trainer: Trainer.train_step's code (float64 copies, / scale, g*g, clip multiply, new Tensors).
+    numpy32: float32 views, one dot per tensor, new Tensors only when the clip factor < 1.
+    ms:      per-tensor squared sums in MindSpore, one host transfer of the sums.
+    """
+    import math
+
+    import mindspore as ms
+    import numpy as np
+    from mindspore import ops
+
+    groups = trainer.param_groups
+    clip = float(trainer.cfg.optimizer.grad_clip)
+    scale = 1.0
+
+    def trainer_way():
+        grads_np = [g.asnumpy().astype(np.float64) / scale for g in grads]
+        group_sq = {g: 0.0 for g in trainer.group_names}
+        for g, name in zip(grads_np, groups):
+            group_sq[name] += float(np.sum(g * g))
+        norm = math.sqrt(sum(group_sq.values()))
+        factor = min(1.0, clip / (norm + 1e-6))
+        return tuple(ms.Tensor((g * factor).astype(np.float32)) for g in grads_np)
+
+    def numpy32_way():
+        group_sq = {g: 0.0 for g in trainer.group_names}
+        for g, name in zip(grads, groups):
+            a = g.asnumpy().reshape(-1)
+            group_sq[name] += float(np.dot(a, a))
+        norm = math.sqrt(sum(group_sq.values()))
+        factor = min(1.0, clip / (norm + 1e-6))
+        return grads if factor >= 1.0 else tuple(g * factor for g in grads)
+
+    def ms_way():
+        sq = ops.stack([ops.reduce_sum(g * g) for g in grads]).asnumpy().astype(np.float64)
+        group_sq = {g: 0.0 for g in trainer.group_names}
+        for v, name in zip(sq, groups):
+            group_sq[name] += float(v)
+        norm = math.sqrt(sum(group_sq.values()))
+        factor = min(1.0, clip / (norm + 1e-6))
+        return grads if factor >= 1.0 else tuple(g * factor for g in grads)
+
+    out = {}
+    for name, fn in (("trainer", trainer_way), ("numpy32", numpy32_way), ("ms", ms_way)):
+        fn()
+        ts = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        out[name] = _median(ts)
+    return out
+
+
+def child_ds2exp(args) -> Dict[str, Any]:
+    import mindspore as ms
+    import numpy as np
+
+    from ds2exp.data.dataset import Batch
+
+    cfg, model, trainer = _ds2exp_trainer(args.model, args.batch)
+    x, xl, y, yl = synthetic_batch(args.batch, args.frames)
+    batch = Batch(x, xl, y, yl, [f"u{i}" for i in range(args.batch)], [args.frames / FRAMES_PER_SECOND] * args.batch,
+                  [""] * args.batch)
+    grad_t = _Timed(trainer.grad_fn, sync=lambda out: out[0][0].asnumpy())
+    opt_t = _Timed(trainer.optimizer)
+    trainer.grad_fn = grad_t
+    trainer.optimizer = opt_t
+    t0 = time.perf_counter()
+    for _ in range(args.warmup):
+        trainer.train_step(batch)
+    warm = time.perf_counter() - t0
+    grad_t.times.clear()
+    opt_t.times.clear()
+    ts, losses = [], []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        res = trainer.train_step(batch)
+        ts.append(time.perf_counter() - t0)
+        losses.append(res.loss)
+    fb = np.array(grad_t.times)
+    adam = np.array(opt_t.times)
+    rest = np.array(ts) - fb - adam
+    out: Dict[str, Any] = {"s": _median(ts), "times": ts, "warmup_s": warm, "loss": losses[-1],
+                           "finite": bool(np.isfinite(losses).all()),
+                           "profile": {"fwd_bwd": _median(list(fb)), "numpy_grads": _median(list(rest)),
+                                       "adam": _median(list(adam))}}
+    if args.grad_variants:
+        trainer.grad_fn = grad_t.fn
+        (_, _), grads = trainer.grad_fn(ms.Tensor(x), ms.Tensor(xl), ms.Tensor(y), ms.Tensor(yl),
+                                        ms.Tensor(1.0, ms.float32))
+        out["grad_variants"] = _grad_variants(trainer, grads, repeats=3)
+        trainer.grad_fn = grad_t
+    if args.data_steps:
+        out["data"] = _data_wait(cfg, trainer, args.data_steps)
+    return out
+
+
+def _data_wait(cfg, trainer, steps: int) -> Dict[str, Any]:
+    """Trainer.fit's timing of wait vs step, with the real BatchLoader on synth_tiny."""
+    from ds2exp.data.synth import SYNTH_PRESETS
+
+    root = Path(str(cfg.dataset.root))
+    if cfg.dataset.name not in SYNTH_PRESETS or not (root / "BUILD_INFO.json").is_file():
+        return {"error": f"no built corpus at {root}"}
+    from ds2exp.training.run import build_data
+
+    data = build_data(cfg)  # synth corpus already built: only manifests are read
+    loader = data["train"]
+    waits, steps_s, audio = [], [], []
+    it = loader.iterate(epoch=1)  # a shuffled epoch (epoch 0 is SortaGrad: shortest first)
+    t_wait = time.perf_counter()
+    for k, b in enumerate(it):
+        wait = time.perf_counter() - t_wait
+        t0 = time.perf_counter()
+        trainer.train_step(b)
+        steps_s.append(time.perf_counter() - t0)
+        waits.append(wait)
+        audio.append(b.audio_seconds)
+        if k + 1 >= steps:
+            break
+        t_wait = time.perf_counter()
+    # the first batch waits for the pipeline to start: reported apart, left out of the share
+    w, s = sum(waits[1:]), sum(steps_s[1:])
+    return {"share": w / (w + s) if (w + s) > 0 else None, "first_wait_s": waits[0], "steps": len(waits) - 1,
+            "step_s": s / max(1, len(steps_s) - 1), "audio_per_s": sum(audio[1:]) / (w + s) if (w + s) else None,
+            "workers": int(cfg.dataset.num_workers)}
+
+
+def child_naive(args) -> Dict[str, Any]:
+    import mindspore as ms
+
+    from ds2exp.evaluation.runner import ctc_losses
+    from ds2exp.models.deepspeech2 import DeepSpeech2
+
+    ms.set_device("CPU")
+    ms.set_context(mode=ms.PYNATIVE_MODE)  # default asynchronous launch
+    ms.set_seed(0)
+    arch = model_arch(args.model)
+    model = DeepSpeech2(conv_impl="plain", rnn_impl="plain", **arch)
+    model.set_train(True)
+    opt = ms.nn.Adam(model.trainable_params(), learning_rate=3e-4)
+    x, xl, y, yl = (ms.Tensor(a) for a in synthetic_batch(args.batch, args.frames, pad_to=args.pad_to))
+
+    def fwd(x, xl, y, yl):
+        logits, ol = model(x, xl)
+        return ctc_losses(logits, ol, y, yl).mean()
+
+    grad = ms.value_and_grad(fwd, None, opt.parameters)
+
+    def step():
+        loss, g = grad(x, xl, y, yl)
+        opt(g)
+        return float(loss.asnumpy())
+
+    t0 = time.perf_counter()
+    for _ in range(args.warmup):
+        loss = step()
+    warm = time.perf_counter() - t0
+    ts = []
+    deadline = time.perf_counter() + args.budget_s
+    for i in range(args.steps):
+        if i and time.perf_counter() + _median(ts) > deadline:
+            break
+        t0 = time.perf_counter()
+        loss = step()
+        ts.append(time.perf_counter() - t0)
+    if not ts:  # no warm-up asked for and no step: cannot happen with steps >= 1
+        raise RuntimeError("no step timed")
+    return {"s": _median(ts), "times": ts, "warmup_s": warm, "loss": loss}
+
+
+def _torch_model(arch):
+    import torch
+    from torch import nn
+
+    c = int(arch["conv_channels"])
+    _, _, f2, _ = conv_shapes(100)
+    act = {"hardtanh": lambda: nn.Hardtanh(0, 20), "tanh": nn.Tanh, "relu": nn.ReLU}[str(arch["activation"])]
+    h = int(arch["rnn_hidden"])
+    bidir = bool(arch["bidirectional"])
+    if str(arch["rnn_type"]) != "lstm":
+        raise ValueError("the PyTorch baseline is written for LSTM models")
+    merge_sum = bidir and arch["merge"] == "sum"
+
+    class DS2(nn.Module):
+        def __init__(self):
+            super().__init__()
+            layers = [nn.Conv2d(1, c, (41, 11), (2, 2), (20, 5), bias=False)]
+            if arch["batch_norm"]:
+                layers.append(nn.BatchNorm2d(c))
+            layers += [act(), nn.Conv2d(c, c, (21, 11), (2, 1), (10, 5), bias=False)]
+            if arch["batch_norm"]:
+                layers.append(nn.BatchNorm2d(c))
+            layers.append(act())
+            self.conv = nn.Sequential(*layers)
+            size = c * f2
+            self.rnns = nn.ModuleList()
+            for _ in range(int(arch["rnn_layers"])):
+                self.rnns.append(nn.LSTM(size, h, bidirectional=bidir))
+                size = h if (merge_sum or not bidir) else 2 * h
+            self.fc = nn.Linear(size, NUM_CLASSES, bias=False)
+
+        def forward(self, x, lengths):
+            x = self.conv(x.unsqueeze(1))  # (B, C, F', T')
+            b, ch, f, t = x.shape
+            x = x.view(b, ch * f, t).permute(2, 0, 1).contiguous()  # (T', B, C*F')
+            out_len = torch.div(lengths - 1, 2, rounding_mode="floor") + 1
+            for rnn in self.rnns:
+                packed = nn.utils.rnn.pack_padded_sequence(x, out_len, enforce_sorted=False)
+                x, _ = rnn(packed)
+                x, _ = nn.utils.rnn.pad_packed_sequence(x, total_length=t)
+                if merge_sum:
+                    x = x[..., :h] + x[..., h:]
+            return self.fc(x), out_len  # (T', B, classes)
+
+    return DS2()
+
+
+def child_torch(args) -> Dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    arch = model_arch(args.model)
+    model = _torch_model(arch)
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-4)
+    ctc = torch.nn.CTCLoss(blank=BLANK, reduction="none")
+    x, xl, y, yl = (torch.from_numpy(a) for a in synthetic_batch(args.batch, args.frames))
+    xl, yl, y = xl.long(), yl.long(), y.long()
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        logits, ol = model(x, xl)
+        loss = ctc(logits.log_softmax(-1), y, ol, yl).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 400.0)
+        opt.step()
+        return float(loss)
+
+    t0 = time.perf_counter()
+    for _ in range(args.warmup):
+        step()
+    warm = time.perf_counter() - t0
+    ts = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        loss = step()
+        ts.append(time.perf_counter() - t0)
+    n = args.gemm_n
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = min(_timeit(lambda: a @ b) for _ in range(3))
+    return {"s": _median(ts), "times": ts, "warmup_s": warm, "loss": loss, "torch": torch.__version__,
+            "params": sum(p.numel() for p in model.parameters()), "gemm_gflops": 2.0 * n ** 3 / best / 1e9}
+
+
+def _timeit(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+CHILDREN = {"peak": child_peak, "ds2exp": child_ds2exp, "naive": child_naive, "torch": child_torch}
+
+
+def child_main(argv: List[str]) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--child", required=True, choices=sorted(CHILDREN))
+    ap.add_argument("--model", default="ds2_tiny")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--frames", type=int, default=300)
+    ap.add_argument("--pad-to", type=int, default=None)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--budget-s", type=float, default=1e9)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--gemm-n", type=int, default=2048)
+    ap.add_argument("--data-steps", type=int, default=0)
+    ap.add_argument("--grad-variants", action="store_true")
+    args = ap.parse_args(argv)
+    out = CHILDREN[args.child](args)
+    out["max_rss_mib"] = _max_rss_mib()
+    print("BENCH_JSON " + json.dumps(out), flush=True)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# parent: plan, run the rows, print the table
+# --------------------------------------------------------------------------------------------
+def run_child(child: str, timeout: float = 1200, **kw) -> Dict[str, Any]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", child]
+    for k, v in kw.items():
+        if isinstance(v, bool):
+            if v:
+                cmd.append("--" + k.replace("_", "-"))
+        elif v is not None:
+            cmd += ["--" + k.replace("_", "-"), str(v)]
+    t0 = time.perf_counter()
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=str(ROOT))
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s", "wall_s": time.perf_counter() - t0}
+    wall = time.perf_counter() - t0
+    for line in reversed(r.stdout.splitlines()):
+        if line.startswith("BENCH_JSON "):
+            out = json.loads(line[len("BENCH_JSON "):])
+            out["wall_s"] = wall
+            return out
+    err = (r.stderr.strip().splitlines() or ["no output"])[-1][:160]
+    return {"error": f"rc={r.returncode}: {err}", "wall_s": wall}
+
+
+def plan(quick: bool) -> List[Dict[str, Any]]:
+    """The rows: (model, path, child kwargs). Steps chosen so the whole table takes ~10 minutes."""
+    rows = []
+    models = ["ds2_tiny"] if quick else ["ds2_tiny", "ds2_reference"]
+    for m in models:
+        b, t = SHAPES[m]
+        tiny = m == "ds2_tiny"
+        rows.append(dict(model=m, path="ds2exp", batch=b, frames=t, padded=t,
+                         kw=dict(child="ds2exp", model=m, batch=b, frames=t, warmup=2 if tiny else 1,
+                                 steps=(3 if quick else 5) if tiny else 3, data_steps=(12 if tiny else 0),
+                                 grad_variants=not tiny)))
+        rows.append(dict(model=m, path="naive", batch=1, frames=t, padded=NAIVE_FRAMES,
+                         kw=dict(child="naive", model=m, batch=1, frames=t, pad_to=NAIVE_FRAMES, warmup=1,
+                                 steps=(2 if quick else 3) if tiny else 1, budget_s=60 if tiny else 0)))
+        rows.append(dict(model=m, path="pytorch", batch=b, frames=t, padded=t,
+                         kw=dict(child="torch", model=m, batch=b, frames=t, warmup=2 if tiny else 1,
+                                 steps=(3 if quick else 5) if tiny else 3, threads=2)))
+    return rows
+
+
+PATH_LABEL = {"ds2exp": "ds2exp Trainer (fast, blocking)", "naive": "naive zoo (plain, async, pad 1250)",
+              "pytorch": "PyTorch 2 threads"}
+
+
+def run(quick: bool = False, out=print) -> Dict[str, Any]:
+    t_start = time.perf_counter()
+    peak = run_child("peak", steps=5)
+    rows = plan(quick)
+    for r in rows:
+        r["res"] = run_child(**r["kw"])
+    peak_g = peak.get("gflops")
+    results = {"peak": peak, "rows": rows}
+
+    out("Training step: forward + CTC + backward + Adam; median s/step after warm-up; each row its own process.")
+    if peak_g:
+        out(f"GEMM peak (MindSpore ops.matmul {peak['n']}x{peak['n']} float32, best of 5, blocking): "
+            f"{peak_g:.1f} GFLOP/s")
+    else:
+        out(f"GEMM peak: failed ({peak.get('error')})")
+    hdr = (f"  {'model':14s} {'path':34s} {'batch':>9s} {'steps':>5s} {'s/step':>8s} {'audio s/s':>9s} "
+           f"{'GFLOP/s':>8s} {'% peak':>6s} {'vs naive':>8s} {'vs torch':>8s} {'RSS MiB':>8s}")
+    out(hdr)
+    by = {(r["model"], r["path"]): r for r in rows}
+    for r in rows:
+        res = r["res"]
+        shape = f"{r['batch']}x{r['frames']}" + ("" if r["padded"] == r["frames"] else f"/{r['padded']}")
+        if "error" in res:
+            out(f"  {r['model']:14s} {PATH_LABEL[r['path']]:34s} {shape:>9s}  failed: {res['error']}")
+            continue
+        arch = model_arch(r["model"])
+        s = res["s"]
+        r["audio_per_s"] = r["batch"] * r["frames"] / FRAMES_PER_SECOND / s
+        r["gflops"] = train_flops(arch, r["batch"], r["padded"]) / s / 1e9
+        naive = by.get((r["model"], "naive"), {}).get("audio_per_s")
+        torch_s = by.get((r["model"], "pytorch"), {}).get("res", {}).get("s")
+        vs_naive = f"{r['audio_per_s'] / naive:7.1f}x" if naive else f"{'-':>8s}"
+        vs_torch = f"{s / torch_s:7.2f}x" if torch_s and "error" not in by[(r["model"], "pytorch")]["res"] \
+            else f"{'-':>8s}"
+        pct = f"{100 * r['gflops'] / peak_g:5.1f}%" if peak_g else f"{'-':>6s}"
+        out(f"  {r['model']:14s} {PATH_LABEL[r['path']]:34s} {shape:>9s} {len(res['times']):5d} {s:8.3f} "
+            f"{r['audio_per_s']:9.2f} {r['gflops']:8.1f} {pct:>6s} {vs_naive} {vs_torch} {res['max_rss_mib']:8.0f}")
+
+    out("  batch BxT = utterances x frames (10 ms); /1250 = padded frames computed. audio s/s counts real audio;"
+        " GFLOP/s = 3 x forward FLOPs of the computed shape / s.")
+    notes = []
+    for r in rows:
+        res = r["res"]
+        if "error" in res:
+            continue
+        if r["path"] == "naive" and len(res["times"]) < 2:
+            notes.append(f"{r['model']} naive: {len(res['times'])} timed step after 1 warm-up step of "
+                         f"{res['warmup_s']:.1f} s (too slow for more)")
+        if r["path"] == "pytorch":
+            notes.append(f"{r['model']} PyTorch {res['torch']}: {res['params']:,} parameters; its own 2048^2 GEMM "
+                         f"{res['gemm_gflops']:.1f} GFLOP/s")
+    for n in notes:
+        out("  " + n)
+
+    # where the ds2exp step goes
+    out("\nds2exp step, where the time goes (median s; trainer.grad_fn / numpy gradient handling / optimizer):")
+    for r in rows:
+        res = r["res"]
+        if r["path"] != "ds2exp" or "error" in res:
+            continue
+        p = res["profile"]
+        tot = res["s"]
+        out(f"  {r['model']:14s} fwd+bwd {p['fwd_bwd']:7.3f} ({100 * p['fwd_bwd'] / tot:4.1f}%)  numpy grads "
+            f"{p['numpy_grads']:6.3f} ({100 * p['numpy_grads'] / tot:4.1f}%)  Adam {p['adam']:6.3f} "
+            f"({100 * p['adam'] / tot:4.1f}%)  loss {res['loss']:.2f} finite={res['finite']}")
+        gv = res.get("grad_variants")
+        if gv:
+            out(f"  {'':14s} gradient handling alone, same gradients: Trainer.train_step's float64 numpy "
+                f"{gv['trainer']:.3f} s; float32 numpy dot + reuse tensors when unclipped {gv['numpy32']:.3f} s; "
+                f"squared sums in MindSpore {gv['ms']:.3f} s")
+
+    # data wait
+    tiny = by.get(("ds2_tiny", "ds2exp"), {}).get("res", {})
+    d = tiny.get("data") if "error" not in tiny else None
+    out("\nData wait (ds2exp Trainer, ds2_tiny, real BatchLoader on synth_tiny, shuffled epoch):")
+    if not d or d.get("error") or d.get("share") is None:
+        out(f"  n/a ({(d or {}).get('error', 'not measured')})")
+    else:
+        out(f"  {100 * d['share']:.1f}% of wall time waiting for data over {d['steps']} steps "
+            f"({d['step_s']:.3f} s/step, {d['audio_per_s']:.1f} audio s/s, {d['workers']} loader threads); "
+            f"first batch (pipeline start) {d['first_wait_s']:.2f} s, left out")
+
+    # epoch projection
+    out(f"\nOne epoch of LibriSpeech train-clean-100 ({TRAIN_CLEAN_100_HOURS} h of audio), ds2_reference:")
+    for path in ("ds2exp", "naive", "pytorch"):
+        r = by.get(("ds2_reference", path))
+        rate = r.get("audio_per_s") if r else None
+        h = epoch_hours(rate)
+        out(f"  {PATH_LABEL[path]:34s} " + (f"{h:8.1f} h ({h / 24:5.1f} days) at {rate:.2f} audio s/s"
+                                            if h else "n/a (not measured)"))
+
+    # targets
+    out("\nTargets:")
+    checks = []
+    for m in (["ds2_tiny"] if quick else ["ds2_tiny", "ds2_reference"]):
+        a, nv, pt = by.get((m, "ds2exp")), by.get((m, "naive")), by.get((m, "pytorch"))
+        sp = a["audio_per_s"] / nv["audio_per_s"] if a and nv and a.get("audio_per_s") and nv.get("audio_per_s") \
+            else None
+        checks.append(check(f"{m}: ds2exp / naive audio s/s", sp, TARGET_SPEEDUP, True, ".1f"))
+        ratio = a["res"]["s"] / pt["res"]["s"] if a and pt and "s" in a["res"] and "s" in pt["res"] else None
+        checks.append(check(f"{m}: ds2exp s/step / PyTorch s/step", ratio, TARGET_TORCH_RATIO, False, ".2f"))
+    if not quick:
+        a = by.get(("ds2_reference", "ds2exp"))
+        share = a["gflops"] / peak_g if a and a.get("gflops") and peak_g else None
+        checks.append(check("ds2_reference: ds2exp GFLOP/s / GEMM peak", share, TARGET_PEAK_SHARE, True, ".2f"))
+    for c in checks:
+        out(c)
+    results["checks"] = checks
+    out(f"\n(step bench wall time {time.perf_counter() - t_start:.0f} s)")
+    return results
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--child" in argv:
+        return child_main(argv)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="ds2_tiny only, fewer steps")
+    args = ap.parse_args(argv)
+    run(quick=args.quick, out=lambda s: print(s, flush=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""What one job of a sweep returns, and what happens when it crashes.
+
+In MULTIRUN mode `train.py` runs `run_sweep_job()`: an exception inside the job is logged, written to
+`<job dir>/error.txt`, its MLflow run is marked FAILED (a FAILED run is created, with the job's
+overrides as params, when the job died before it had one, e.g. an empty data split) and the job
+returns a failure value instead of raising, so the sweep goes on. A job that diverged (summary.json
+`stop_reason: nonfinite`) returns the failure value too, even when an earlier evaluation had a WER.
+
+The failure value is NaN, except under the Optuna sweeper: hydra-optuna-sweeper 1.3 crashes the whole
+study on NaN (optuna rejects NaN in `study.tell`, and the plugin then calls `tell(FAIL)` with the NaN
+still attached, which raises again), whereas a value that is not a number is told as a FAILED trial
+and the study continues. So under Optuna the job returns None.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from omegaconf import DictConfig
+
+log = logging.getLogger("ds2exp.sweep")
+
+
+def _hydra():
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return HydraConfig.get()
+    except (ImportError, ValueError):
+        return None
+
+
+def in_multirun() -> bool:
+    hc = _hydra()
+    if hc is None:
+        return False
+    from hydra.types import RunMode
+
+    return hc.mode == RunMode.MULTIRUN
+
+
+def failure_value() -> Optional[float]:
+    hc = _hydra()
+    target = str(getattr(getattr(hc, "sweeper", None), "_target_", "") or "") if hc is not None else ""
+    return None if "optuna" in target.lower() else float("nan")
+
+
+def _job_dir() -> Optional[Path]:
+    hc = _hydra()
+    return Path(hc.runtime.output_dir) if hc is not None else None
+
+
+def _diverged(job_dir: Optional[Path]) -> Optional[Any]:
+    if job_dir is None or not (job_dir / "summary.json").is_file():
+        return None
+    try:
+        summary = json.loads((job_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return summary.get("step", "?") if summary.get("stop_reason") == "nonfinite" else None
+
+
+def _record_crash(cfg: DictConfig, job_dir: Optional[Path], exc: BaseException) -> None:
+    """Mark the job's MLflow run FAILED; create one if the job died before it had a run."""
+    backend = str(getattr(cfg.logger.backend, "value", cfg.logger.backend))
+    if backend == "none":
+        return
+    from mlflow.tracking import MlflowClient
+
+    from ds2exp.tracking.mlflow_tracker import MlflowTracker
+
+    client = MlflowClient(tracking_uri=str(cfg.logger.tracking_uri))
+    exp = client.get_experiment_by_name(str(cfg.logger.experiment_name))
+    error = f"{type(exc).__name__}: {exc}"[:4000]
+    if exp is not None and job_dir is not None:
+        runs = client.search_runs([exp.experiment_id],
+                                  filter_string=f"tags.`ds2exp.run_dir` = '{job_dir}'", max_results=1)
+        if runs:  # run.py already ended it as FAILED
+            client.set_tag(runs[0].info.run_id, "ds2exp.error", error)
+            return
+    hc = _hydra()
+    overrides = list(hc.overrides.task) if hc is not None else []
+    tracker = MlflowTracker(str(cfg.logger.tracking_uri), str(cfg.logger.experiment_name),
+                            run_name=cfg.logger.run_name or (job_dir.name if job_dir else None),
+                            parent_run_id=os.environ.get("DS2EXP_PARENT_RUN_ID"),
+                            tags={"ds2exp.run_dir": str(job_dir), "ds2exp.error": error})
+    params = {}
+    for o in overrides:
+        key, _, value = o.partition("=")
+        params[key.lstrip("+~")] = value
+    for key in ("optimizer.lr", "dataset.batch_size"):  # the report's axes, even when not overridden
+        params.setdefault(key, _select(cfg, key))
+    tracker.log_params(params)
+    tracker.log_text("".join(traceback.format_exception(exc)), "error.txt")
+    tracker.end("FAILED")
+
+
+def _select(cfg: DictConfig, key: str) -> Any:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.select(cfg, key)
+
+
+def run_sweep_job(cfg: DictConfig, fn: Callable[[DictConfig], float]) -> Optional[float]:
+    """Run one sweep job; returns its value, or `failure_value()` if it crashed or diverged."""
+    job_dir = _job_dir()
+    try:
+        value = fn(cfg)
+    except Exception as exc:  # KeyboardInterrupt still ends the sweep
+        log.exception("job %s failed; the sweep goes on", job_dir)
+        if job_dir is not None:
+            job_dir.mkdir(parents=True, exist_ok=True)
+            (job_dir / "error.txt").write_text("".join(traceback.format_exception(exc)))
+        try:
+            _record_crash(cfg, job_dir, exc)
+        except Exception as track_exc:
+            log.warning("could not record the failure in MLflow: %s", track_exc)
+        return failure_value()
+    step = _diverged(job_dir)
+    if step is not None:
+        log.warning("job %s diverged at step %s: reported to the sweeper as failed", job_dir, step)
+        return failure_value()
+    if value is None or not math.isfinite(value):
+        return failure_value()
+    return float(value)
