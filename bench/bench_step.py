@@ -488,7 +488,7 @@ def child_torch(args) -> Dict[str, Any]:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 400.0)
         opt.step()
-        return float(loss)
+        return float(loss.detach())
 
     t0 = time.perf_counter()
     for _ in range(args.warmup):

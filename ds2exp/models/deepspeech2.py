@@ -116,7 +116,7 @@ class DeepSpeech2(nn.Cell):
         self.fc = FCHead(stack.output_size, num_classes)
 
     @property
-    def rnn(self) -> RNNStack:
+    def rnn_stack(self) -> RNNStack:
         return getattr(self, self.rnn_block_name)
 
     def construct(self, x, lengths):
@@ -125,7 +125,7 @@ class DeepSpeech2(nn.Cell):
         b, c, f, t = x.shape
         x = x.reshape(b, c * f, t).transpose(0, 2, 1)  # (B, T', C*F')
         out_lengths = output_lengths(lengths)
-        x = self.rnn(x, out_lengths)
+        x = self.rnn_stack(x, out_lengths)
         return self.fc(x), out_lengths
 
 

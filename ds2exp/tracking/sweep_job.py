@@ -96,7 +96,7 @@ def _record_crash(cfg: DictConfig, job_dir: Optional[Path], exc: BaseException) 
     for key in ("optimizer.lr", "dataset.batch_size"):  # the report's axes, even when not overridden
         params.setdefault(key, _select(cfg, key))
     tracker.log_params(params)
-    tracker.log_text("".join(traceback.format_exception(exc)), "error.txt")
+    tracker.log_text("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)), "error.txt")
     tracker.end("FAILED")
 
 
@@ -115,7 +115,7 @@ def run_sweep_job(cfg: DictConfig, fn: Callable[[DictConfig], float]) -> Optiona
         log.exception("job %s failed; the sweep goes on", job_dir)
         if job_dir is not None:
             job_dir.mkdir(parents=True, exist_ok=True)
-            (job_dir / "error.txt").write_text("".join(traceback.format_exception(exc)))
+            (job_dir / "error.txt").write_text("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
         try:
             _record_crash(cfg, job_dir, exc)
         except Exception as track_exc:

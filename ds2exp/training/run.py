@@ -227,6 +227,11 @@ def _finish(trainer, tracker, cfg, run_dir: Path, summary: Dict[str, Any]) -> No
     png = plot_curves(s.history, run_dir / "curves.png")
     if png is not None:
         tracker.log_artifact(png, "plots")
+    failures = trainer.train_loader.failures
+    if failures:  # audio that broke after preparation: skipped batch entries, listed by reason
+        log.warning("%d training utterances could not be loaded and were skipped", len(failures))
+        tracker.log_dict(failures, "data/load_failures_train.json")
+        tracker.log_metrics({"data/load_failures": len(failures)}, s.step)
     tracker.log_artifact(run_dir / "summary.json")
     if s.best and cfg.logger.log_checkpoint and Path(s.best[0]["path"]).exists():
         tracker.log_artifact(s.best[0]["path"], "checkpoints")

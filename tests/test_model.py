@@ -1,0 +1,40 @@
+"""Model variants exposed in config build, run, and name their parameters like the reference."""
+import mindspore as ms
+import numpy as np
+import pytest
+
+from ds2exp.cli import check_overrides
+from ds2exp.models.deepspeech2 import DeepSpeech2, build_model, count_parameters, parameter_groups
+
+
+@pytest.mark.parametrize("rnn_type, merge, activation, bn, bidirectional", [
+    ("lstm", "sum", "hardtanh", True, True),
+    ("gru", "concat", "tanh", False, True),
+    ("lstm", "sum", "relu", True, False),
+])
+def test_variants_forward(rnn_type, merge, activation, bn, bidirectional):
+    m = DeepSpeech2(conv_channels=2, rnn_type=rnn_type, rnn_layers=2, rnn_hidden=8, merge=merge,
+                    activation=activation, batch_norm=bn, bidirectional=bidirectional)
+    x = ms.Tensor(np.random.default_rng(0).standard_normal((2, 161, 40)).astype(np.float32))
+    logits, lengths = m(x, ms.Tensor(np.array([40, 25], np.int32)))
+    assert logits.shape == (2, 20, 29)
+    assert lengths.asnumpy().tolist() == [20, 13]
+    names = [n for n, _ in m.parameters_and_names()]
+    assert "RNN.lstms.1.weight_hh_l0" in names and "fc.module.weight" in names
+    assert ("conv.bn1.gamma" in names) == bn
+    assert ("RNN.lstms.0.weight_ih_l0_reverse" in names) == bidirectional
+    in_size = dict(m.parameters_and_names())["RNN.lstms.1.weight_ih_l0"].shape[1]
+    assert in_size == (16 if (merge == "concat" and bidirectional) else 8)
+
+
+def test_config_presets_build():
+    cfg = check_overrides(["model=ds2_small"])
+    m = build_model(cfg.model)
+    assert count_parameters(m) > 5_000_000
+    groups = parameter_groups(m)
+    assert set(groups) == {"conv1", "conv2", "rnn0", "rnn1", "rnn2", "fc"}
+
+
+def test_rnn_block_name_lowercase_spelling():
+    m = DeepSpeech2(conv_channels=2, rnn_layers=1, rnn_hidden=4, rnn_block_name="rnn")
+    assert any(n.startswith("rnn.lstms.0.") for n, _ in m.parameters_and_names())
