@@ -205,7 +205,11 @@ def child_peak(args) -> Dict[str, Any]:
         ops.matmul(a, b).asnumpy()
         ts.append(time.perf_counter() - t0)
     best = min(ts)
-    return {"gflops": 2.0 * n ** 3 / best / 1e9, "n": n, "best_s": best, "median_s": _median(ts)}
+    # memory read bandwidth (what bounds the recurrence's small-batch matrix products): float32 dot of 256 MB
+    v = rng.standard_normal(64 << 20).astype(np.float32)
+    bw = min(_timeit(lambda: v.dot(v)) for _ in range(5))
+    return {"gflops": 2.0 * n ** 3 / best / 1e9, "n": n, "best_s": best, "median_s": _median(ts),
+            "read_gbs": v.nbytes / bw / 1e9}
 
 
 def _ds2exp_trainer(model_name: str, batch_size: int, blocking: bool = True):
@@ -303,18 +307,79 @@ def _grad_variants(trainer, grads, repeats: int) -> Dict[str, float]:
     return out
 
 
+class _Accum:
+    """Wraps a module-level function; sums its wall time (pyfunc kernels: numpy/numba work)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.total = 0.0
+
+    def __call__(self, *a, **k):
+        t0 = time.perf_counter()
+        try:
+            return self.fn(*a, **k)
+        finally:
+            self.total += time.perf_counter() - t0
+
+
+def _install_kernel_timers():
+    """Time the host-side (numpy/numba) kernels inside ds2exp's fast layers. Must run before the
+    model is built: the RNN pyfunc ops capture the kernels when the first FastRNN is made."""
+    from ds2exp.models import layers as L
+
+    fwd, bwd = L._NP_KERNELS["lstm"]
+    timers = {"rnn_fwd": _Accum(fwd), "rnn_bwd": _Accum(bwd), "im2col": _Accum(L._freq_im2col),
+              "col2im": _Accum(L._freq_col2im)}
+    L._NP_KERNELS["lstm"] = (timers["rnn_fwd"], timers["rnn_bwd"])
+    L._freq_im2col = timers["im2col"]
+    L._freq_col2im = timers["col2im"]
+    return timers
+
+
+def _lean_train_step(trainer, batch):
+    """What Trainer.train_step does (same checks, norms, clipping, optimizer), with the gradient
+    handling in float32 on the arrays MindSpore hands out (no float64 copies, no new Tensors
+    unless the clip factor or loss scale changes them). Not used by ds2exp: a bench what-if."""
+    import math
+
+    import mindspore as ms
+    import numpy as np
+
+    scale = trainer.state.loss_scale
+    (scaled_loss, (losses, absmax)), grads = trainer.grad_fn(
+        ms.Tensor(batch.features), ms.Tensor(batch.feature_lengths), ms.Tensor(batch.labels),
+        ms.Tensor(batch.label_lengths), ms.Tensor(scale, ms.float32))
+    group_sq = {g: 0.0 for g in trainer.group_names}
+    for g, name in zip(grads, trainer.param_groups):
+        a = g.asnumpy().reshape(-1)
+        group_sq[name] += float(np.dot(a, a)) / (scale * scale)
+    total = sum(group_sq.values())
+    grad_norm = math.sqrt(total) if math.isfinite(total) else float("inf")
+    loss = float(scaled_loss.asnumpy()) / scale
+    float(absmax.asnumpy()), losses.asnumpy()
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        clip = float(trainer.cfg.optimizer.grad_clip)
+        factor = min(1.0, clip / (grad_norm + 1e-6)) if clip > 0 else 1.0
+        if factor < 1.0 or scale != 1.0:
+            grads = tuple(g * (factor / scale) for g in grads)
+        trainer.optimizer(grads)
+    return loss
+
+
 def child_ds2exp(args) -> Dict[str, Any]:
     import mindspore as ms
     import numpy as np
 
     from ds2exp.data.dataset import Batch
 
+    timers = _install_kernel_timers()
     cfg, model, trainer = _ds2exp_trainer(args.model, args.batch)
     x, xl, y, yl = synthetic_batch(args.batch, args.frames)
     batch = Batch(x, xl, y, yl, [f"u{i}" for i in range(args.batch)], [args.frames / FRAMES_PER_SECOND] * args.batch,
                   [""] * args.batch)
-    grad_t = _Timed(trainer.grad_fn, sync=lambda out: out[0][0].asnumpy())
-    opt_t = _Timed(trainer.optimizer)
+    sync = lambda _out: ms.runtime.synchronize()  # noqa: E731
+    grad_t = _Timed(trainer.grad_fn, sync=sync)
+    opt_t = _Timed(trainer.optimizer, sync=sync)
     trainer.grad_fn = grad_t
     trainer.optimizer = opt_t
     t0 = time.perf_counter()
@@ -323,25 +388,37 @@ def child_ds2exp(args) -> Dict[str, Any]:
     warm = time.perf_counter() - t0
     grad_t.times.clear()
     opt_t.times.clear()
+    for t in timers.values():
+        t.total = 0.0
     ts, losses = [], []
     for _ in range(args.steps):
         t0 = time.perf_counter()
         res = trainer.train_step(batch)
         ts.append(time.perf_counter() - t0)
         losses.append(res.loss)
+    n = len(ts)
     fb = np.array(grad_t.times)
     adam = np.array(opt_t.times)
     rest = np.array(ts) - fb - adam
+    kern = {k: t.total / n for k, t in timers.items()}
     out: Dict[str, Any] = {"s": _median(ts), "times": ts, "warmup_s": warm, "loss": losses[-1],
                            "finite": bool(np.isfinite(losses).all()),
                            "profile": {"fwd_bwd": _median(list(fb)), "numpy_grads": _median(list(rest)),
-                                       "adam": _median(list(adam))}}
+                                       "adam": _median(list(adam)), "rnn_fwd": kern["rnn_fwd"],
+                                       "rnn_bwd": kern["rnn_bwd"], "conv_data": kern["im2col"] + kern["col2im"]}}
     if args.grad_variants:
-        trainer.grad_fn = grad_t.fn
-        (_, _), grads = trainer.grad_fn(ms.Tensor(x), ms.Tensor(xl), ms.Tensor(y), ms.Tensor(yl),
-                                        ms.Tensor(1.0, ms.float32))
+        (_, _), grads = grad_t.fn(ms.Tensor(x), ms.Tensor(xl), ms.Tensor(y), ms.Tensor(yl),
+                                  ms.Tensor(1.0, ms.float32))
         out["grad_variants"] = _grad_variants(trainer, grads, repeats=3)
-        trainer.grad_fn = grad_t
+        del grads
+    if args.lean_steps:
+        lean = []
+        for _ in range(args.lean_steps):
+            t0 = time.perf_counter()
+            _lean_train_step(trainer, batch)
+            lean.append(time.perf_counter() - t0)
+        out["lean_s"] = _median(lean)
+        out["lean_times"] = lean
     if args.data_steps:
         out["data"] = _data_wait(cfg, trainer, args.data_steps)
     return out
@@ -530,6 +607,7 @@ def child_main(argv: List[str]) -> int:
     ap.add_argument("--gemm-n", type=int, default=2048)
     ap.add_argument("--data-steps", type=int, default=0)
     ap.add_argument("--grad-variants", action="store_true")
+    ap.add_argument("--lean-steps", type=int, default=0)
     args = ap.parse_args(argv)
     out = CHILDREN[args.child](args)
     out["max_rss_mib"] = _max_rss_mib()
@@ -573,7 +651,7 @@ def plan(quick: bool) -> List[Dict[str, Any]]:
         rows.append(dict(model=m, path="ds2exp", batch=b, frames=t, padded=t,
                          kw=dict(child="ds2exp", model=m, batch=b, frames=t, warmup=2 if tiny else 1,
                                  steps=(3 if quick else 5) if tiny else 3, data_steps=(12 if tiny else 0),
-                                 grad_variants=not tiny)))
+                                 grad_variants=not tiny, lean_steps=(3 if tiny else 2))))
         rows.append(dict(model=m, path="naive", batch=1, frames=t, padded=NAIVE_FRAMES,
                          kw=dict(child="naive", model=m, batch=1, frames=t, pad_to=NAIVE_FRAMES, warmup=1,
                                  steps=(2 if quick else 3) if tiny else 1, budget_s=60 if tiny else 0)))
@@ -642,21 +720,44 @@ def run(quick: bool = False, out=print) -> Dict[str, Any]:
         out("  " + n)
 
     # where the ds2exp step goes
-    out("\nds2exp step, where the time goes (median s; trainer.grad_fn / numpy gradient handling / optimizer):")
+    out("\nds2exp step, where the time goes (median s/step; Trainer.train_step split by timers around "
+        "trainer.grad_fn and trainer.optimizer, and around the numpy/numba kernels of the fast layers):")
     for r in rows:
         res = r["res"]
         if r["path"] != "ds2exp" or "error" in res:
             continue
         p = res["profile"]
         tot = res["s"]
-        out(f"  {r['model']:14s} fwd+bwd {p['fwd_bwd']:7.3f} ({100 * p['fwd_bwd'] / tot:4.1f}%)  numpy grads "
-            f"{p['numpy_grads']:6.3f} ({100 * p['numpy_grads'] / tot:4.1f}%)  Adam {p['adam']:6.3f} "
-            f"({100 * p['adam'] / tot:4.1f}%)  loss {res['loss']:.2f} finite={res['finite']}")
+        host = p["rnn_fwd"] + p["rnn_bwd"] + p["conv_data"]
+        other = max(0.0, p["fwd_bwd"] - host)
+
+        def pc(v):
+            return f"{v:6.3f} ({100 * v / tot:4.1f}%)"
+
+        out(f"  {r['model']} (loss {res['loss']:.1f}, finite={res['finite']}), step {tot:.3f} s:")
+        out(f"    value_and_grad {pc(p['fwd_bwd'])} = LSTM recurrence fwd {pc(p['rnn_fwd'])} + bwd "
+            f"{pc(p['rnn_bwd'])} + conv im2col/col2im {pc(p['conv_data'])} + MindSpore ops {pc(other)}")
+        out(f"    numpy gradient handling {pc(p['numpy_grads'])};  Adam {pc(p['adam'])}")
+        arch = model_arch(r["model"])
+        _, _, _, t2 = conv_shapes(r["frames"])
+        h = int(arch["rnn_hidden"])
+        d = 2 if arch["bidirectional"] else 1
+        w_bytes = int(arch["rnn_layers"]) * t2 * d * 4 * h * h * 4  # W_hh streamed once per time step
+        rec = forward_flops(arch, r["batch"], r["frames"])["rnn_recurrent"]
+        if p["rnn_fwd"] > 0 and p["rnn_bwd"] > 0:
+            out(f"    recurrence: {r['batch']} rows per W_hh pass -> {rec / w_bytes:.1f} FLOP/byte; forward streams "
+                f"{w_bytes / 1e9:.2f} GB of W_hh per step at {w_bytes / p['rnn_fwd'] / 1e9:.1f} GB/s "
+                f"({rec / p['rnn_fwd'] / 1e9:.1f} GFLOP/s); memory read bandwidth measured "
+                f"{peak.get('read_gbs', float('nan')):.1f} GB/s")
         gv = res.get("grad_variants")
         if gv:
-            out(f"  {'':14s} gradient handling alone, same gradients: Trainer.train_step's float64 numpy "
-                f"{gv['trainer']:.3f} s; float32 numpy dot + reuse tensors when unclipped {gv['numpy32']:.3f} s; "
-                f"squared sums in MindSpore {gv['ms']:.3f} s")
+            out(f"    gradient handling alone, same gradients: Trainer.train_step's float64 numpy {gv['trainer']:.3f} s;"
+                f" float32 numpy dot {gv['numpy32']:.3f} s; squared sums in MindSpore {gv['ms']:.3f} s")
+        if res.get("lean_s"):
+            torch_s = by.get((r["model"], "pytorch"), {}).get("res", {}).get("s")
+            vs = f", {res['lean_s'] / torch_s:.2f}x PyTorch" if torch_s else ""
+            out(f"    what-if (bench only, trainer.py unchanged): the same step with float32 gradient handling "
+                f"{res['lean_s']:.3f} s/step{vs}")
 
     # data wait
     tiny = by.get(("ds2_tiny", "ds2exp"), {}).get("res", {})

@@ -2,7 +2,7 @@
 
 Hydra reports composition errors over several lines and exits with 1, after which a run
 directory may already exist. `preflight()` composes the same config with Hydra's compose API
-(every value of every sweep is tried), runs `config.validate()`, and on any problem prints ONE
+(every value of every sweep is tried, including the sweeper params a `+sweep=<preset>` sets), runs `config.validate()`, and on any problem prints ONE
 line naming the key and what is allowed, then exits with status 2. Nothing is created.
 """
 from __future__ import annotations
@@ -114,10 +114,25 @@ def _sweep_variants(overrides: List[str]) -> List[List[str]]:
     return variants
 
 
-def compose_config(overrides: List[str], config_name: str = "train") -> DictConfig:
+def compose_config(overrides: List[str], config_name: str = "train", return_hydra_config: bool = False) -> DictConfig:
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=config_dir(), version_base=None):
-        return compose(config_name=config_name, overrides=overrides)
+        return compose(config_name=config_name, overrides=overrides, return_hydra_config=return_hydra_config)
+
+
+def _sweeper_params(overrides: List[str], config_name: str) -> List[str]:
+    """`hydra.sweeper.params` (e.g. from a `+sweep=<preset>`) as overrides, for keys the command
+    line does not set itself (there, as in the sweeper, the command line wins)."""
+    try:
+        cfg = compose_config(_sweep_variants(overrides)[0], config_name, return_hydra_config=True)
+        params = OmegaConf.select(cfg, "hydra.sweeper.params")
+        params = OmegaConf.to_container(params) if params is not None else {}
+    except Exception:  # composition errors are reported by the main check
+        return []
+    finally:
+        GlobalHydra.instance().clear()
+    keys = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+    return [f"{k}={v}" for k, v in (params or {}).items() if isinstance(v, (str, int, float)) and k not in keys]
 
 
 def check_overrides(overrides: List[str], config_name: str = "train",
@@ -129,7 +144,7 @@ def check_overrides(overrides: List[str], config_name: str = "train",
     except Exception:
         base = None
     try:
-        variants = _sweep_variants(overrides)
+        variants = _sweep_variants(overrides + _sweeper_params(overrides, config_name))
     except OverrideParseException as exc:
         raise ConfigError(_one_line(str(exc)).split(" See ")[0]) from exc
     cfg: Optional[DictConfig] = None
