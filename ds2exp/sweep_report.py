@@ -26,6 +26,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import ds2exp  # noqa: F401  (protobuf implementation set before mlflow loads)
 
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
 ROWS, COLS = "optimizer.lr", "dataset.batch_size"
 PARENT_FILE = "mlflow_parent_run_id.txt"
 LEGEND = ("cell: final train loss / best val CER % / non-finite steps;  diverged@N: stopped by non-finite "
@@ -43,6 +45,7 @@ class Job:
     best_wer: Optional[float] = None
     nonfinite: Optional[int] = None
     nonfinite_at_least: bool = False  # diverged, and only a count logged before the last step is known
+    patience: Optional[int] = None  # trainer.nonfinite_patience: a diverged job had at least this many
     error: Optional[str] = None
     run_id: Optional[str] = None
     extra: Dict[str, str] = field(default_factory=dict)
@@ -65,6 +68,11 @@ def _num(x: Any) -> Optional[float]:
     except (TypeError, ValueError):
         return None
     return v
+
+
+def _int(x: Any) -> Optional[int]:
+    v = _num(x)
+    return int(v) if v is not None and math.isfinite(v) else None
 
 
 def _finite(x: Any) -> Optional[float]:
@@ -151,6 +159,8 @@ def from_directory(sweep_dir: Path, tracking_uri: Optional[str] = None) -> Sweep
                     node = node.get(part) if isinstance(node, dict) else None
                 params[key] = str(node)
         job = Job(name=d.name, params=params, status="no result")
+        cfg = cfg or _read_yaml(d / ".hydra" / "config.yaml")
+        job.patience = _int((cfg.get("trainer") or {}).get("nonfinite_patience"))
         job_uri = uri
         if job_uri is None and (d / "resolved_config.yaml").is_file():
             logger = (_read_yaml(d / "resolved_config.yaml") or {}).get("logger", {})
@@ -215,7 +225,8 @@ def from_parent_run(parent_run_id: str, tracking_uri: str) -> Sweep:
         run_dir = tags.get("ds2exp.run_dir")
         name = Path(run_dir).name if run_dir else (tags.get("mlflow.runName") or run.info.run_id[:8])
         params = {k: p.get(k, "?") for k in dict.fromkeys([ROWS, COLS, *swept])}
-        job = Job(name=name, params=params, status="finished", run_id=run.info.run_id)
+        job = Job(name=name, params=params, status="finished", run_id=run.info.run_id,
+                  patience=_int(p.get("trainer.nonfinite_patience")))
         job.best_cer = _best_cer_from_mlflow(client, run.info.run_id)
         wers = [m.value for m in client.get_metric_history(run.info.run_id, "val/wer") if math.isfinite(m.value)]
         job.best_wer = min(wers) if wers else None
@@ -264,6 +275,10 @@ def _mark_extra(jobs: List[Job]) -> None:
     """Swept keys other than the two axes: those whose value differs between jobs."""
     for j in jobs:
         j.params = {k: canon(v) for k, v in j.params.items()}
+        if j.status == "diverged" and not j.nonfinite_at_least and j.nonfinite is None:
+            j.nonfinite, j.nonfinite_at_least = max(1, j.patience or 1), True
+        elif j.nonfinite_at_least and j.patience:
+            j.nonfinite = max(j.nonfinite or 0, j.patience)
     keys = [k for k in dict.fromkeys(k for j in jobs for k in j.params) if k not in (ROWS, COLS)]
     varying = [k for k in keys if len({j.params.get(k) for j in jobs}) > 1]
     for j in jobs:
@@ -290,6 +305,12 @@ def cell_text(job: Job) -> str:
     nf = "-" if job.nonfinite is None else (">=" if job.nonfinite_at_least else "") + str(int(job.nonfinite))
     cer = "-" if job.best_cer is None else f"{job.best_cer:.1f}"
     return f"{head} / {cer} / {nf}"
+
+
+def representative(js: List[Job]) -> Job:
+    """The job a cell shows when several share it: the finished one with the lowest final loss."""
+    order = {"finished": 0, "diverged": 1, "crashed": 2}
+    return min(js, key=lambda j: (order.get(j.status, 3), _finite(j.final_loss) or math.inf))
 
 
 def _axis_sort(values: Sequence[str]) -> List[str]:
@@ -325,7 +346,7 @@ def format_table(jobs: List[Job]) -> str:
         line = [_axis_label(r)]
         for c in cols:
             js = cells.get((r, c), [])
-            line.append(" | ".join(cell_text(j) for j in js) if js else "")
+            line.append(cell_text(representative(js)) + (f" (x{len(js)})" if len(js) > 1 else "") if js else "")
         body.append(line)
     header = [corner] + [_axis_label(c) for c in cols]
     widths = [max(len(x[i]) for x in [header] + body) for i in range(len(header))]
@@ -388,7 +409,7 @@ def heatmap(sweep: Sweep, path: Path) -> Path:
         im = ax.imshow(np.ma.masked_invalid(data), cmap=cmap, norm=norm, aspect="auto")
         for (r, c), js in cells.items():
             i, k = rows.index(r), cols.index(c)
-            j = js[0]
+            j = representative(js)
             if j.status == "diverged":
                 ax.add_patch(plt.Rectangle((k - 0.5, i - 0.5), 1, 1, color="#d62728"))
                 text, color = f"diverged@{j.diverged_at}", "white"
@@ -402,7 +423,7 @@ def heatmap(sweep: Sweep, path: Path) -> Path:
                     color = "black"
             cer = f"\nCER {j.best_cer:.1f}" if j.best_cer is not None else ""
             nf = f"\nnon-finite {'>=' if j.nonfinite_at_least else ''}{int(j.nonfinite)}" if j.nonfinite else ""
-            ax.text(k, i, text + cer + nf + (f"\n(+{len(js) - 1} more)" if len(js) > 1 else ""),
+            ax.text(k, i, text + cer + nf + (f"\n({len(js)} jobs)" if len(js) > 1 else ""),
                     ha="center", va="center", fontsize=8, color=color)
         ax.set_xticks(range(len(cols)), [_axis_label(c) for c in cols])
         ax.set_yticks(range(len(rows)), [_axis_label(r) for r in rows])
