@@ -25,7 +25,9 @@ test: install
 test-slow: install
 	$(PY) -m pytest -m slow -q
 
+# torch is a bench-only baseline (the PyTorch row of the step table), not a package dependency.
 bench: install
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	$(PY) -m bench.run_all
 
 lint: install

@@ -2,8 +2,9 @@
 
 Hydra reports composition errors over several lines and exits with 1, after which a run
 directory may already exist. `preflight()` composes the same config with Hydra's compose API
-(every value of every sweep is tried, including the sweeper params a `+sweep=<preset>` sets), runs `config.validate()`, and on any problem prints ONE
-line naming the key and what is allowed, then exits with status 2. Nothing is created.
+(every value of every sweep is tried, including the sweeper params a `+sweep=<preset>` sets), runs
+`config.validate()`, and on any problem prints ONE line naming the key and what is allowed, then
+exits with status 2. Nothing is created.
 """
 from __future__ import annotations
 

@@ -169,6 +169,9 @@ class DatasetConfig:
     num_buckets: int = 4
     sortagrad: bool = True
     max_utterances: Optional[int] = None
+    # Drop utterances whose transcript needs more CTC frames than the model outputs (their loss
+    # is infinite). false keeps them, e.g. to reproduce the reference's divergence.
+    drop_infeasible: bool = True
     feature: FeatureConfig = field(default_factory=FeatureConfig)
     spec_augment: SpecAugmentConfig = field(default_factory=SpecAugmentConfig)
 
@@ -245,8 +248,16 @@ class TrainerConfig:
     log_every: int = 10
     keep_best: int = 3
     seed: int = 1234
+    # skip: a non-finite step is skipped; `nonfinite_patience` in a row stop the run with a diagnosis.
+    # stop: the first non-finite step stops the run with a diagnosis.
+    # rollback: after `nonfinite_patience` in a row, reload the last checkpoint and multiply the
+    #           learning rate by `rollback_lr_factor`, at most `max_rollbacks` times, then stop.
     nonfinite: NonFinitePolicy = NonFinitePolicy.skip
     nonfinite_patience: int = 20
+    rollback_lr_factor: float = 0.5
+    max_rollbacks: int = 3
+    # Fault injection: 0-based steps whose gradients are replaced by NaN (each fires once).
+    inject_nan_grad_steps: List[int] = field(default_factory=list)
     max_eval_utterances: Optional[int] = None
     metric: MetricDefinition = MetricDefinition.reference
     progress: bool = True
@@ -379,6 +390,8 @@ def validate(cfg: DictConfig) -> None:
     _check(t.max_minutes is None or t.max_minutes > 0, "trainer.max_minutes", t.max_minutes, "null or > 0")
     for key in ("eval_every", "checkpoint_every", "log_every", "keep_best", "nonfinite_patience"):
         _check(t[key] >= 1, f"trainer.{key}", t[key], "an integer >= 1")
+    _check(0 < t.rollback_lr_factor < 1, "trainer.rollback_lr_factor", t.rollback_lr_factor, "a number in (0, 1)")
+    _check(t.max_rollbacks >= 0, "trainer.max_rollbacks", t.max_rollbacks, "an integer >= 0")
     _check(p.loss_scale > 0, "precision.loss_scale", p.loss_scale, "a number > 0")
     # Measured with MindSpore 2.8: its CPU conv/LSTM kernels have no bfloat16 implementation.
     _check(not (p.dtype == DType.bf16 and h.device_target == DeviceTarget.CPU), "precision", "bf16",

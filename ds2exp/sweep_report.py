@@ -30,7 +30,7 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 ROWS, COLS = "optimizer.lr", "dataset.batch_size"
 PARENT_FILE = "mlflow_parent_run_id.txt"
-LEGEND = ("cell: final train loss / best val CER % / non-finite steps;  diverged@N: stopped by non-finite "
+LEGEND = ("cell: train loss at the last step / best val CER % / non-finite steps;  diverged@N: stopped by non-finite "
           "steps at step N;  crashed: the job raised (error.txt);  -: no value")
 
 
@@ -47,6 +47,7 @@ class Job:
     nonfinite_at_least: bool = False  # diverged, and only a count logged before the last step is known
     patience: Optional[int] = None  # trainer.nonfinite_patience: a diverged job had at least this many
     error: Optional[str] = None
+    cause: Optional[str] = None  # diverged: the diagnosis' cause (and first non-finite layer group)
     run_id: Optional[str] = None
     extra: Dict[str, str] = field(default_factory=dict)
 
@@ -175,6 +176,7 @@ def from_directory(sweep_dir: Path, tracking_uri: Optional[str] = None) -> Sweep
             job.best_wer = min(wers) if wers else None
             if s.get("stop_reason") == "nonfinite":
                 job.status, job.diverged_at = "diverged", s.get("step")
+                job.cause = _cause(s.get("cause"), s.get("first_nonfinite_group") or s.get("first_bad_group"))
             else:
                 job.status, job.final_loss = "finished", _num(s.get("last_loss"))
         elif (d / "error.txt").is_file():
@@ -195,6 +197,12 @@ def from_directory(sweep_dir: Path, tracking_uri: Optional[str] = None) -> Sweep
     _mark_extra(jobs)
     return Sweep(label=str(sweep_dir), jobs=jobs, parent_run_id=parent, tracking_uri=uri,
                  default_out=sweep_dir / "sweep_report.png")
+
+
+def _cause(cause: Optional[str], group: Optional[str]) -> Optional[str]:
+    if not cause or cause == "unknown":
+        return f"first non-finite layer group {group}" if group and group != "None" else None
+    return cause + (f" (first non-finite layer group {group})" if group and group != "None" else "")
 
 
 def _download_json(client, run_id: str, path: str) -> Optional[Dict[str, Any]]:
@@ -233,6 +241,7 @@ def from_parent_run(parent_run_id: str, tracking_uri: str) -> Sweep:
         status = run.info.status
         if tags.get("diverged_at_step") is not None:
             job.status, job.diverged_at = "diverged", tags["diverged_at_step"]
+            job.cause = _cause(tags.get("divergence_cause"), tags.get("first_nonfinite_group"))
         elif status == "FAILED":
             job.status, job.error = "crashed", tags.get("ds2exp.error")
         elif status in ("RUNNING", "SCHEDULED"):
@@ -369,9 +378,11 @@ def report_text(sweep: Sweep) -> str:
             out.append(f"[{title}]")
         out.append(format_table(jobs))
         out.append("")
-    crashed = [j for j in sweep.jobs if j.status == "crashed" and j.error]
-    for j in crashed:
-        out.append(f"job {j.name} crashed: {j.error}")
+    for j in sweep.jobs:
+        if j.status == "diverged":
+            out.append(f"job {j.name} diverged at step {j.diverged_at}" + (f": {j.cause}" if j.cause else ""))
+        elif j.status == "crashed" and j.error:
+            out.append(f"job {j.name} crashed: {j.error}")
     return "\n".join(out).rstrip() + "\n"
 
 
@@ -395,8 +406,7 @@ def heatmap(sweep: Sweep, path: Path) -> Path:
     w = max(4.5, 1.9 * len(first_cols) + 2.5)
     h = max(3.0, 0.8 * len(first_rows) + 1.8)
     fig, axes = plt.subplots(1, ncol, figsize=(w * ncol, h), squeeze=False)
-    cmap = plt.get_cmap("viridis").copy()
-    cmap.set_bad("white")
+    cmap = plt.get_cmap("viridis").with_extremes(bad="white")
     im = None
     for ax, (title, jobs) in zip(axes[0], parts):
         rows, cols, cells = grid(jobs)
@@ -432,7 +442,7 @@ def heatmap(sweep: Sweep, path: Path) -> Path:
         ax.set_title(title or "final train loss; red: diverged, grey: crashed", fontsize=9)
     if im is not None and losses:
         fig.colorbar(im, ax=axes[0].tolist(), label="final train loss")
-    fig.suptitle(sweep.label if len(sweep.label) < 90 else "..." + sweep.label[-87:], fontsize=9)
+    fig.suptitle(sweep.label if len(sweep.label) < 90 else "..." + sweep.label[-87:], fontsize=9, y=1.04)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100, bbox_inches="tight")
@@ -444,7 +454,10 @@ def log_to_parent(sweep: Sweep, png: Path, text: str) -> bool:
     if not sweep.parent_run_id or not sweep.tracking_uri:
         return False
     client = _client(sweep.tracking_uri)
-    client.log_artifact(sweep.parent_run_id, str(png), "report")
+    with tempfile.TemporaryDirectory() as tmp:  # one name in the run, whatever --out was
+        fixed = Path(tmp) / "sweep_report.png"
+        fixed.write_bytes(Path(png).read_bytes())
+        client.log_artifact(sweep.parent_run_id, str(fixed), "report")
     client.log_text(sweep.parent_run_id, text, "report/sweep_report.txt")
     return True
 

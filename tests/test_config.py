@@ -54,9 +54,14 @@ def test_split_overrides_drops_hydra_flags():
 def test_groups_compose():
     for group, option, key, value in [("hardware", "gpu", "device_target", "GPU"),
                                       ("hardware", "ascend", "device_target", "Ascend"),
-                                      ("precision", "bf16", "dtype", "bf16"),
+                                      ("precision", "fp16", "dtype", "fp16"),
                                       ("optimizer", "sgd", "nesterov", True),
                                       ("logger", "none", "backend", "none")]:
         cfg = check_overrides([f"{group}={option}"])
         got = cfg[group][key]
         assert (got.value if hasattr(got, "value") else got) == value
+
+
+def test_bf16_composes_for_gpu():
+    cfg = check_overrides(["precision=bf16", "hardware=gpu"])
+    assert cfg.precision.dtype.value == "bf16"

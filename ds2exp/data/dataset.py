@@ -119,7 +119,7 @@ def load_split(name: str, manifests: List[Path], cfg, settings: FeatureSettings,
             except TranscriptError as exc:
                 reason = str(exc)
         frames = settings.num_frames(int(round(u.duration * settings.sample_rate)))
-        if reason is None and ctc_min_frames(labels) > output_frames(frames):
+        if reason is None and d.drop_infeasible and ctc_min_frames(labels) > output_frames(frames):
             reason = "infeasible CTC (transcript longer than output frames)"
         if reason:
             dropped.setdefault(reason, []).append(u.id)

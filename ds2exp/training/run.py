@@ -179,9 +179,15 @@ def run_training(cfg: DictConfig) -> float:
     except TrainingStopped as stop:
         status = "FAILED"
         summary = {"stop_reason": "nonfinite", **stop.diagnosis}
+        from ds2exp.training.diagnosis import format_text
+
         tracker.set_tags({"diverged_at_step": stop.diagnosis.get("step"),
-                          "divergence_cause": stop.diagnosis.get("cause", "unknown")})
+                          "divergence_cause": stop.diagnosis.get("cause", "unknown"),
+                          "first_nonfinite_group": stop.diagnosis.get("first_nonfinite_group")})
         tracker.log_dict(stop.diagnosis, "diagnosis.json")
+        if "cause" in stop.diagnosis:
+            tracker.log_text(format_text(stop.diagnosis), "diagnosis.txt")
+        (run_dir / "diagnosis.json").write_text(json.dumps(stop.diagnosis, indent=1, default=str))
         log.error("training stopped: %s", stop.diagnosis.get("summary"))
     except BaseException:
         tracker.end("KILLED" if sys.exc_info()[0] is KeyboardInterrupt else "FAILED")

@@ -8,6 +8,7 @@ updates the weights; it is counted, and `trainer.nonfinite` decides what happens
 """
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import math
@@ -25,7 +26,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from ds2exp.data.dataset import Batch, BatchLoader
-from ds2exp.evaluation.runner import EvalResult, ctc_losses, evaluate_model
+from ds2exp.evaluation.runner import EvalResult, ctc_losses, evaluate_model, infeasible_rows
 from ds2exp.models.deepspeech2 import parameter_groups
 from ds2exp.training.checkpoint import restore_optimizer, save_checkpoint
 from ds2exp.training.optim import learning_rate, set_learning_rate
@@ -36,6 +37,10 @@ log = logging.getLogger(__name__)
 
 def _value(x) -> str:
     return str(x.value if hasattr(x, "value") else x)
+
+
+class _RolledBack(Exception):
+    """Internal: the state was restored from a checkpoint; restart the epoch iteration."""
 
 
 class TrainingStopped(Exception):
@@ -55,6 +60,7 @@ class StepResult:
     logits_absmax: float
     losses: np.ndarray
     first_bad_group: Optional[str] = None
+    loss_scale: float = 1.0  # the scale this step ran with
 
 
 @dataclass
@@ -95,9 +101,13 @@ class Trainer:
         own_names = {p.name: n for n, p in model.parameters_and_names()}
         self.param_groups = [name_to_group.get(own_names.get(p.name, p.name), "other") for p in self.params]
         self.group_names = list(dict.fromkeys(self.param_groups))
+        self.running_stats = [p for n, p in model.parameters_and_names() if "moving_" in n]
         self.grad_fn = ms.value_and_grad(self._forward, None, self.params, has_aux=True)
-        self.inject_nan_at: set = set()  # steps whose gradients are replaced by NaN (fault injection)
+        # Fault injection for tests and drills: 0-based steps whose gradients are replaced by NaN.
+        self.inject_nan_at: set = set(int(x) for x in (cfg.trainer.get("inject_nan_grad_steps") or []))
         self.started = time.time()
+        self.recent: collections.deque = collections.deque(maxlen=20)  # (step, loss, grad_norm) of good steps
+        self.diagnoses: List[Dict[str, Any]] = []
 
     # ------------------------------------------------------------------ one step
     def _forward(self, x, x_len, y, y_len, scale):
@@ -108,11 +118,22 @@ class Trainer:
 
     def train_step(self, batch: Batch) -> StepResult:
         scale = self.state.loss_scale
+        infeasible = infeasible_rows(batch)
+        if infeasible.any():
+            # MindSpore's CTC kernel fails outright when a transcript needs more frames than the
+            # model emits; the loss is +inf by definition, so the step is non-finite and skipped.
+            losses = np.where(infeasible, np.inf, np.nan)
+            return StepResult(float("inf"), float("nan"), False, {g: float("nan") for g in self.group_names},
+                              float("nan"), losses, None, scale)
+        # BatchNorm moving statistics change in the forward pass; keep them so that a skipped
+        # step leaves the model exactly as it was.
+        stats = [(p, p.asnumpy().copy()) for p in self.running_stats]
         (scaled_loss, (losses, absmax)), grads = self.grad_fn(
             ms.Tensor(batch.features), ms.Tensor(batch.feature_lengths), ms.Tensor(batch.labels),
             ms.Tensor(batch.label_lengths), ms.Tensor(scale, ms.float32))
         grads_np = [g.asnumpy().astype(np.float64) / scale for g in grads]
-        if self.state.step in self.inject_nan_at:
+        if self.state.step in self.inject_nan_at:  # fault injection (trainer.inject_nan_grad_steps), once per step
+            self.inject_nan_at.discard(self.state.step)
             grads_np = [np.full_like(g, np.nan) for g in grads_np]
         group_sq: Dict[str, float] = {g: 0.0 for g in self.group_names}
         first_bad = None
@@ -127,7 +148,10 @@ class Trainer:
         finite = math.isfinite(loss) and math.isfinite(grad_norm)
         result = StepResult(loss, grad_norm, finite, {k: math.sqrt(v) if math.isfinite(v) else v
                                                       for k, v in group_sq.items()},
-                            float(absmax.asnumpy()), losses.asnumpy(), first_bad)
+                            float(absmax.asnumpy()), losses.asnumpy(), first_bad, scale)
+        if not finite:
+            for p, value in stats:
+                p.set_data(ms.Tensor(value))
         if finite:
             clip = float(self.cfg.optimizer.grad_clip)
             factor = min(1.0, clip / (grad_norm + 1e-6)) if clip > 0 else 1.0
@@ -223,66 +247,84 @@ class Trainer:
         deadline = self.started + 60 * float(t.max_minutes) if t.max_minutes else None
         bar = tqdm(total=self.max_steps, initial=s.step, desc="train", unit="step", disable=not t.progress,
                    file=sys.stderr, dynamic_ncols=True)
-        window = {"loss": [], "utts": 0, "audio": 0.0, "time": 0.0, "wait": 0.0}
         last_result: Optional[StepResult] = None
         stop_reason = "max_steps"
         # MindSpore cells start in inference mode; BatchNorm must use batch statistics here.
         self.model.set_train(True)
         done = s.step >= self.max_steps
+        if _value(t.nonfinite) == "rollback" and not (self.ckpt_dir / "last.ckpt").exists():
+            self.save_last()  # a good state to roll back to, even before the first interval
         while not done:
-            batches = self.train_loader.iterate(s.epoch, s.batch_in_epoch)
-            t_wait = time.perf_counter()
-            for batch in batches:
-                wait = time.perf_counter() - t_wait
-                lr = learning_rate(cfg.optimizer, s.step, s.epoch, self.max_steps) * s.lr_factor
-                set_learning_rate(self.optimizer, lr)
-                t0 = time.perf_counter()
-                res = self.train_step(batch)
-                dt = time.perf_counter() - t0
-                last_result = res
-                s.step += 1
-                s.batch_in_epoch += 1
-                self._update_loss_scale(res.finite)
-                if res.finite:
-                    s.consecutive_nonfinite = 0
-                    window["loss"].append(res.loss)
-                    s.history["step"].append(s.step)
-                    s.history["loss"].append(res.loss)
-                else:
-                    s.nonfinite_steps += 1
-                    s.consecutive_nonfinite += 1
-                    self._on_nonfinite(batch, res, lr)
-                window["utts"] += batch.size
-                window["audio"] += batch.audio_seconds
-                window["time"] += dt + wait
-                window["wait"] += wait
-                if s.step % t.log_every == 0 or not res.finite:
-                    self._log_train(res, lr, window)
-                    window = {"loss": [], "utts": 0, "audio": 0.0, "time": 0.0, "wait": 0.0}
-                bar.update(1)
-                bar.set_postfix(loss=f"{res.loss:.3f}", lr=f"{lr:.2e}", bad=s.nonfinite_steps)
-                if s.step % t.eval_every == 0:
-                    self._evaluate_and_checkpoint(bar)
-                elif s.step % t.checkpoint_every == 0:
-                    self.save_last()
-                if s.step >= self.max_steps:
-                    done = True
-                    break
-                if deadline and time.time() > deadline:
-                    done, stop_reason = True, "max_minutes"
-                    break
-                t_wait = time.perf_counter()
-            else:
-                s.epoch += 1
-                s.batch_in_epoch = 0
-                if t.max_steps <= 0 and s.epoch >= t.max_epochs:
-                    done, stop_reason = True, "max_epochs"
+            try:
+                done, stop_reason, last_result = self._run_epoch(bar, deadline, last_result)
+            except _RolledBack:
+                bar.reset(total=self.max_steps)
+                bar.update(s.step)
+                continue
         bar.close()
         if s.step % t.eval_every != 0 or not s.history["val_step"] or s.history["val_step"][-1] != s.step:
             self._evaluate_and_checkpoint(None)
         return {"stop_reason": stop_reason, "step": s.step, "epoch": s.epoch,
                 "last_loss": last_result.loss if last_result else float("nan"),
-                "nonfinite_steps": s.nonfinite_steps}
+                "nonfinite_steps": s.nonfinite_steps, "rollbacks": s.rollbacks}
+
+    def _run_epoch(self, bar, deadline, last_result):
+        """Train from the current position to the end of the epoch or a stop condition.
+
+        Returns (done, stop_reason, last step result)."""
+        cfg, t, s = self.cfg, self.cfg.trainer, self.state
+        window = {"loss": [], "utts": 0, "audio": 0.0, "time": 0.0, "wait": 0.0}
+        done, stop_reason = False, "max_steps"
+        batches = self.train_loader.iterate(s.epoch, s.batch_in_epoch)
+        t_wait = time.perf_counter()
+        for batch in batches:
+            wait = time.perf_counter() - t_wait
+            lr = learning_rate(cfg.optimizer, s.step, s.epoch, self.max_steps) * s.lr_factor
+            set_learning_rate(self.optimizer, lr)
+            t0 = time.perf_counter()
+            res = self.train_step(batch)
+            dt = time.perf_counter() - t0
+            last_result = res
+            s.step += 1
+            s.batch_in_epoch += 1
+            self._update_loss_scale(res.finite)
+            if res.finite:
+                s.consecutive_nonfinite = 0
+                self.recent.append((s.step, res.loss, res.grad_norm))
+                window["loss"].append(res.loss)
+                s.history["step"].append(s.step)
+                s.history["loss"].append(res.loss)
+            else:
+                s.nonfinite_steps += 1
+                s.consecutive_nonfinite += 1
+            window["utts"] += batch.size
+            window["audio"] += batch.audio_seconds
+            window["time"] += dt + wait
+            window["wait"] += wait
+            if s.step % t.log_every == 0 or not res.finite:
+                self._log_train(res, lr, window)  # an anomaly is recorded before any decision on it
+                window = {"loss": [], "utts": 0, "audio": 0.0, "time": 0.0, "wait": 0.0}
+            if not res.finite:
+                self._on_nonfinite(batch, res, lr)
+            bar.update(1)
+            bar.set_postfix(loss=f"{res.loss:.3f}", lr=f"{lr:.2e}", bad=s.nonfinite_steps)
+            if s.step % t.eval_every == 0:
+                self._evaluate_and_checkpoint(bar)
+            elif s.step % t.checkpoint_every == 0:
+                self.save_last()
+            if s.step >= self.max_steps:
+                done = True
+                break
+            if deadline and time.time() > deadline:
+                done, stop_reason = True, "max_minutes"
+                break
+            t_wait = time.perf_counter()
+        else:
+            s.epoch += 1
+            s.batch_in_epoch = 0
+            if t.max_steps <= 0 and s.epoch >= t.max_epochs:
+                done, stop_reason = True, "max_epochs"
+        return done, stop_reason, last_result
 
     def _evaluate_and_checkpoint(self, bar) -> None:
         res = self.validate()
@@ -310,15 +352,39 @@ class Trainer:
         self.tracker.log_metrics(m, s.step)
 
     def _on_nonfinite(self, batch: Batch, res: StepResult, lr: float) -> None:
+        from ds2exp.training.diagnosis import diagnosis, format_text
+
         s = self.state
-        log.warning("step %d: non-finite loss/gradients (loss=%s, grad_norm=%s, first group=%s); step skipped",
-                    s.step, res.loss, res.grad_norm, res.first_bad_group)
-        if s.consecutive_nonfinite < int(self.cfg.trainer.nonfinite_patience):
+        t = self.cfg.trainer
+        policy = _value(t.nonfinite)
+        d = diagnosis(s.step, lr, res.loss_scale, batch, res, self.recent, policy, s.consecutive_nonfinite,
+                      _value(self.cfg.precision.dtype))
+        log.warning("step %d skipped: %s", s.step, d["summary"])
+        if len(self.diagnoses) < 50:
+            self.diagnoses.append(d)
+        if s.nonfinite_steps <= 5 or s.consecutive_nonfinite == 1:  # first events in full, then only the count
+            self.tracker.log_text(format_text(d), f"nonfinite/step_{s.step:07d}.txt")
+        limit = 1 if policy == "stop" else int(t.nonfinite_patience)
+        if s.consecutive_nonfinite < limit:
             return
-        policy = _value(self.cfg.trainer.nonfinite)
-        if policy == "skip":
-            # ESPnet's rule: skipping is fine now and then, but a run that only skips is dead.
-            pass
-        raise TrainingStopped({"summary": f"{s.consecutive_nonfinite} consecutive non-finite steps at step {s.step}",
-                               "step": s.step, "lr": lr, "loss_scale": s.loss_scale,
-                               "first_bad_group": res.first_bad_group, "ids": batch.ids})
+        if policy == "rollback" and s.rollbacks < int(t.max_rollbacks):
+            self._rollback(d)
+        raise TrainingStopped(d)
+
+    def _rollback(self, d: Dict[str, Any]) -> None:
+        from ds2exp.training.checkpoint import find_latest_checkpoint, load_checkpoint
+
+        s = self.state
+        path = find_latest_checkpoint(self.ckpt_dir)
+        if path is None:
+            raise TrainingStopped({**d, "summary": d["summary"] + "; no checkpoint to roll back to"})
+        counters = (s.nonfinite_steps, s.rollbacks + 1, s.lr_factor * float(self.cfg.trainer.rollback_lr_factor))
+        self.restore(load_checkpoint(path))
+        s.nonfinite_steps, s.rollbacks, s.lr_factor = counters
+        s.consecutive_nonfinite = 0
+        self.recent.clear()
+        log.warning("rollback %d: restored %s (step %d); learning rate x%g", s.rollbacks, path.name, s.step,
+                    s.lr_factor)
+        self.tracker.log_metrics({"train/rollbacks": s.rollbacks, "train/lr_factor": s.lr_factor}, s.step)
+        self.tracker.set_tags({"rollbacks": s.rollbacks})
+        raise _RolledBack()

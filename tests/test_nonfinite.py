@@ -1,0 +1,94 @@
+"""Fault injection on real MindSpore training: divergence, skipped steps, rollback, diagnosis."""
+import json
+
+import numpy as np
+import pytest
+
+from tests.test_train import SMALL, mlflow_runs, train
+
+BASE = [o for o in SMALL if not o.startswith("dataset.max_utterances")] + ["dataset.max_utterances=48"]
+
+
+def diagnosis_of(root):
+    return json.loads((root / "outputs" / "run" / "diagnosis.json").read_text())
+
+
+def test_huge_learning_rate_stops_naming_step_and_cause(tmp_path, shared_data_dir):
+    train(tmp_path, shared_data_dir, "optimizer=sgd", "optimizer.lr=1e6", "optimizer.grad_clip=0",
+          "trainer.nonfinite=stop", "trainer.max_steps=30", *BASE)
+    client, runs = mlflow_runs(tmp_path)
+    run = runs[0]
+    assert run.info.status == "FAILED"
+    step = int(run.data.tags["diverged_at_step"])
+    assert 1 <= step < 30
+    assert run.data.tags["divergence_cause"] == "lr_or_exploding_gradients"
+    d = diagnosis_of(tmp_path)
+    assert d["step"] == step and d["grad_norm_growth"] > 1e3
+    assert 1 <= len(d["batch"]) <= 4 and {"id", "duration_s", "transcript_chars"} <= set(d["batch"][0])
+    text = client.download_artifacts(run.info.run_id, "diagnosis.txt", str(tmp_path))
+    assert "grad-norm trend" in open(text).read()
+    assert client.get_metric_history(run.info.run_id, "train/nonfinite_steps")[-1].value == 1
+
+
+def test_skip_keeps_weights_unchanged_through_nan_gradients(tmp_path, shared_data_dir):
+    from ds2exp.training.checkpoint import load_checkpoint
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    common = BASE + ["logger=none", "trainer.eval_every=1000", "dataset.num_buckets=1", "dataset.sortagrad=false"]
+    train(a, shared_data_dir, "trainer.max_steps=2", *common)
+    train(b, shared_data_dir, "trainer.max_steps=4", "trainer.inject_nan_grad_steps=[2,3]", *common)
+    wa = load_checkpoint(a / "outputs" / "run" / "checkpoints" / "last.ckpt")
+    wb = load_checkpoint(b / "outputs" / "run" / "checkpoints" / "last.ckpt")
+    assert wb.meta["nonfinite_steps"] == 2 and wb.meta["step"] == 4
+    for name, value in wa.model_state.items():  # weights and BatchNorm statistics untouched
+        np.testing.assert_array_equal(value, wb.model_state[name], err_msg=name)
+    for name, value in wa.optimizer_state.items():
+        if name != "learning_rate":
+            np.testing.assert_array_equal(value, wb.optimizer_state[name], err_msg=name)
+
+
+def test_skip_stops_after_patience_consecutive(tmp_path, shared_data_dir):
+    r = train(tmp_path, shared_data_dir, "trainer.max_steps=8", "trainer.nonfinite_patience=3",
+              "trainer.inject_nan_grad_steps=[1,2,3]", "logger=none", *BASE)
+    d = diagnosis_of(tmp_path)
+    assert d["step"] == 4 and "3 in a row" in d["summary"]
+    assert json.loads((tmp_path / "outputs" / "run" / "summary.json").read_text())["stop_reason"] == "nonfinite"
+
+
+def test_rollback_recovers_and_finishes(tmp_path, shared_data_dir):
+    train(tmp_path, shared_data_dir, "trainer.max_steps=8", "trainer.nonfinite=rollback",
+          "trainer.nonfinite_patience=2", "trainer.checkpoint_every=2", "trainer.eval_every=100",
+          "trainer.inject_nan_grad_steps=[4,5]", *BASE)
+    client, runs = mlflow_runs(tmp_path)
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["rollbacks"] == "1"
+    assert run.data.metrics["train/lr_factor"] == 0.5
+    summary = json.loads((tmp_path / "outputs" / "run" / "summary.json").read_text())
+    assert summary["step"] == 8 and summary["rollbacks"] == 1 and summary["stop_reason"] == "max_steps"
+
+
+def test_impossible_transcript_is_classified_infeasible_ctc(tmp_path, shared_data_dir, say):
+    from tests.conftest import write_flac
+
+    y = say("hi")
+    audio = write_flac(tmp_path / "short.flac", y)
+    m = tmp_path / "m.jsonl"
+    long_text = "A VERY LONG TRANSCRIPT THAT CANNOT POSSIBLY FIT INTO SUCH A SHORT PIECE OF AUDIO"
+    m.write_text("".join(json.dumps({"id": f"x{i}", "audio_path": str(audio), "transcript": long_text,
+                                     "duration": len(y) / 16000, "sample_rate": 16000}) + "\n" for i in range(2)))
+    train(tmp_path, shared_data_dir, "dataset=manifest", f"dataset.train_manifest={m}",
+          "dataset.drop_infeasible=false", "trainer.nonfinite=stop", "trainer.max_steps=3", "dataset.batch_size=2",
+          "model.conv_channels=4", "model.rnn_hidden=32", "model.rnn_layers=1", "trainer.progress=false")
+    client, runs = mlflow_runs(tmp_path)
+    assert runs[0].data.tags["divergence_cause"] == "infeasible_ctc"
+    assert runs[0].data.tags["diverged_at_step"] == "1"
+    assert "x0" in diagnosis_of(tmp_path)["explanation"]
+
+
+def test_fp16_overflow_is_told_apart_from_divergence(tmp_path, shared_data_dir):
+    train(tmp_path, shared_data_dir, "precision=fp16", "precision.loss_scale=1e30", "trainer.nonfinite=stop",
+          "trainer.max_steps=3", *BASE)
+    client, runs = mlflow_runs(tmp_path)
+    assert runs[0].data.tags["divergence_cause"] == "fp16_overflow"
+    assert "loss scale 1e+30" in diagnosis_of(tmp_path)["summary"]

@@ -1,0 +1,184 @@
+"""Hydra sweeps: one MLflow parent run per sweep, crashed/diverged jobs, the sweep report (real runs)."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT
+
+TINY = ["model.conv_channels=4", "model.rnn_hidden=32", "model.rnn_layers=1", "dataset.max_utterances=48",
+        "trainer.max_eval_utterances=8", "trainer.progress=false", "trainer.max_steps=3"]
+
+
+def _env(tmp_root: Path):
+    env = {**os.environ, "DS2EXP_ROOT": str(tmp_root)}
+    env.pop("DS2EXP_PARENT_RUN_ID", None)
+    return env
+
+
+def sweep(tmp_root: Path, data_dir: Path, *overrides: str, name: str = "s"):
+    sweep_dir = tmp_root / "multirun" / name
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "-m", f"paths.data_dir={data_dir}",
+                        f"hydra.sweep.dir={sweep_dir}", *TINY, *overrides],
+                       capture_output=True, text=True, cwd=ROOT, env=_env(tmp_root), timeout=300)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return sweep_dir
+
+
+@pytest.fixture
+def report(monkeypatch, capsys):
+    """`python -m ds2exp.sweep_report TARGET --out PNG`, run in this process (saves the imports)."""
+    from ds2exp import sweep_report
+
+    def _report(tmp_root: Path, target: str, out: Path) -> str:
+        monkeypatch.setenv("DS2EXP_ROOT", str(tmp_root))
+        capsys.readouterr()
+        assert sweep_report.main([target, "--out", str(out)]) == 0
+        assert out.is_file() and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        return capsys.readouterr().out
+
+    return _report
+
+
+def table_cells(stdout: str):
+    """{(lr, batch): cell} of every table in the report."""
+    cells = {}
+    lines = stdout.splitlines()
+    for i, line in enumerate(lines):
+        if not line.startswith("optimizer.lr \\ dataset.batch_size"):
+            continue
+        cols = [c.strip() for c in line.split("|")[1:]]
+        assert set(lines[i + 1]) <= {"-", "+"}  # the rule under the header
+        for row in lines[i + 2:]:
+            if not row.strip() or row.startswith(("[", "job ", "heatmap")):
+                break
+            parts = [c.strip() for c in row.split("|")]
+            assert len(parts) == len(cols) + 1, row  # aligned: one cell per column
+            for col, cell in zip(cols, parts[1:]):
+                if cell:
+                    cells[(parts[0], col)] = cell
+    return cells
+
+
+def runs(tmp_root: Path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_root}/mlflow.db")
+    exp = client.get_experiment_by_name("ds2exp")
+    all_runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in all_runs if r.data.tags.get("ds2exp.kind") == "sweep"]
+    children = [r for r in all_runs if r.data.tags.get("ds2exp.kind") != "sweep"]
+    return client, parents, children
+
+
+def test_lr_batch_sweep_one_parent_four_children_and_report(tmp_path, shared_data_dir, report):
+    sweep_dir = sweep(tmp_path, shared_data_dir, "optimizer.lr=1e-4,1e-1", "dataset.batch_size=2,4")
+    client, parents, children = runs(tmp_path)
+    assert len(parents) == 1 and len(children) == 4
+    parent = parents[0]
+    pid = parent.info.run_id
+    assert parent.info.status == "FINISHED"
+    assert parent.info.run_name == str(sweep_dir)
+    assert parent.data.tags["ds2exp.sweep.optimizer.lr"] == "1e-4,1e-1"
+    assert parent.data.tags["ds2exp.sweep.dataset.batch_size"] == "2,4"
+    assert (sweep_dir / "mlflow_parent_run_id.txt").read_text().strip() == pid
+    assert all(r.data.tags.get("mlflow.parentRunId") == pid for r in children)
+    assert all(r.info.status == "FINISHED" for r in children)
+    combos = {(r.data.params["optimizer.lr"], r.data.params["dataset.batch_size"]) for r in children}
+    assert combos == {("0.0001", "2"), ("0.0001", "4"), ("0.1", "2"), ("0.1", "4")}
+
+    out_dir = report(tmp_path, str(sweep_dir), tmp_path / "from_dir.png")
+    out_run = report(tmp_path, pid, tmp_path / "from_run.png")
+    for out in (out_dir, out_run):
+        assert "4 jobs: 4 finished, 0 diverged, 0 crashed" in out
+        assert "cell: train loss at the last step / best val CER % / non-finite steps" in out
+        cells = table_cells(out)
+        assert set(cells) == {("0.0001", "2"), ("0.0001", "4"), ("0.1", "2"), ("0.1", "4")}
+        for cell in cells.values():
+            loss, cer, nonfinite = (x.strip() for x in cell.split("/"))
+            assert float(loss) > 0 and 0 <= float(cer) and nonfinite == "0"
+    assert table_cells(out_dir) == table_cells(out_run)  # the two sources agree
+    # the report is logged to the parent run
+    arts = {a.path for a in client.list_artifacts(pid, "report")}
+    assert {"report/sweep_report.png", "report/sweep_report.txt"} <= arts
+
+
+def test_crashed_and_diverged_jobs_do_not_stop_the_sweep(tmp_path, shared_data_dir, report):
+    # max_duration=0.5 s filters out every utterance: the job raises DatasetError at runtime (the
+    # config itself is valid). lr=1e8 makes the gradients NaN at step 2: the job diverges.
+    sweep_dir = sweep(tmp_path, shared_data_dir, "optimizer.lr=1e-4,1e8", "dataset.batch_size=4",
+                      "dataset.max_duration=0.5,16.7", "trainer.nonfinite_patience=1")
+    client, parents, children = runs(tmp_path)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED" and len(children) == 4
+    by = {(r.data.params["optimizer.lr"], r.data.params["dataset.max_duration"]): r for r in children}
+    for lr in ("0.0001", "100000000.0"):
+        crashed = by[(lr, "0.5")]
+        assert crashed.info.status == "FAILED" and "DatasetError" in crashed.data.tags["ds2exp.error"]
+        assert crashed.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert (Path(crashed.data.tags["ds2exp.run_dir"]) / "error.txt").is_file()
+    assert by[("0.0001", "16.7")].info.status == "FINISHED"
+    diverged = by[("100000000.0", "16.7")]
+    assert diverged.info.status == "FAILED" and int(diverged.data.tags["diverged_at_step"]) >= 1
+
+    out = report(tmp_path, str(sweep_dir), tmp_path / "r.png")
+    assert "4 jobs: 1 finished, 1 diverged, 2 crashed" in out
+    assert "[dataset.max_duration=0.5]" in out and "[dataset.max_duration=16.7]" in out
+    assert f"diverged@{diverged.data.tags['diverged_at_step']}" in out and out.count("| crashed") == 2
+    assert "DatasetError: the train split is empty" in out
+
+
+def test_optuna_preset_records_diverged_trials_as_failed_and_goes_on(tmp_path, shared_data_dir):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    # the preset's lr interval, narrowed to a choice so that the sampler (seed 1234) draws both a
+    # diverging and a healthy learning rate in three trials
+    sweep_dir = sweep(tmp_path, shared_data_dir, "+sweep=optuna_lr", "hydra.sweeper.n_trials=3",
+                      "optimizer.lr=choice(1e-3,1e8)", "dataset.batch_size=4", "trainer.nonfinite_patience=1")
+    result = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
+    assert result["best_params"] == {"optimizer.lr": 0.001}
+    client, parents, children = runs(tmp_path)
+    assert len(parents) == 1 and len(children) == 3
+    statuses = sorted((r.data.params["optimizer.lr"], r.info.status) for r in children)
+    assert ("0.001", "FINISHED") in statuses and ("100000000.0", "FAILED") in statuses
+
+
+def test_sweep_presets_pass_preflight_and_their_values_are_checked(tmp_path, monkeypatch):
+    from ds2exp.cli import ConfigError, check_overrides
+
+    check_overrides(["+sweep=nan_lr_batch"])
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    check_overrides(["+sweep=optuna_lr"])
+    conf = tmp_path / "conf"
+    shutil.copytree(ROOT / "conf", conf)
+    (conf / "sweep" / "bad.yaml").write_text("# @package _global_\nhydra:\n  sweeper:\n    params:\n"
+                                             "      dataset.batch_size: 4,0\n")
+    monkeypatch.setenv("DS2EXP_CONFIG_DIR", str(conf))
+    with pytest.raises(ConfigError, match="dataset.batch_size=0 is not allowed"):
+        check_overrides(["+sweep=bad"])
+    check_overrides(["+sweep=bad", "dataset.batch_size=4,8"])  # the command line replaces the preset's list
+
+
+def test_job_in_another_process_finds_the_parent_id_in_the_sweep_dir(tmp_path, monkeypatch):
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf, open_dict
+
+    from ds2exp.cli import compose_config
+    from ds2exp.tracking.hydra_callback import ENV_PARENT, PARENT_FILE, MlflowSweepCallback
+
+    cfg = compose_config([], return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.mode = "MULTIRUN"
+        cfg.hydra.sweep.dir = str(tmp_path)
+    (tmp_path / PARENT_FILE).write_text("0123abcd\n")
+    monkeypatch.setenv(ENV_PARENT, "")  # empty: not exported; removed again after the test
+    HydraConfig.instance().set_config(cfg)
+    try:
+        MlflowSweepCallback().on_job_start(OmegaConf.masked_copy(cfg, ["logger"]), task_function=None)
+        assert os.environ[ENV_PARENT] == "0123abcd"
+    finally:
+        HydraConfig.instance().cfg = None
