@@ -182,19 +182,22 @@ def from_directory(sweep_dir: Path, tracking_uri: Optional[str] = None) -> Sweep
         elif (d / "error.txt").is_file():
             lines = [ln for ln in (d / "error.txt").read_text().splitlines() if ln.strip()]
             job.status, job.error = "crashed", lines[-1] if lines else "?"
+        from_mlflow = False
         if job.run_id and job_uri:
             try:
                 client = clients.get(job_uri) or clients.setdefault(job_uri, _client(job_uri))
                 job.best_cer = _best_cer_from_mlflow(client, job.run_id)
                 if job.nonfinite is None:
                     _nonfinite_from_mlflow(client, job)
-                uri = uri or job_uri
-            except Exception:
+                uri, from_mlflow = uri or job_uri, True
+            except Exception:  # store moved or unreachable: the checkpoint still has the history
                 job.best_cer = None
-        if job.best_cer is None and job.status in ("finished", "diverged"):
+        if not from_mlflow and job.status in ("finished", "diverged"):
             job.best_cer = _best_cer_from_checkpoint(d)
         jobs.append(job)
     _mark_extra(jobs)
+    if parent and uri is None:  # e.g. every job crashed before writing its config
+        uri = default_tracking_uri()
     return Sweep(label=str(sweep_dir), jobs=jobs, parent_run_id=parent, tracking_uri=uri,
                  default_out=sweep_dir / "sweep_report.png")
 
