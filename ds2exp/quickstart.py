@@ -16,7 +16,7 @@ from pathlib import Path
 from ds2exp.config import project_root
 
 DEFAULT_OVERRIDES = ["dataset=synth_tiny", "model=ds2_tiny", "optimizer.lr=1e-3", "trainer.max_minutes=15",
-                     "trainer.max_epochs=1000",
+                     "trainer.max_epochs=40",
                      "trainer.eval_every=250", "trainer.checkpoint_every=250"]
 
 

@@ -359,6 +359,7 @@ class Trainer:
         policy = _value(t.nonfinite)
         d = diagnosis(s.step, lr, res.loss_scale, batch, res, self.recent, policy, s.consecutive_nonfinite,
                       _value(self.cfg.precision.dtype))
+        d["nonfinite_steps"] = s.nonfinite_steps
         log.warning("step %d skipped: %s", s.step, d["summary"])
         if len(self.diagnoses) < 50:
             self.diagnoses.append(d)
