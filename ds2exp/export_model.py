@@ -17,7 +17,7 @@ import numpy as np
 from mindspore import nn
 from omegaconf import OmegaConf
 
-from ds2exp.training.checkpoint import CheckpointError, load_checkpoint
+from ds2exp.training.checkpoint import load_checkpoint
 
 log = logging.getLogger("ds2exp.export")
 SUFFIX = {"MINDIR": ".mindir", "ONNX": ".onnx", "AIR": ".air"}

@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     print(ev.stdout)
     summary = json.loads((run_dir / "summary.json").read_text())
     print(f"[ds2exp] trained {summary['step']} steps in {minutes:.1f} min (wall, including data build)")
-    print(f"[ds2exp] held-out synthetic test split: see the table above (WER/CER, %)")
+    print("[ds2exp] held-out synthetic test split: see the table above (WER/CER, %)")
     print(f"[ds2exp] run directory: {run_dir}")
     print(f"[ds2exp] per-utterance results: {eval_dir}")
     print(f"[ds2exp] MLflow run {summary.get('mlflow_run_id')}; open the UI with `make ui` "

@@ -26,7 +26,8 @@ def parse_args(argv: List[str]):
     cfg = {}
     for arg in argv:
         if "=" not in arg:
-            raise SystemExit(f"config error: expected key=value, got {arg!r}; allowed keys: {', '.join(sorted(ALLOWED))}")
+            raise SystemExit(f"config error: expected key=value, got {arg!r}; "
+                             f"allowed keys: {', '.join(sorted(ALLOWED))}")
         key, value = arg.split("=", 1)
         cfg[key.strip()] = value.strip()
     unknown = set(cfg.keys()) - ALLOWED

@@ -1,7 +1,6 @@
 """Shared fixtures: real audio made with espeak-ng, a small corpus in LibriSpeech's layout."""
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 

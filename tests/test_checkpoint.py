@@ -1,5 +1,4 @@
 """Checkpoints: atomic writes, damaged files detected, reference (model zoo) names load."""
-import os
 
 import mindspore as ms
 import numpy as np

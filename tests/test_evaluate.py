@@ -115,3 +115,13 @@ def test_average_best_checkpoints(trained_run, tmp_path):
     name = "RNN.lstms.0.weight_hh_l0"
     np.testing.assert_allclose(avg[name], (a[name] + b[name]) / 2, rtol=1e-6, atol=1e-7)
     assert not np.array_equal(a[name], b[name])
+
+
+def test_empty_dataset_is_a_clear_error(trained_run, shared_data_dir, tmp_path):
+    root, run_dir = trained_run
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    r = evaluate(root, shared_data_dir, f"checkpoint={run_dir}", "dataset=manifest",
+                 f"dataset.train_manifest={empty}", f"dataset.test_manifest={empty}", check=False)
+    assert r.returncode == 1
+    assert f"error: {empty}: the manifest is empty" in r.stderr

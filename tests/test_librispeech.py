@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import soundfile as sf
 
 from ds2exp.data.manifest import ManifestError, read_manifest
 from tests.conftest import ROOT, write_flac

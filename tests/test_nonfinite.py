@@ -2,7 +2,6 @@
 import json
 
 import numpy as np
-import pytest
 
 from tests.test_train import SMALL, mlflow_runs, train
 
@@ -48,8 +47,8 @@ def test_skip_keeps_weights_unchanged_through_nan_gradients(tmp_path, shared_dat
 
 
 def test_skip_stops_after_patience_consecutive(tmp_path, shared_data_dir):
-    r = train(tmp_path, shared_data_dir, "trainer.max_steps=8", "trainer.nonfinite_patience=3",
-              "trainer.inject_nan_grad_steps=[1,2,3]", "logger=none", *BASE)
+    train(tmp_path, shared_data_dir, "trainer.max_steps=8", "trainer.nonfinite_patience=3",
+          "trainer.inject_nan_grad_steps=[1,2,3]", "logger=none", *BASE)
     d = diagnosis_of(tmp_path)
     assert d["step"] == 4 and "3 in a row" in d["summary"]
     assert json.loads((tmp_path / "outputs" / "run" / "summary.json").read_text())["stop_reason"] == "nonfinite"

@@ -9,9 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
-from typing import Any, Dict, Iterable, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional
 
 import ds2exp  # noqa: F401  (protobuf implementation set before mlflow loads)
 

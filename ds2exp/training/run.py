@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import platform
 import random
 import subprocess
@@ -121,7 +120,7 @@ def run_training(cfg: DictConfig) -> float:
     """Train; returns the best validation WER (the value Hydra sweepers minimise)."""
     import mindspore as ms
 
-    from ds2exp.models.deepspeech2 import build_model, count_parameters, load_state
+    from ds2exp.models.deepspeech2 import count_parameters, load_state
     from ds2exp.training.checkpoint import load_checkpoint
     from ds2exp.training.optim import build_optimizer
     from ds2exp.training.trainer import Trainer, TrainingStopped

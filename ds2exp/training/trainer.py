@@ -9,7 +9,6 @@ updates the weights; it is counted, and `trainer.nonfinite` decides what happens
 from __future__ import annotations
 
 import collections
-import json
 import logging
 import math
 import os
