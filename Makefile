@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TRAIN_ARGS ?=
 
-.PHONY: install train test test-slow bench lint ui clean
+.PHONY: install train test test-slow test-ui bench lint ui clean
 
 install: $(STAMP)
 
@@ -24,6 +24,12 @@ test: install
 
 test-slow: install
 	$(PY) -m pytest -m slow -q
+
+# The MLflow UI of a real sweep, checked in headless Chromium (Selenium); apt-get needs root.
+test-ui: install
+	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium chromium-driver)
+	$(PY) -m pip install -q selenium
+	$(PY) -m pytest -m slow -q tests/test_ui_browser.py
 
 # torch is a bench-only baseline (the PyTorch row of the step table), not a package dependency.
 bench: install

@@ -1,0 +1,242 @@
+"""The MLflow UI of a real sweep store, checked in headless Chromium (Selenium): `make test-ui`.
+
+A 2-job Hydra sweep writes `<tmp>/mlflow.db`; `mlflow server` serves it on 127.0.0.1 and a fresh
+headless Chromium checks what the UI renders: the sweep's parent run, its two child runs nested under
+it, and a child run's `train/grad_norm` metric (value in the run overview, chart in "Model metrics").
+Ids and expected values come from MlflowClient queries; every assertion is on the rendered page.
+Screenshots are saved under the test's tmp dir (printed; `pytest -s` shows the paths).
+
+Skipped, with the reason, when selenium, chromium or chromedriver is missing (Debian:
+`apt-get install chromium chromium-driver`; `make test-ui` installs all three).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+SWEEP = ["optimizer.lr=1e-4,1e-3", "dataset.batch_size=4", "model.conv_channels=4", "model.rnn_hidden=32",
+         "model.rnn_layers=1", "dataset.max_utterances=24", "trainer.max_eval_utterances=4",
+         "trainer.progress=false", "trainer.max_steps=3", "trainer.log_every=1"]
+SERVER_START_S = 90  # `mlflow server` imports a lot; on 2 busy cores it has taken ~30 s
+WAIT_S = 60  # for each element the UI renders
+ML = "workflowType=machine_learning"  # MLflow 3 opens experiments in the GenAI view by default
+NO_TELEMETRY = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}  # only 127.0.0.1 is talked to
+
+
+def _executable(name: str, default: str) -> str | None:
+    path = shutil.which(name) or default
+    return path if os.path.isfile(path) and os.access(path, os.X_OK) else None
+
+
+@pytest.fixture(scope="module")
+def browser_tools():
+    """(chromium, chromedriver), or skip the module before the sweep is trained."""
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        pytest.skip("selenium is not installed (make test-ui installs it: pip install selenium)")
+    chromium = _executable("chromium", "/usr/bin/chromium")
+    driver = _executable("chromedriver", "/usr/bin/chromedriver")
+    if chromium is None or driver is None:
+        missing = " and ".join(n for n, p in (("chromium", chromium), ("chromedriver", driver)) if p is None)
+        pytest.skip(f"{missing} not found (Debian: apt-get install chromium chromium-driver; or make test-ui)")
+    return chromium, driver
+
+
+@pytest.fixture(scope="module")
+def sweep_store(browser_tools, tmp_path_factory, shared_data_dir):
+    """A real 2-job sweep in `<tmp>/mlflow.db` (experiment ds2exp): one parent, two child runs."""
+    root = tmp_path_factory.mktemp("ui-store")
+    env = {**os.environ, **NO_TELEMETRY, "DS2EXP_ROOT": str(root)}
+    env.pop("DS2EXP_PARENT_RUN_ID", None)
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "-m", *SWEEP, f"paths.data_dir={shared_data_dir}",
+                        f"hydra.sweep.dir={root / 'multirun'}"],
+                       capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert (root / "mlflow.db").is_file()
+    return root
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM the server's process group (uvicorn workers, job runner), SIGKILL it if it lingers."""
+    if proc.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)  # its own session: the group id is its pid
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(sweep_store):
+    """`mlflow server` on the sweep store at a free 127.0.0.1 port; always stopped afterwards."""
+    mlflow_bin = Path(sys.executable).parent / "mlflow"
+    assert mlflow_bin.is_file(), f"no mlflow console script next to {sys.executable}"
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    log_path = sweep_store / "mlflow_server.log"
+    cmd = [str(mlflow_bin), "server", "--backend-store-uri", f"sqlite:///{sweep_store}/mlflow.db",
+           "--default-artifact-root", str(sweep_store / "mlartifacts"),
+           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    with open(log_path, "wb") as log:  # its own session, so that _stop reaches the uvicorn workers too
+        proc = subprocess.Popen(cmd, cwd=sweep_store, env={**os.environ, **NO_TELEMETRY}, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # 127.0.0.1 directly, never a proxy
+    try:
+        deadline = time.monotonic() + SERVER_START_S
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"mlflow server exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
+            try:
+                with opener.open(f"{url}/health", timeout=5) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"mlflow server did not answer on {url} in {SERVER_START_S} s:\n"
+                            f"{log_path.read_text()[-4000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        _stop(proc)
+
+
+@pytest.fixture
+def driver(browser_tools, tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    chromium, chromedriver = browser_tools
+    options = Options()
+    options.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--no-first-run", "--no-proxy-server", "--window-size=1600,1000",
+                f"--user-data-dir={tmp_path / 'chromium-profile'}"):
+        options.add_argument(arg)
+    drv = webdriver.Chrome(service=Service(chromedriver), options=options)
+    try:
+        yield drv
+    finally:
+        drv.quit()
+
+
+def _close_assistant(drv) -> None:
+    """The MLflow Assistant side panel takes a third of the window; close it if it is there."""
+    from selenium.webdriver.common.by import By
+
+    for button in drv.find_elements(By.CSS_SELECTOR, "button[data-component-id='mlflow.assistant.chat_panel.close']"):
+        try:
+            button.click()
+        except Exception:  # cosmetic only
+            pass
+
+
+def test_ui_shows_sweep_parent_children_and_grad_norm(sweep_store, mlflow_server, driver, tmp_path):
+    from mlflow.tracking import MlflowClient
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    client = MlflowClient(f"sqlite:///{sweep_store}/mlflow.db")
+    exp = client.get_experiment_by_name("ds2exp")
+    eid = exp.experiment_id
+    runs = client.search_runs([eid])
+    parents = [r for r in runs if r.data.tags.get("ds2exp.kind") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("ds2exp.kind") != "sweep"]
+    assert len(parents) == 1 and len(children) == 2
+    parent = parents[0]
+    pid = parent.info.run_id
+    assert all(c.data.tags.get("mlflow.parentRunId") == pid for c in children)
+
+    wait = WebDriverWait(driver, WAIT_S)
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+
+    def visible(xpath: str):
+        return wait.until(EC.visibility_of_element_located((By.XPATH, xpath)))
+
+    def run_link(run_id: str) -> str:
+        return f"//a[@href='#/experiments/{eid}/runs/{run_id}']"
+
+    try:
+        # ---- the experiment's runs table: the parent, then its children nested under it
+        driver.get(f"{mlflow_server}/#/experiments/{eid}/runs?{ML}")
+        link = visible(run_link(pid))
+        assert link.text.strip() == parent.info.run_name
+        visible("//*[contains(normalize-space(), '3 matching runs')]")
+        _close_assistant(driver)
+        child_links = [f"{run_link(c.info.run_id)}[normalize-space()='{c.info.run_name}']" for c in children]
+        if not driver.find_elements(By.XPATH, child_links[0]):  # collapsed: expand the parent's row
+            wait.until(EC.element_to_be_clickable((
+                By.XPATH, f"//div[@role='row'][.{run_link(pid)}]"
+                          "//button[contains(@data-component-id, 'runnamecellrenderer')]"))).click()
+        for xpath in child_links:
+            visible(xpath)
+        # nested: the children's rows follow the parent's row
+        def row_index(xpath: str) -> int:
+            row = driver.find_element(By.XPATH, f"({xpath})/ancestor::div[@role='row'][1]")
+            return int(row.get_attribute("row-index"))
+
+        assert row_index(run_link(pid)) < min(row_index(x) for x in child_links)
+        driver.save_screenshot(str(shots / "1_experiment_runs.png"))
+
+        # ---- a child run's overview: the train/grad_norm row of the metrics table, with its value
+        child = children[0]
+        expected = child.data.metrics["train/grad_norm"]
+        driver.get(f"{mlflow_server}/#/experiments/{eid}/runs/{child.info.run_id}?{ML}")
+        visible(f"//*[normalize-space()='{child.info.run_id}']")  # "Run ID" in About this run
+        _close_assistant(driver)
+        visible(f"{run_link(pid)}[normalize-space()='{parent.info.run_name}']")  # "Parent run" in About
+        row = visible("//div[@role='row'][.//a[normalize-space()='train/grad_norm']]")
+        value = row.find_element(By.XPATH, ".//span[@title]").get_attribute("title")
+        assert math.isclose(float(value), expected, rel_tol=1e-9), (value, expected)
+        driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", row)
+        driver.save_screenshot(str(shots / "2_child_run_overview.png"))
+
+        # ---- the child's "Model metrics" tab, filtered to train/grad_norm: its chart is drawn
+        driver.get(f"{mlflow_server}/#/experiments/{eid}/runs/{child.info.run_id}/model-metrics?{ML}")
+        search = visible("//input[@placeholder='Search metric charts']")
+        _close_assistant(driver)
+        search.send_keys("train/grad_norm", Keys.ENTER)
+        visible(f"//*[normalize-space()='{child.info.run_name} (train/grad_norm)']")  # the chart's legend
+        driver.save_screenshot(str(shots / "3_child_model_metrics.png"))
+    except Exception:
+        with contextlib.suppress(Exception):  # what the browser showed when it failed
+            driver.save_screenshot(str(shots / "failure.png"))
+            (shots / "failure.html").write_text(driver.page_source)
+        print(f"UI screenshots (failure): {shots}")
+        raise
+    for png in sorted(shots.glob("*.png")):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000, png
+    print(f"UI screenshots: {shots}")
