@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TRAIN_ARGS ?=
 
-.PHONY: install train test test-slow test-ui bench lint ui clean
+.PHONY: install train test test-slow test-ui bench soak lint ui clean
 
 install: $(STAMP)
 
@@ -35,6 +35,11 @@ test-ui: install
 bench: install
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	$(PY) -m bench.run_all
+
+# Random SIGKILL/resume cycles for SOAK_MINUTES (default 3, seeded by SOAK_SEED), then steps lost and the
+# parameter difference against an uninterrupted run (bench/soak.py).
+soak: install
+	$(PY) -m bench.soak
 
 lint: install
 	$(PY) -m pip install -q ruff

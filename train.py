@@ -20,7 +20,14 @@ def main(cfg: DictConfig) -> float:
 
     if in_multirun():  # a crashed or diverged job is recorded as failed; the sweep goes on
         return run_sweep_job(cfg, run_training)
-    return run_training(cfg)
+    from ds2exp.training.checkpoint import CheckpointError
+    from ds2exp.training.recovery import RunDirBusy
+
+    try:
+        return run_training(cfg)
+    except (CheckpointError, RunDirBusy) as exc:  # disk full, damaged checkpoint, run dir in use: one line
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -1,41 +1,48 @@
 """One DeepSpeech2 training step, three ways, side by side in one run: ds2exp vs naive MindSpore vs PyTorch.
 
-    .venv/bin/python -m bench.bench_step             # ds2_tiny and ds2_reference (about 10 minutes)
-    .venv/bin/python -m bench.bench_step --quick     # ds2_tiny only, fewer steps (about 2 minutes)
+    .venv/bin/python -m bench.bench_step             # ds2_tiny and ds2_reference (10-15 minutes)
+    .venv/bin/python -m bench.bench_step --quick     # ds2_tiny only (about 5 minutes)
 
 Rows (each in its own subprocess, so peak memory and thread settings are isolated):
 
   ds2exp   a real ``ds2exp.training.trainer.Trainer`` built from the composed Hydra config
            (``setup_mindspore``: blocking launch; fast kernels; Adam; grad_clip 400) and its
            ``train_step``: value_and_grad, numpy gradient checks and per-group norms, clipping,
-           optimizer. The step is split into fwd+bwd / numpy gradient handling / Adam by timing
-           wrappers around ``trainer.grad_fn`` and ``trainer.optimizer``.
+           optimizer. The step is split into value_and_grad / numpy gradient handling / Adam by
+           timing wrappers around ``trainer.grad_fn`` and ``trainer.optimizer``, and value_and_grad
+           further by timers around the numpy/numba kernels of the fast layers.
   naive    what the MindSpore model zoo recipe builds: nn.Conv2d + nn.LSTM (impl="plain"), default
            asynchronous launch, every utterance padded to 1250 frames, batch 1,
            value_and_grad + nn.Adam. Audio s/s counts the real (unpadded) audio of the utterance.
+           ds2_reference: one step without warm-up, killed after --naive-timeout seconds (its
+           s/step is then a lower bound, and what depends on it a bound).
   pytorch  the same architecture in PyTorch (conv + BN + activation, packed bidirectional nn.LSTM
            with directions summed, Linear without bias, nn.CTCLoss(blank=28), Adam,
            clip_grad_norm_), torch.set_num_threads(2), the same batch as the ds2exp row.
 
+The ds2exp and PyTorch processes of a model are alive together and take turns, one step at a
+time in A B B A order, so that both see the same machine load (the machine may be shared).
 Seconds per step = median of the timed steps after warm-up. GFLOP/s = 3 x analytic forward FLOPs
-(convolutions, LSTM input and recurrent matrix products, FC; element-wise work not counted) of
-the shape actually computed (the naive row's 1250 padded frames included) / s per step, against
-the GEMM peak: MindSpore ops.matmul of 2048x2048 float32, best of a few, measured in this run.
-Data wait: the ds2exp Trainer fed by the real ``BatchLoader`` on synth_tiny (if built under
-data/), share of wall time spent waiting for the next batch. Memory: ru_maxrss of each subprocess.
-The machine may be shared: compare rows of one run only.
+(convolutions, LSTM input and recurrent matrix products, FC; element-wise work not counted) of the
+shape actually computed (the naive row's 1250 padded frames included) / s per step, against the
+GEMM peak: MindSpore ops.matmul of 2048x2048 float32, best of 5, in this run. Data wait: the
+ds2exp Trainer fed by the real ``BatchLoader`` on synth_tiny (if built under data/): share of wall
+time spent waiting for the next batch. Memory: ru_maxrss of each row's process (wait4).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import queue
 import statistics
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -63,7 +70,7 @@ TARGET_PEAK_SHARE = 0.40  # ds2exp GFLOP/s >= 40 % of the GEMM peak on ds2_refer
 
 
 # --------------------------------------------------------------------------------------------
-# architecture, FLOPs, batches (no MindSpore / PyTorch needed)
+# architecture, FLOPs, batches, verdicts (no MindSpore / PyTorch needed)
 # --------------------------------------------------------------------------------------------
 def model_arch(name: str) -> Dict[str, Any]:
     """Architecture keys of conf/model/<name>.yaml (missing keys take the schema defaults)."""
@@ -77,13 +84,20 @@ def model_arch(name: str) -> Dict[str, Any]:
     return arch
 
 
-def conv_shapes(frames: int, bins: int = NUM_BINS):
+def conv_shapes(frames: int, bins: int = NUM_BINS) -> Tuple[int, int, int, int]:
     """(F1, T1, F2, T2) after conv1 (41x11, stride 2x2, pad 20/5) and conv2 (21x11, stride 2x1, pad 10/5)."""
     f1 = (bins + 40 - 41) // 2 + 1
     t1 = (frames + 10 - 11) // 2 + 1
     f2 = (f1 + 20 - 21) // 2 + 1
     t2 = (t1 + 10 - 11) // 1 + 1
     return f1, t1, f2, t2
+
+
+def _rnn_dims(arch: Dict[str, Any]) -> Tuple[int, int, int]:
+    h = int(arch["rnn_hidden"])
+    d = 2 if arch["bidirectional"] else 1
+    g = (4 if str(arch["rnn_type"]) == "lstm" else 3) * h
+    return h, d, g
 
 
 def forward_flops(arch: Dict[str, Any], batch: int, frames: int, bins: int = NUM_BINS,
@@ -100,9 +114,7 @@ def forward_flops(arch: Dict[str, Any], batch: int, frames: int, bins: int = NUM
     out: Dict[str, float] = {}
     out["conv1"] = 2.0 * batch * c * f1 * t1 * 1 * 41 * 11
     out["conv2"] = 2.0 * batch * c * f2 * t2 * c * 21 * 11
-    h = int(arch["rnn_hidden"])
-    d = 2 if arch["bidirectional"] else 1
-    g = (4 if str(arch["rnn_type"]) == "lstm" else 3) * h
+    h, d, g = _rnn_dims(arch)
     size = c * f2
     ih = hh = 0.0
     for _ in range(int(arch["rnn_layers"])):
@@ -126,9 +138,7 @@ def parameter_count(arch: Dict[str, Any], bins: int = NUM_BINS, classes: int = N
     c = int(arch["conv_channels"])
     _, _, f2, _ = conv_shapes(100, bins)
     n = c * 41 * 11 + c * c * 21 * 11 + (4 * c if arch["batch_norm"] else 0)
-    h = int(arch["rnn_hidden"])
-    d = 2 if arch["bidirectional"] else 1
-    g = (4 if str(arch["rnn_type"]) == "lstm" else 3) * h
+    h, d, g = _rnn_dims(arch)
     size = c * f2
     for _ in range(int(arch["rnn_layers"])):
         n += d * (g * size + g * h + 2 * g)
@@ -137,7 +147,7 @@ def parameter_count(arch: Dict[str, Any], bins: int = NUM_BINS, classes: int = N
 
 
 def label_length(frames: int) -> int:
-    """Synthetic transcript length: about 12.5 characters per second of audio (synth_tiny: ~13)."""
+    """Synthetic transcript length: 12.5 characters per second of audio (synth_tiny: about 13)."""
     return max(1, frames // 8)
 
 
@@ -159,7 +169,7 @@ def synthetic_batch(batch: int, frames: int, pad_to: Optional[int] = None, seed:
 
 
 def epoch_hours(audio_per_s: Optional[float], hours: float = TRAIN_CLEAN_100_HOURS) -> Optional[float]:
-    """Wall hours to train on `hours` of audio once at `audio_per_s` audio seconds per second."""
+    """Wall hours to train once on `hours` of audio at `audio_per_s` audio seconds per second."""
     if not audio_per_s or audio_per_s <= 0:
         return None
     return hours / audio_per_s
@@ -177,19 +187,48 @@ def check(name: str, value: Optional[float], target: float, higher_is_better: bo
     return f"  {name}: {shown} (target {sign} {format(target, fmt)}) ... {verdict}"
 
 
-def _max_rss_mib() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
-
-
 def _median(ts: List[float]) -> float:
     return float(statistics.median(ts))
+
+
+def _timeit(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 # --------------------------------------------------------------------------------------------
 # child rows (each runs in its own interpreter)
 # --------------------------------------------------------------------------------------------
+def _emit(tag: str, payload: Any = None) -> None:
+    print(tag if payload is None else f"{tag} {json.dumps(payload)}", flush=True)
+
+
+def _timed_steps(args, step: Callable[[], Any]) -> Tuple[List[float], float]:
+    """Warm-up, then the timed steps: --steps of them, or with --interactive one per STEP line on
+    stdin (the parent alternates two such processes) until END."""
+    t0 = time.perf_counter()
+    for _ in range(args.warmup):
+        step()
+    warm = time.perf_counter() - t0
+    ts: List[float] = []
+    if args.interactive:
+        _emit("BENCH_READY")
+        for line in sys.stdin:
+            if line.strip() == "END":
+                break
+            t0 = time.perf_counter()
+            step()
+            ts.append(time.perf_counter() - t0)
+            _emit("BENCH_STEP", ts[-1])
+    else:
+        for _ in range(args.steps):
+            t0 = time.perf_counter()
+            step()
+            ts.append(time.perf_counter() - t0)
+    return ts, warm
+
+
 def child_peak(args) -> Dict[str, Any]:
     import mindspore as ms
     import numpy as np
@@ -203,23 +242,17 @@ def child_peak(args) -> Dict[str, Any]:
     a = ms.Tensor(rng.standard_normal((n, n)).astype(np.float32))
     b = ms.Tensor(rng.standard_normal((n, n)).astype(np.float32))
     ops.matmul(a, b).asnumpy()
-    ts = []
-    for _ in range(args.steps):
-        t0 = time.perf_counter()
-        ops.matmul(a, b).asnumpy()
-        ts.append(time.perf_counter() - t0)
+    ts = [_timeit(lambda: ops.matmul(a, b).asnumpy()) for _ in range(args.steps)]
     best = min(ts)
-    # memory read bandwidth (what bounds the recurrence's small-batch matrix products): float32 dot of 256 MB
+    # memory read bandwidth: float32 dot of a 256 MB vector with itself (8x the 32 MB L3)
     v = rng.standard_normal(64 << 20).astype(np.float32)
     bw = min(_timeit(lambda: v.dot(v)) for _ in range(5))
     return {"gflops": 2.0 * n ** 3 / best / 1e9, "n": n, "best_s": best, "median_s": _median(ts),
             "read_gbs": v.nbytes / bw / 1e9}
 
 
-def _ds2exp_trainer(model_name: str, batch_size: int, blocking: bool = True):
+def _ds2exp_trainer(model_name: str, batch_size: int):
     """A real Trainer (and its config) as train.py builds it, minus MLflow."""
-    import tempfile
-
     from ds2exp.cli import compose_config
     from ds2exp.models.deepspeech2 import build_model
     from ds2exp.tracking.mlflow_tracker import NullTracker
@@ -227,12 +260,11 @@ def _ds2exp_trainer(model_name: str, batch_size: int, blocking: bool = True):
     from ds2exp.training.run import setup_mindspore
     from ds2exp.training.trainer import Trainer
 
-    overrides = [f"model={model_name}", "logger=none", "trainer.progress=false", f"dataset.batch_size={batch_size}",
-                 f"hardware.blocking_launch={str(blocking).lower()}"]
+    overrides = [f"model={model_name}", "logger=none", "trainer.progress=false", f"dataset.batch_size={batch_size}"]
     if os.environ.get("DS2EXP_BENCH_DATA"):  # as bench/run_all.py's feature section
         overrides.append(f"paths.data_dir={Path(os.environ['DS2EXP_BENCH_DATA']).resolve()}")
     cfg = compose_config(overrides)
-    setup_mindspore(cfg.hardware, int(cfg.trainer.seed))
+    setup_mindspore(cfg.hardware, int(cfg.trainer.seed))  # CPU: blocking launch (hardware.blocking_launch)
     model = build_model(cfg.model)
     optimizer = build_optimizer(model.trainable_params(), cfg.optimizer)
     run_dir = tempfile.mkdtemp(prefix="ds2exp-bench-")
@@ -242,94 +274,42 @@ def _ds2exp_trainer(model_name: str, batch_size: int, blocking: bool = True):
 
 
 class _Timed:
-    """Wraps a callable; records the wall time of each call (MindSpore results synced)."""
+    """Wraps a callable; records wall and process-CPU time of each call, after `sync`."""
 
     def __init__(self, fn, sync=None):
         self.fn = fn
         self.sync = sync
         self.times: List[float] = []
+        self.cpu: List[float] = []
 
     def __call__(self, *a, **k):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = self.fn(*a, **k)
         if self.sync is not None:
             self.sync(out)
         self.times.append(time.perf_counter() - t0)
+        self.cpu.append(time.process_time() - c0)
         return out
 
 
-def _grad_variants(trainer, grads, repeats: int) -> Dict[str, float]:
-    """Seconds for the gradient handling between backward and optimizer, three ways, same grads.
-
-    trainer: Trainer.train_step's code (float64 copies, / scale, g*g, clip multiply, new Tensors).
-    numpy32: float32 views, one dot per tensor, new Tensors only when the clip factor < 1.
-    ms:      per-tensor squared sums in MindSpore, one host transfer of the sums.
-    """
-    import math
-
-    import mindspore as ms
-    import numpy as np
-    from mindspore import ops
-
-    groups = trainer.param_groups
-    clip = float(trainer.cfg.optimizer.grad_clip)
-    scale = 1.0
-
-    def trainer_way():
-        grads_np = [g.asnumpy().astype(np.float64) / scale for g in grads]
-        group_sq = {g: 0.0 for g in trainer.group_names}
-        for g, name in zip(grads_np, groups):
-            group_sq[name] += float(np.sum(g * g))
-        norm = math.sqrt(sum(group_sq.values()))
-        factor = min(1.0, clip / (norm + 1e-6))
-        return tuple(ms.Tensor((g * factor).astype(np.float32)) for g in grads_np)
-
-    def numpy32_way():
-        group_sq = {g: 0.0 for g in trainer.group_names}
-        for g, name in zip(grads, groups):
-            a = g.asnumpy().reshape(-1)
-            group_sq[name] += float(np.dot(a, a))
-        norm = math.sqrt(sum(group_sq.values()))
-        factor = min(1.0, clip / (norm + 1e-6))
-        return grads if factor >= 1.0 else tuple(g * factor for g in grads)
-
-    def ms_way():
-        sq = ops.stack([ops.reduce_sum(g * g) for g in grads]).asnumpy().astype(np.float64)
-        group_sq = {g: 0.0 for g in trainer.group_names}
-        for v, name in zip(sq, groups):
-            group_sq[name] += float(v)
-        norm = math.sqrt(sum(group_sq.values()))
-        factor = min(1.0, clip / (norm + 1e-6))
-        return grads if factor >= 1.0 else tuple(g * factor for g in grads)
-
-    out = {}
-    for name, fn in (("trainer", trainer_way), ("numpy32", numpy32_way), ("ms", ms_way)):
-        fn()
-        ts = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
-        out[name] = _median(ts)
-    return out
-
-
 class _Accum:
-    """Wraps a module-level function; sums its wall time (pyfunc kernels: numpy/numba work)."""
+    """Wraps a module-level function; sums its wall and process-CPU time (the pyfunc kernels)."""
 
     def __init__(self, fn):
         self.fn = fn
         self.total = 0.0
+        self.cpu = 0.0
 
     def __call__(self, *a, **k):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         try:
             return self.fn(*a, **k)
         finally:
             self.total += time.perf_counter() - t0
+            self.cpu += time.process_time() - c0
 
 
-def _install_kernel_timers():
+def _install_kernel_timers() -> Dict[str, _Accum]:
     """Time the host-side (numpy/numba) kernels inside ds2exp's fast layers. Must run before the
     model is built: the RNN pyfunc ops capture the kernels when the first FastRNN is made."""
     from ds2exp.models import layers as L
@@ -343,10 +323,63 @@ def _install_kernel_timers():
     return timers
 
 
-def _lean_train_step(trainer, batch):
-    """What Trainer.train_step does (same checks, norms, clipping, optimizer), with the gradient
-    handling in float32 on the arrays MindSpore hands out (no float64 copies, no new Tensors
-    unless the clip factor or loss scale changes them). Not used by ds2exp: a bench what-if."""
+def _grad_variants(trainer, grads, repeats: int) -> Dict[str, float]:
+    """Seconds for the gradient handling between backward and optimizer, three ways, same grads.
+
+    trainer: Trainer.train_step's code (float64 copies, / scale, g*g, clip multiply, new Tensors).
+    numpy32: float32 arrays as MindSpore hands them out, one dot per tensor, scaling in MindSpore
+             only when the clip factor < 1.
+    ms:      per-tensor squared sums in MindSpore, one host transfer of the sums.
+    """
+    import math
+
+    import mindspore as ms
+    import numpy as np
+    from mindspore import ops
+
+    groups = trainer.param_groups
+    clip = float(trainer.cfg.optimizer.grad_clip)
+    scale = 1.0
+
+    def finish(group_sq):
+        norm = math.sqrt(sum(group_sq.values()))
+        return min(1.0, clip / (norm + 1e-6))
+
+    def trainer_way():
+        grads_np = [g.asnumpy().astype(np.float64) / scale for g in grads]
+        group_sq = {g: 0.0 for g in trainer.group_names}
+        for g, name in zip(grads_np, groups):
+            group_sq[name] += float(np.sum(g * g))
+        factor = finish(group_sq)
+        return tuple(ms.Tensor((g * factor).astype(np.float32)) for g in grads_np)
+
+    def numpy32_way():
+        group_sq = {g: 0.0 for g in trainer.group_names}
+        for g, name in zip(grads, groups):
+            a = g.asnumpy().reshape(-1)
+            group_sq[name] += float(np.dot(a, a))
+        factor = finish(group_sq)
+        return grads if factor >= 1.0 else tuple(g * factor for g in grads)
+
+    def ms_way():
+        sq = ops.stack([ops.reduce_sum(g * g) for g in grads]).asnumpy().astype(np.float64)
+        group_sq = {g: 0.0 for g in trainer.group_names}
+        for v, name in zip(sq, groups):
+            group_sq[name] += float(v)
+        factor = finish(group_sq)
+        return grads if factor >= 1.0 else tuple(g * factor for g in grads)
+
+    out = {}
+    for name, fn in (("trainer", trainer_way), ("numpy32", numpy32_way), ("ms", ms_way)):
+        fn()
+        out[name] = _median([_timeit(fn) for _ in range(repeats)])
+    return out
+
+
+def _lean_train_step(trainer, batch) -> float:
+    """Trainer.train_step's work (same checks, norms, clipping, optimizer) with the gradient handling
+    in float32 on the arrays MindSpore hands out: no float64 copies, no new Tensors unless the clip
+    factor or loss scale changes them. Not used by ds2exp: a bench what-if."""
     import math
 
     import mindspore as ms
@@ -389,43 +422,49 @@ def child_ds2exp(args) -> Dict[str, Any]:
     opt_t = _Timed(trainer.optimizer, sync=sync)
     trainer.grad_fn = grad_t
     trainer.optimizer = opt_t
-    t0 = time.perf_counter()
-    for _ in range(args.warmup):
-        trainer.train_step(batch)
-    warm = time.perf_counter() - t0
-    grad_t.times.clear()
-    opt_t.times.clear()
-    for t in timers.values():
-        t.total = 0.0
-    ts, losses = [], []
-    for _ in range(args.steps):
-        t0 = time.perf_counter()
-        res = trainer.train_step(batch)
-        ts.append(time.perf_counter() - t0)
-        losses.append(res.loss)
+    losses: List[float] = []
+    cpu: List[float] = []
+
+    def step():
+        if len(losses) == args.warmup:  # first timed step: the kernel timers start from zero
+            for t in timers.values():
+                t.total = t.cpu = 0.0
+        c0 = time.process_time()
+        losses.append(trainer.train_step(batch).loss)
+        cpu.append(time.process_time() - c0)
+
+    # warm-up steps are recorded too: drop them from every list afterwards
+    ts, warm = _timed_steps(args, step)
     n = len(ts)
-    fb = np.array(grad_t.times)
-    adam = np.array(opt_t.times)
+    w = args.warmup
+    fb, adam = np.array(grad_t.times[w:w + n]), np.array(opt_t.times[w:w + n])
     rest = np.array(ts) - fb - adam
-    kern = {k: t.total / n for k, t in timers.items()}
     out: Dict[str, Any] = {"s": _median(ts), "times": ts, "warmup_s": warm, "loss": losses[-1],
-                           "finite": bool(np.isfinite(losses).all()),
-                           "profile": {"fwd_bwd": _median(list(fb)), "numpy_grads": _median(list(rest)),
-                                       "adam": _median(list(adam)), "rnn_fwd": kern["rnn_fwd"],
-                                       "rnn_bwd": kern["rnn_bwd"], "conv_data": kern["im2col"] + kern["col2im"]}}
+                           "finite": bool(np.isfinite(losses[w:]).all()), "cores": float(np.sum(cpu[w:]) / np.sum(ts))}
+    timed_wall = float(np.sum(fb))
+    out["profile"] = {"fwd_bwd": _median(list(fb)), "numpy_grads": _median(list(rest)), "adam": _median(list(adam)),
+                      "fwd_bwd_cores": float(np.sum(grad_t.cpu[w:w + n]) / max(timed_wall, 1e-9))}
+    for k, t in timers.items():
+        out["profile"][k] = t.total / n
+        out["profile"][k + "_cores"] = t.cpu / t.total if t.total else 0.0
     if args.grad_variants:
         (_, _), grads = grad_t.fn(ms.Tensor(x), ms.Tensor(xl), ms.Tensor(y), ms.Tensor(yl),
                                   ms.Tensor(1.0, ms.float32))
         out["grad_variants"] = _grad_variants(trainer, grads, repeats=3)
         del grads
-    if args.lean_steps:
-        lean = []
+    if args.lean_steps:  # Trainer.train_step and the float32 what-if, alternately
+        pair: Dict[str, List[float]] = {"trainer": [], "lean": [], "trainer_handling": [], "lean_handling": []}
         for _ in range(args.lean_steps):
-            t0 = time.perf_counter()
-            _lean_train_step(trainer, batch)
-            lean.append(time.perf_counter() - t0)
-        out["lean_s"] = _median(lean)
-        out["lean_times"] = lean
+            for name, fn in (("trainer", lambda: trainer.train_step(batch)),
+                             ("lean", lambda: _lean_train_step(trainer, batch))):
+                t = _timeit(fn)
+                pair[name].append(t)
+                pair[name + "_handling"].append(t - grad_t.times[-1] - opt_t.times[-1])
+        out["what_if"] = {k: _median(v) for k, v in pair.items()}
+    if args.gemm_probe:  # the GEMM the peak is measured with, under this row's load
+        a = ms.Tensor(np.random.default_rng(0).standard_normal((2048, 2048)).astype(np.float32))
+        best = min(_timeit(lambda: ms.ops.matmul(a, a).asnumpy()) for _ in range(5))
+        out["gemm_gflops"] = 2.0 * 2048 ** 3 / best / 1e9
     if args.data_steps:
         out["data"] = _data_wait(cfg, trainer, args.data_steps)
     return out
@@ -440,7 +479,7 @@ def _data_wait(cfg, trainer, steps: int) -> Dict[str, Any]:
         return {"error": f"no built corpus at {root}"}
     from ds2exp.training.run import build_data
 
-    data = build_data(cfg)  # synth corpus already built: only manifests are read
+    data = build_data(cfg)  # the synthetic corpus is already built: this reads its manifests
     loader = data["train"]
     waits, steps_s, audio = [], [], []
     it = loader.iterate(epoch=1)  # a shuffled epoch (epoch 0 is SortaGrad: shortest first)
@@ -489,24 +528,22 @@ def child_naive(args) -> Dict[str, Any]:
         return float(loss.asnumpy())
 
     def partial(**kw):  # what the parent reports if it has to kill this row
-        print("BENCH_PARTIAL " + json.dumps(kw), flush=True)
+        _emit("BENCH_PARTIAL", kw)
 
     t0 = time.perf_counter()
-    partial(step_started=time.time(), times=[], warmup_s=None, loss=None)
+    partial(step_started=time.time(), times=[], warmup_s=None, loss=None, first=True)
     loss = None
     for _ in range(args.warmup):
         loss = step()
     warm = time.perf_counter() - t0
     ts: List[float] = []
-    deadline = time.perf_counter() + args.budget_s
-    for i in range(args.steps):
-        if i and time.perf_counter() + _median(ts) > deadline:
-            break
-        partial(step_started=time.time(), times=ts, warmup_s=warm, loss=loss)
+    for _ in range(args.steps):
+        partial(step_started=time.time(), times=ts, warmup_s=warm if args.warmup else None, loss=loss,
+                first=not ts and not args.warmup)
         t0 = time.perf_counter()
         loss = step()
         ts.append(time.perf_counter() - t0)
-    return {"s": _median(ts), "times": ts, "warmup_s": warm, "loss": loss}
+    return {"s": _median(ts), "times": ts, "warmup_s": warm if args.warmup else None, "loss": loss}
 
 
 def _torch_model(arch):
@@ -568,6 +605,7 @@ def child_torch(args) -> Dict[str, Any]:
     ctc = torch.nn.CTCLoss(blank=BLANK, reduction="none")
     x, xl, y, yl = (torch.from_numpy(a) for a in synthetic_batch(args.batch, args.frames))
     xl, yl, y = xl.long(), yl.long(), y.long()
+    losses: List[float] = []
 
     def step():
         opt.zero_grad(set_to_none=True)
@@ -576,29 +614,15 @@ def child_torch(args) -> Dict[str, Any]:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 400.0)
         opt.step()
-        return float(loss.detach())
+        losses.append(float(loss.detach()))
 
-    t0 = time.perf_counter()
-    for _ in range(args.warmup):
-        step()
-    warm = time.perf_counter() - t0
-    ts = []
-    for _ in range(args.steps):
-        t0 = time.perf_counter()
-        loss = step()
-        ts.append(time.perf_counter() - t0)
+    ts, warm = _timed_steps(args, step)
     n = args.gemm_n
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b
     best = min(_timeit(lambda: a @ b) for _ in range(3))
-    return {"s": _median(ts), "times": ts, "warmup_s": warm, "loss": loss, "torch": torch.__version__,
+    return {"s": _median(ts), "times": ts, "warmup_s": warm, "loss": losses[-1], "torch": torch.__version__,
             "params": sum(p.numel() for p in model.parameters()), "gemm_gflops": 2.0 * n ** 3 / best / 1e9}
-
-
-def _timeit(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 CHILDREN = {"peak": child_peak, "ds2exp": child_ds2exp, "naive": child_naive, "torch": child_torch}
@@ -613,123 +637,185 @@ def child_main(argv: List[str]) -> int:
     ap.add_argument("--pad-to", type=int, default=None)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--budget-s", type=float, default=1e9)
+    ap.add_argument("--interactive", action="store_true", help="one timed step per STEP line on stdin")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--gemm-n", type=int, default=2048)
     ap.add_argument("--data-steps", type=int, default=0)
     ap.add_argument("--grad-variants", action="store_true")
     ap.add_argument("--lean-steps", type=int, default=0)
+    ap.add_argument("--gemm-probe", action="store_true")
     args = ap.parse_args(argv)
-    out = CHILDREN[args.child](args)
-    out["self_max_rss_mib"] = _max_rss_mib()
-    print("BENCH_JSON " + json.dumps(out), flush=True)
+    _emit("BENCH_JSON", CHILDREN[args.child](args))
     return 0
 
 
 # --------------------------------------------------------------------------------------------
-# parent: plan, run the rows, print the table
+# parent: run the rows, print the table
 # --------------------------------------------------------------------------------------------
-def run_child(child: str, timeout: float = 1200, **kw) -> Dict[str, Any]:
-    """Run one row in a fresh interpreter; its peak RSS comes from wait4. A row that outlives
-    `timeout` is killed; its result then says how long its unfinished step had run ("lower_bound_s")."""
-    import tempfile
+class _Child:
+    """One row's process: stdout lines arrive on a queue (a reader thread), stderr goes to a file,
+    peak RSS comes from wait4 when it ends."""
 
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", child]
-    for k, v in kw.items():
-        if isinstance(v, bool):
-            if v:
-                cmd.append("--" + k.replace("_", "-"))
-        elif v is not None:
-            cmd += ["--" + k.replace("_", "-"), str(v)]
-    t0 = time.perf_counter()
-    with tempfile.TemporaryFile("w+") as fo, tempfile.TemporaryFile("w+") as fe:
-        p = subprocess.Popen(cmd, stdout=fo, stderr=fe, text=True, cwd=str(ROOT))
-        timed_out = False
+    def __init__(self, child: str, **kw):
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", child]
+        for k, v in kw.items():
+            if isinstance(v, bool):
+                if v:
+                    cmd.append("--" + k.replace("_", "-"))
+            elif v is not None:
+                cmd += ["--" + k.replace("_", "-"), str(v)]
+        self.t0 = time.perf_counter()
+        self.err = tempfile.TemporaryFile("w+")
+        self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err, text=True,
+                                  cwd=str(ROOT), bufsize=1)
+        self.lines: "queue.Queue[Optional[str]]" = queue.Queue()
+        self.partial: Optional[Dict[str, Any]] = None
+        self.rusage = None
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.p.stdout:
+            self.lines.put(line.rstrip("\n"))
+        self.lines.put(None)
+
+    def expect(self, tag: str, timeout: float) -> Optional[str]:
+        """The payload of the next line starting with `tag` (None: process ended or timeout)."""
         deadline = time.time() + timeout
         while True:
-            pid, status, ru = os.wait4(p.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.time() > deadline:
-                p.kill()
-                _, status, ru = os.wait4(p.pid, 0)
-                timed_out = True
-                break
-            time.sleep(0.1)
-        p.returncode = os.waitstatus_to_exitcode(status)
-        killed_at = time.time()
-        fo.seek(0)
-        fe.seek(0)
-        stdout, stderr = fo.read(), fe.read()
-    wall = time.perf_counter() - t0
-    final, partial = None, None
-    for line in stdout.splitlines():
-        if line.startswith("BENCH_JSON "):
-            final = json.loads(line[len("BENCH_JSON "):])
-        elif line.startswith("BENCH_PARTIAL "):
-            partial = json.loads(line[len("BENCH_PARTIAL "):])
-    if final is None and timed_out and partial is not None:
-        final = dict(partial)
-        if partial.get("times"):
-            final["s"] = _median(partial["times"])
+            try:
+                line = self.lines.get(timeout=max(0.01, deadline - time.time()))
+            except queue.Empty:
+                return None
+            if line is None:
+                return None
+            if line.startswith("BENCH_PARTIAL "):
+                self.partial = json.loads(line[len("BENCH_PARTIAL "):])
+            if line == tag or line.startswith(tag + " "):
+                return line[len(tag) + 1:]
+
+    def send(self, text: str) -> None:
+        try:
+            self.p.stdin.write(text + "\n")
+            self.p.stdin.flush()
+        except (BrokenPipeError, OSError):
+            pass
+
+    def finish(self, timeout: float) -> Dict[str, Any]:
+        payload = self.expect("BENCH_JSON", timeout)
+        killed_at = None
+        if payload is None and self.p.poll() is None:
+            self.p.kill()
+            killed_at = time.time()
+        _, status, self.rusage = os.wait4(self.p.pid, 0)
+        self.p.returncode = os.waitstatus_to_exitcode(status)
+        wall = time.perf_counter() - self.t0
+        if payload is not None:
+            res = json.loads(payload)
+        elif killed_at is not None and self.partial is not None:
+            res = dict(self.partial)  # the unfinished step ran for at least this long
+            res["s"] = None
+            res["lower_bound_s"] = killed_at - self.partial["step_started"]
+            res["timed_out"] = timeout
         else:
-            final["s"] = None
-            final["lower_bound_s"] = killed_at - partial["step_started"]
-        final["timed_out"] = timeout
-    if final is None:
-        why = f"timed out after {timeout:.0f} s" if timed_out else \
-            f"rc={p.returncode}: {(stderr.strip().splitlines() or ['no output'])[-1][:160]}"
-        return {"error": why, "wall_s": wall}
-    final["wall_s"] = wall
-    final["max_rss_mib"] = ru.ru_maxrss / 1024.0  # KiB on Linux
-    return final
+            self.err.seek(0)
+            tail = (self.err.read().strip().splitlines() or ["no output"])[-1][:160]
+            why = f"timed out after {timeout:.0f} s" if killed_at else f"rc={self.p.returncode}: {tail}"
+            res = {"error": why}
+        self.err.close()
+        res["wall_s"] = wall
+        res["max_rss_mib"] = self.rusage.ru_maxrss / 1024.0  # KiB on Linux
+        res["load"] = os.getloadavg()[0]
+        return res
 
 
-def plan(quick: bool, naive_timeout: float = 420.0) -> List[Dict[str, Any]]:
-    """The rows: model, path, shapes, child kwargs, timeout. Sized so that the table takes ~10 minutes
-    on 2 cores; the naive ds2_reference step (Python loop over 1250 frames x 10 LSTM directions,
-    then its backward) is timed once, without warm-up, and killed after `naive_timeout` s."""
-    rows = []
-    models = ["ds2_tiny"] if quick else ["ds2_tiny", "ds2_reference"]
-    for m in models:
-        b, t = SHAPES[m]
-        tiny = m == "ds2_tiny"
-        rows.append(dict(model=m, path="ds2exp", batch=b, frames=t, padded=t, timeout=900,
-                         kw=dict(child="ds2exp", model=m, batch=b, frames=t, warmup=2 if tiny else 1,
-                                 steps=(3 if quick else 5) if tiny else 3, data_steps=(12 if tiny else 0),
-                                 grad_variants=not tiny, lean_steps=(3 if tiny else 2))))
-        rows.append(dict(model=m, path="naive", batch=1, frames=t, padded=NAIVE_FRAMES,
-                         timeout=300 if tiny else naive_timeout,
-                         kw=dict(child="naive", model=m, batch=1, frames=t, pad_to=NAIVE_FRAMES,
-                                 warmup=1 if tiny else 0, steps=2 if tiny else 1, budget_s=60 if tiny else 0)))
-        rows.append(dict(model=m, path="pytorch", batch=b, frames=t, padded=t, timeout=900,
-                         kw=dict(child="torch", model=m, batch=b, frames=t, warmup=2 if tiny else 1,
-                                 steps=(3 if quick else 5) if tiny else 3, threads=2)))
-    return rows
+def run_child(child: str, timeout: float = 1200, **kw) -> Dict[str, Any]:
+    """One row alone; killed after `timeout` s (a naive row then reports a lower bound)."""
+    return _Child(child, **kw).finish(timeout)
+
+
+def run_duel(a_kw: Dict[str, Any], b_kw: Dict[str, Any], steps: int, timeout: float = 900) -> List[Dict[str, Any]]:
+    """Two rows alive together, taking turns one timed step at a time in A B B A order."""
+    procs: List[_Child] = []
+    for kw in (a_kw, b_kw):  # the second starts (and warms up) while the first waits
+        c = _Child(interactive=True, **kw)
+        procs.append(c)
+        if c.expect("BENCH_READY", timeout) is None:
+            results = []
+            for p in procs:
+                p.send("END")
+                results.append(p.finish(60))
+            return results + [{"error": "not run (the other row failed)"}] * (2 - len(results))
+    for i in range(steps):
+        for c in (procs if i % 2 == 0 else procs[::-1]):
+            c.send("STEP")
+            if c.expect("BENCH_STEP", timeout) is None:
+                break
+    results = []
+    for c in procs:  # one at a time: what a row does after its timed steps must not overlap the other
+        c.send("END")
+        results.append(c.finish(timeout))
+    return results
 
 
 PATH_LABEL = {"ds2exp": "ds2exp Trainer (fast, blocking)", "naive": "naive zoo (plain, async, pad 1250)",
-              "pytorch": "PyTorch 2 threads"}
+              "pytorch": "PyTorch 2.13, 2 threads"}
+
+
+def plan(quick: bool, naive_timeout: float = 360.0) -> List[Dict[str, Any]]:
+    """The rows, per model: ds2exp and pytorch (run as a duel), then naive.
+
+    Sized to keep `make bench` under 20 minutes on 2 shared cores: the naive rows dominate (a
+    Python loop over 1250 frames x every LSTM direction, then its backward). ds2_tiny naive: one
+    warm-up and one timed step; ds2_reference naive: one step without warm-up (measured: its first
+    and second steps take the same time), killed after `naive_timeout` s."""
+    rows = []
+    for m in (["ds2_tiny"] if quick else ["ds2_tiny", "ds2_reference"]):
+        b, t = SHAPES[m]
+        tiny = m == "ds2_tiny"
+        steps = 5 if tiny else 3
+        rows.append(dict(model=m, path="ds2exp", batch=b, frames=t, padded=t, steps=steps,
+                         kw=dict(child="ds2exp", model=m, batch=b, frames=t, warmup=2 if tiny else 1,
+                                 data_steps=8 if tiny else 0, grad_variants=not tiny, lean_steps=3,
+                                 gemm_probe=True)))
+        rows.append(dict(model=m, path="pytorch", batch=b, frames=t, padded=t, steps=steps,
+                         kw=dict(child="torch", model=m, batch=b, frames=t, warmup=2 if tiny else 1, threads=2)))
+        rows.append(dict(model=m, path="naive", batch=1, frames=t, padded=NAIVE_FRAMES, steps=1,
+                         timeout=(240 if quick else 300) if tiny else naive_timeout,
+                         kw=dict(child="naive", model=m, batch=1, frames=t, pad_to=NAIVE_FRAMES,
+                                 warmup=1 if tiny else 0, steps=1)))
+    return rows
 
 
 def _fmt(v: Optional[float], spec: str, width: int, prefix: str = "") -> str:
     return f"{'-' if v is None else prefix + format(v, spec):>{width}s}"
 
 
-def run(quick: bool = False, out=print, naive_timeout: float = 420.0) -> Dict[str, Any]:
+def run(quick: bool = False, out: Callable[[str], None] = print, naive_timeout: float = 360.0) -> Dict[str, Any]:
     t_start = time.perf_counter()
     peak = run_child("peak", timeout=300, steps=5)
     rows = plan(quick, naive_timeout)
-    for r in rows:
-        r["res"] = run_child(timeout=r["timeout"], **r["kw"])
-    peak_g = peak.get("gflops")
-    results = {"peak": peak, "rows": rows}
     by = {(r["model"], r["path"]): r for r in rows}
+    for m in dict.fromkeys(r["model"] for r in rows):
+        a, b, nv = by[(m, "ds2exp")], by[(m, "pytorch")], by[(m, "naive")]
+        out(f"  ... {m}: ds2exp and PyTorch, {a['steps']} alternating steps each")
+        a["res"], b["res"] = run_duel(a["kw"], b["kw"], a["steps"])
+        out(f"  ... {m}: naive (up to {nv['timeout']:.0f} s)")
+        nv["res"] = run_child(timeout=nv["timeout"], **nv["kw"])
+    peak_end = run_child("peak", timeout=300, steps=5)
+    probes = {"start": peak.get("gflops"), "end": peak_end.get("gflops")}
+    for r in rows:
+        if r["path"] == "ds2exp" and r["res"].get("gemm_gflops"):
+            probes[f"after {r['model']} steps"] = r["res"]["gemm_gflops"]
+    valid = [v for v in probes.values() if v]
+    peak_g = max(valid) if valid else None
+    peak["read_gbs"] = max(peak.get("read_gbs") or 0.0, peak_end.get("read_gbs") or 0.0) or float("nan")
+    results = {"peak": peak, "peak_probes": probes, "rows": rows}
 
     # derived figures; a killed naive step gives bounds: s/step > x, audio s/s < y, speed-ups > z
     for r in rows:
         res = r["res"]
-        if "error" in res:
+        if "error" in res or not (res.get("s") or res.get("lower_bound_s")):
+            res.setdefault("error", "no step timed")
             continue
         step = res["s"] if res.get("s") is not None else res["lower_bound_s"]
         r["step"] = step
@@ -742,91 +828,59 @@ def run(quick: bool = False, out=print, naive_timeout: float = 420.0) -> Dict[st
         r["vs_naive_bound"] = bool(nv.get("bound")) and not r.get("bound")
         r["vs_torch"] = r["step"] / pt["step"] if r.get("step") and pt.get("step") else None
 
-    out("Training step: forward + CTC + backward + Adam; median s/step after warm-up; each row its own process.")
+    out("\nTraining step: forward + CTC + backward + Adam (+ the Trainer's gradient checks and clipping); median "
+        "s/step after warm-up;\neach row its own process; ds2exp and PyTorch steps alternate (A B B A) so both see "
+        "the same load.")
     if peak_g:
-        out(f"GEMM peak (MindSpore ops.matmul {peak['n']}x{peak['n']} float32, best of 5, blocking launch): "
-            f"{peak_g:.1f} GFLOP/s; memory read {peak['read_gbs']:.1f} GB/s")
+        out("GEMM peak (MindSpore ops.matmul 2048x2048 float32, blocking launch; best of 5 at each of: "
+            + ", ".join(f"{k} {v:.0f}" for k, v in probes.items() if v)
+            + f"): {peak_g:.1f} GFLOP/s; memory read bandwidth {peak['read_gbs']:.1f} GB/s")
     else:
         out(f"GEMM peak: failed ({peak.get('error')})")
-    out(f"  {'model':14s} {'path':34s} {'batch':>9s} {'steps':>5s} {'s/step':>9s} {'audio s/s':>9s} "
-        f"{'GFLOP/s':>8s} {'% peak':>7s} {'vs naive':>9s} {'vs torch':>8s} {'RSS MiB':>8s}")
+    out(f"  {'model':14s} {'path':34s} {'batch':>10s} {'steps':>5s} {'s/step':>9s} {'audio s/s':>9s} "
+        f"{'GFLOP/s':>8s} {'% peak':>7s} {'vs naive':>9s} {'vs torch':>8s} {'RSS MiB':>8s} {'load':>5s}")
     for r in rows:
         res = r["res"]
         shape = f"{r['batch']}x{r['frames']}" + ("" if r["padded"] == r["frames"] else f"/{r['padded']}")
         if "error" in res:
-            out(f"  {r['model']:14s} {PATH_LABEL[r['path']]:34s} {shape:>9s}  failed: {res['error']}")
+            out(f"  {r['model']:14s} {PATH_LABEL[r['path']]:34s} {shape:>10s}  failed: {res['error']}")
             continue
         up, lo = ("<", ">") if r["bound"] else ("", "")
         pct = 100 * r["gflops"] / peak_g if peak_g else None
-        out(f"  {r['model']:14s} {PATH_LABEL[r['path']]:34s} {shape:>9s} {len(res['times']) or 1:5d} "
+        out(f"  {r['model']:14s} {PATH_LABEL[r['path']]:34s} {shape:>10s} {len(res['times']) or 1:5d} "
             f"{_fmt(r['step'], '.3f', 9, lo)} {_fmt(r['audio_per_s'], '.3f', 9, up)} "
             f"{_fmt(r['gflops'], '.1f', 8, up)} {_fmt(pct, '.1f', 6, up)}% "
             f"{_fmt(r['vs_naive'], '.1f', 8, '>' if r['vs_naive_bound'] else up)}x "
-            f"{_fmt(r['vs_torch'], '.2f', 7, lo)}x {res['max_rss_mib']:8.0f}")
+            f"{_fmt(r['vs_torch'], '.2f', 7, lo)}x {res['max_rss_mib']:8.0f} {res['load']:5.1f}")
     out("  batch = utterances x frames (10 ms each), /1250 = padded frames computed; audio s/s counts real audio;")
-    out("  GFLOP/s = 3 x analytic forward FLOPs of the computed shape / s; RSS = peak resident memory of the row.")
+    out("  GFLOP/s = 3 x analytic forward FLOPs of the computed shape / s; RSS = peak resident memory of the row's")
+    out("  process; load = 1-minute load average when the row ended (2 cores).")
     for r in rows:
         res = r["res"]
         if "error" in res:
             continue
         if r["path"] == "naive":
             if r["bound"]:
-                out(f"  {r['model']} naive: ONE step, no warm-up, killed after {res['lower_bound_s']:.0f} s unfinished "
-                    f"(row timeout {res['timed_out']:.0f} s): s/step is a lower bound")
-            elif r["kw"]["warmup"] == 0:
-                out(f"  {r['model']} naive: {len(res['times'])} step(s) timed, no warm-up (too slow for more); "
-                    f"steps {', '.join(f'{t:.1f}' for t in res['times'])} s")
+                out(f"  {r['model']} naive: ONE step{', no warm-up,' if res.get('first') else ''} killed after "
+                    f"{res['lower_bound_s']:.0f} s unfinished (row timeout {res['timed_out']:.0f} s): s/step is a "
+                    f"lower bound")
+            elif not res.get("warmup_s"):
+                out(f"  {r['model']} naive: 1 step timed, no warm-up (too slow for more): "
+                    f"{', '.join(f'{t:.1f}' for t in res['times'])} s")
             else:
                 out(f"  {r['model']} naive: warm-up step {res['warmup_s']:.1f} s, then "
                     f"{', '.join(f'{t:.1f}' for t in res['times'])} s")
-        if r["path"] == "pytorch":
-            out(f"  {r['model']} PyTorch {res['torch']}: {res['params']:,} parameters; torch's own 2048^2 GEMM "
-                f"{res['gemm_gflops']:.1f} GFLOP/s")
+        else:
+            out(f"  {r['model']} {r['path']}: steps {', '.join(f'{t:.2f}' for t in res['times'])} s"
+                + (f"; {res['params']:,} parameters; torch's own 2048^2 GEMM {res['gemm_gflops']:.1f} GFLOP/s"
+                   if r["path"] == "pytorch" else ""))
 
-    # where the ds2exp step goes
-    out("\nds2exp step, where the time goes (median s/step; Trainer.train_step split by timers around "
-        "trainer.grad_fn and trainer.optimizer, and around the numpy/numba kernels of the fast layers):")
-    for r in rows:
-        res = r["res"]
-        if r["path"] != "ds2exp" or "error" in res:
-            continue
-        p = res["profile"]
-        tot = res["s"]
-        host = p["rnn_fwd"] + p["rnn_bwd"] + p["conv_data"]
-        other = max(0.0, p["fwd_bwd"] - host)
-
-        def pc(v):
-            return f"{v:6.3f} ({100 * v / tot:4.1f}%)"
-
-        out(f"  {r['model']} (loss {res['loss']:.1f}, finite={res['finite']}), step {tot:.3f} s:")
-        out(f"    value_and_grad {pc(p['fwd_bwd'])} = LSTM recurrence fwd {pc(p['rnn_fwd'])} + bwd "
-            f"{pc(p['rnn_bwd'])} + conv im2col/col2im {pc(p['conv_data'])} + MindSpore ops {pc(other)}")
-        out(f"    numpy gradient handling {pc(p['numpy_grads'])};  Adam {pc(p['adam'])}")
-        arch = model_arch(r["model"])
-        _, _, _, t2 = conv_shapes(r["frames"])
-        h = int(arch["rnn_hidden"])
-        d = 2 if arch["bidirectional"] else 1
-        w_bytes = int(arch["rnn_layers"]) * t2 * d * 4 * h * h * 4  # W_hh streamed once per time step
-        rec = forward_flops(arch, r["batch"], r["frames"])["rnn_recurrent"]
-        if p["rnn_fwd"] > 0 and p["rnn_bwd"] > 0:
-            out(f"    recurrence: {r['batch']} rows per W_hh pass -> {rec / w_bytes:.1f} FLOP/byte; forward streams "
-                f"{w_bytes / 1e9:.2f} GB of W_hh per step at {w_bytes / p['rnn_fwd'] / 1e9:.1f} GB/s "
-                f"({rec / p['rnn_fwd'] / 1e9:.1f} GFLOP/s); memory read bandwidth measured "
-                f"{peak.get('read_gbs', float('nan')):.1f} GB/s")
-        gv = res.get("grad_variants")
-        if gv:
-            out(f"    gradient handling alone, same gradients: Trainer.train_step's float64 numpy {gv['trainer']:.3f} s;"
-                f" float32 numpy dot {gv['numpy32']:.3f} s; squared sums in MindSpore {gv['ms']:.3f} s")
-        if res.get("lean_s"):
-            torch_s = by.get((r["model"], "pytorch"), {}).get("res", {}).get("s")
-            vs = f", {res['lean_s'] / torch_s:.2f}x PyTorch" if torch_s else ""
-            out(f"    what-if (bench only, trainer.py unchanged): the same step with float32 gradient handling "
-                f"{res['lean_s']:.3f} s/step{vs}")
+    _print_profile(rows, by, peak, out)
 
     # data wait
     tiny = by.get(("ds2_tiny", "ds2exp"), {}).get("res", {})
     d = tiny.get("data") if "error" not in tiny else None
-    out("\nData wait (ds2exp Trainer, ds2_tiny, real BatchLoader on synth_tiny, shuffled epoch):")
+    out("\nData wait (ds2exp Trainer, ds2_tiny, real BatchLoader on synth_tiny, shuffled epoch, feature cache):")
     if not d or d.get("error") or d.get("share") is None:
         out(f"  n/a ({(d or {}).get('error', 'not measured')})")
     else:
@@ -847,13 +901,16 @@ def run(quick: bool = False, out=print, naive_timeout: float = 420.0) -> Dict[st
     # targets
     out("\nTargets:")
     checks = []
-    for m in (["ds2_tiny"] if quick else ["ds2_tiny", "ds2_reference"]):
+    for m in dict.fromkeys(r["model"] for r in rows):
         a = by.get((m, "ds2exp"), {})
-        bound = a.get("vs_naive_bound", False)
         checks.append(check(f"{m}: ds2exp audio s/s / naive audio s/s", a.get("vs_naive"), TARGET_SPEEDUP, True,
-                            ".1f", lower_bound=bound))
-        checks.append(check(f"{m}: ds2exp s/step / PyTorch s/step", a.get("vs_torch"), TARGET_TORCH_RATIO, False,
-                            ".2f"))
+                            ".1f", lower_bound=a.get("vs_naive_bound", False)))
+        line = check(f"{m}: ds2exp s/step / PyTorch s/step", a.get("vs_torch"), TARGET_TORCH_RATIO, False, ".2f")
+        pt = by.get((m, "pytorch"), {})
+        if a.get("step") and pt.get("step"):
+            best = min(a["res"]["times"]) / min(pt["res"]["times"])
+            line += f"  [fastest step / fastest step: {best:.2f}; PyTorch is the more load-sensitive of the two]"
+        checks.append(line)
     if not quick:
         a = by.get(("ds2_reference", "ds2exp"), {})
         share = a["gflops"] / peak_g if a.get("gflops") and peak_g else None
@@ -865,14 +922,61 @@ def run(quick: bool = False, out=print, naive_timeout: float = 420.0) -> Dict[st
     return results
 
 
+def _print_profile(rows, by, peak, out) -> None:
+    out("\nds2exp step, where the time goes (median s/step; Trainer.train_step split by timers around "
+        "trainer.grad_fn and trainer.optimizer,\nand around the numpy/numba kernels of the fast layers; "
+        "'cores' = process CPU time / wall time):")
+    for r in rows:
+        res = r["res"]
+        if r["path"] != "ds2exp" or "error" in res:
+            continue
+        p = res["profile"]
+        tot = res["s"]
+        host = p["rnn_fwd"] + p["rnn_bwd"] + p["im2col"] + p["col2im"]
+        other = max(0.0, p["fwd_bwd"] - host)
+
+        def pc(v, cores=None):
+            return f"{v:.3f} s ({100 * v / tot:.0f}%" + (f", {cores:.1f} cores)" if cores is not None else ")")
+
+        out(f"  {r['model']}: step {tot:.3f} s, {res['cores']:.1f} cores busy on average; loss {res['loss']:.1f}, "
+            f"finite={res['finite']}")
+        out(f"    value_and_grad {pc(p['fwd_bwd'], p['fwd_bwd_cores'])} = LSTM recurrence fwd "
+            f"{pc(p['rnn_fwd'], p['rnn_fwd_cores'])} + bwd {pc(p['rnn_bwd'], p['rnn_bwd_cores'])}")
+        out(f"      + conv2 backward im2col/col2im {pc(p['im2col'] + p['col2im'])} + MindSpore ops (input projections, "
+            f"conv, BN, CTC, ...) {pc(other)}")
+        out(f"    Trainer's numpy gradient handling {pc(p['numpy_grads'])};  Adam {pc(p['adam'])}")
+        arch = model_arch(r["model"])
+        _, _, _, t2 = conv_shapes(r["frames"])
+        h, d, g = _rnn_dims(arch)
+        layer_bytes = g * h * 4
+        rec = forward_flops(arch, r["batch"], r["frames"])["rnn_recurrent"]
+        if p["rnn_fwd"] > 0:
+            out(f"    recurrence: {r['batch']} rows per pass over W_hh ({layer_bytes / 2 ** 20:.1f} MiB per direction "
+                f"and layer, L3 32 MiB) = {r['batch'] / 2:.0f} FLOP/byte; forward {rec / p['rnn_fwd'] / 1e9:.1f} "
+                f"GFLOP/s, W_hh read at {int(arch['rnn_layers']) * t2 * d * layer_bytes / p['rnn_fwd'] / 1e9:.1f} GB/s"
+                f" (DRAM read {peak.get('read_gbs', float('nan')):.1f} GB/s)")
+        gv = res.get("grad_variants")
+        if gv:
+            out(f"    gradient handling alone, same gradients: Trainer.train_step's float64 numpy "
+                f"{gv['trainer']:.3f} s; float32 numpy dot {gv['numpy32']:.3f} s; "
+                f"squared sums in MindSpore {gv['ms']:.3f} s")
+        wi = res.get("what_if")
+        if wi:
+            out(f"    what-if (bench only, trainer.py unchanged), {r['kw']['lean_steps']} alternated pairs: "
+                f"Trainer.train_step {wi['trainer']:.3f} s/step, of which gradient handling "
+                f"{wi['trainer_handling']:.3f} s;\n      the same step with float32 gradient handling "
+                f"{wi['lean']:.3f} s/step, of which "
+                f"{wi['lean_handling']:.3f} s")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if "--child" in argv:
         return child_main(argv)
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="ds2_tiny only, fewer steps")
-    ap.add_argument("--naive-timeout", type=float, default=420.0,
-                    help="seconds after which the naive ds2_reference row is killed (its step is then a lower bound)")
+    ap.add_argument("--quick", action="store_true", help="ds2_tiny only")
+    ap.add_argument("--naive-timeout", type=float, default=360.0,
+                    help="seconds after which the naive ds2_reference row is killed (its s/step is then a lower bound)")
     args = ap.parse_args(argv)
     run(quick=args.quick, out=lambda s: print(s, flush=True), naive_timeout=args.naive_timeout)
     return 0

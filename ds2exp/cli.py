@@ -8,7 +8,9 @@ exits with status 2. Nothing is created.
 """
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 from typing import Callable, Iterable, List, Optional
 
 from hydra import compose, initialize_config_dir
@@ -21,6 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 from ds2exp.config import ConfigValueError, config_dir, validate
 
 EXIT_CONFIG_ERROR = 2
+EXIT_OUTPUT_ERROR = 3  # the run directory or the MLflow store folder cannot be created
 
 # Flags of Hydra's own parser that consume the following argument.
 _FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
@@ -87,6 +90,34 @@ def _describe(exc: BaseException, base: Optional[DictConfig]) -> str:
     return _one_line(str(exc))
 
 
+def _allowed_keys(base: Optional[DictConfig], parent: str) -> str:
+    if base is None:
+        return ""
+    node = OmegaConf.select(base, parent) if parent else base
+    if not isinstance(node, DictConfig):
+        return ""
+    return "; allowed keys" + (f" under '{parent}'" if parent else "") + ": " + ", ".join(
+        k for k in node.keys() if k != "defaults")
+
+
+def _check_added_keys(overrides: List[str], base: Optional[DictConfig]) -> None:
+    """`+key=value` / `++key=value` bypass the schema's key check; refuse keys the schema lacks
+    (config groups such as `+sweep=<preset>` and `hydra.*` stay allowed)."""
+    if base is None:
+        return
+    groups = {p.name for p in Path(config_dir()).iterdir() if p.is_dir()}
+    for ov in overrides:
+        if not ov.startswith("+") or "=" not in ov:
+            continue
+        key = ov.lstrip("+").split("=", 1)[0].strip()
+        head = key.split("/", 1)[0]
+        if (head in groups and "." not in key) or key.split(".", 1)[0].split("/", 1)[0] == "hydra":
+            continue  # a config group choice (`+sweep=<preset>`) or Hydra's own settings
+        if OmegaConf.select(base, key, default="__missing__", throw_on_missing=False) == "__missing__":
+            parent = key.rsplit(".", 1)[0] if "." in key else ""
+            raise ConfigError(f"unknown config key '{key}' (added with '+'){_allowed_keys(base, parent)}")
+
+
 def _sweep_variants(overrides: List[str]) -> List[List[str]]:
     """Override lists that together try every value of every sweep at least once."""
     parsed = OverridesParser.create().parse_overrides(overrides)
@@ -144,6 +175,7 @@ def check_overrides(overrides: List[str], config_name: str = "train",
         base = compose_config([], config_name)
     except Exception:
         base = None
+    _check_added_keys(overrides, base)
     try:
         variants = _sweep_variants(overrides + _sweeper_params(overrides, config_name))
     except OverrideParseException as exc:
@@ -164,13 +196,61 @@ def check_overrides(overrides: List[str], config_name: str = "train",
     return cfg
 
 
+def _why_not_creatable(path: Path) -> Optional[str]:
+    """None when `path` is, or can be made, a writable folder; otherwise why not."""
+    probe = Path(os.path.abspath(path))
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} is a file, not a directory"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{probe} is not writable"
+    return None
+
+
+def check_outputs(overrides: List[str], multirun: bool, config_name: str = "train") -> None:
+    """Raise OutputError (one line) when the run/sweep directory or the SQLite store's folder cannot be
+    created, before Hydra creates anything."""
+    try:
+        cfg = compose_config(_sweep_variants(overrides)[0], config_name, return_hydra_config=True)
+        key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+        targets = [(key, str(OmegaConf.select(cfg, key)), "run directory")]
+        uri = OmegaConf.select(cfg, "logger.tracking_uri", default=None)
+        backend = OmegaConf.select(cfg, "logger.backend", default=None)
+        if uri and str(getattr(backend, "value", backend)) == "mlflow" and str(uri).startswith("sqlite:///"):
+            targets.append(("logger.tracking_uri", str(Path(str(uri)[len("sqlite:///"):]).parent),
+                            "MLflow store folder"))
+    except Exception:  # composition problems are reported by check_overrides
+        return
+    finally:
+        GlobalHydra.instance().clear()
+    for key, path, what in targets:
+        why = _why_not_creatable(Path(path))
+        if why:
+            raise OutputError(f"cannot create the {what} {os.path.abspath(path)}: {why} (set {key} to a writable "
+                              f"folder)")
+
+
+class OutputError(Exception):
+    pass
+
+
 def preflight(argv: List[str], config_name: str = "train",
               extra_check: Optional[Callable[[DictConfig], None]] = None) -> None:
-    """Exit with status 2 and one line on stderr if the command line's config is bad."""
+    """Exit with status 2 and one line on stderr if the command line's config is bad, or with status 3
+    if its run directory cannot be created."""
     if any(a in ("--help", "-h", "--hydra-help") for a in argv):
         return
+    overrides = split_overrides(argv)
     try:
-        check_overrides(split_overrides(argv), config_name, extra_check)
+        check_overrides(overrides, config_name, extra_check)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         sys.exit(EXIT_CONFIG_ERROR)
+    if any(a.split("=", 1)[0] in ("--cfg", "-c", "--info", "-i") for a in argv):
+        return  # prints the config; creates nothing
+    try:
+        check_outputs(overrides, multirun=any(a in ("-m", "--multirun") for a in argv), config_name=config_name)
+    except OutputError as exc:
+        print(f"output error: {exc}", file=sys.stderr)
+        sys.exit(EXIT_OUTPUT_ERROR)

@@ -261,6 +261,9 @@ class TrainerConfig:
     max_eval_utterances: Optional[int] = None
     metric: MetricDefinition = MetricDefinition.reference
     progress: bool = True
+    # Resume the newest interrupted run (killed, machine down) of this same configuration found under
+    # outputs/ and multirun/ instead of starting a new one (ds2exp/training/recovery.py).
+    auto_resume: bool = False
 
 
 @dataclass

@@ -126,8 +126,17 @@ def read_manifest(path: str | Path, problems: Optional[List[dict]] = None) -> Li
     fmt = detect_format(p)
     if fmt == "jsonl":
         utts = []
-        for lineno, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
+        for lineno, raw in enumerate(p.read_bytes().splitlines(), 1):
+            if not raw.strip():
+                continue
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:  # one bad line (e.g. a Latin-1 transcript) skips that entry only
+                try:
+                    uid = str(json.loads(raw.decode("utf-8", errors="replace"))["id"])
+                except (ValueError, KeyError, TypeError):
+                    uid = f"{p.name}:{lineno}"
+                problems.append({"id": uid, "path": f"{p}:{lineno}", "reason": "transcript is not UTF-8"})
                 continue
             try:
                 obj = json.loads(line)

@@ -197,5 +197,6 @@ def load_state(model: DeepSpeech2, state: Dict[str, "ms.Parameter"], strict: boo
         if n in given:
             arr = given[n].asnumpy() if hasattr(given[n], "asnumpy") else np.asarray(given[n])
             if tuple(arr.shape) == tuple(p.shape):
-                p.set_data(ms.Tensor(arr.astype(np.float32) if arr.dtype != np.float32 else arr))
+                # in place: after an optimizer step, set_data would detach p from the optimizer
+                ops.assign(p, ms.Tensor(arr.astype(np.float32) if arr.dtype != np.float32 else arr))
     return missing, mismatched

@@ -53,7 +53,7 @@ def _local_path_of(uri: str) -> Optional[Path]:
 class MlflowTracker(Tracker):
     def __init__(self, tracking_uri: str, experiment_name: str, run_name: Optional[str] = None,
                  run_id: Optional[str] = None, parent_run_id: Optional[str] = None,
-                 tags: Optional[Mapping[str, Any]] = None):
+                 tags: Optional[Mapping[str, Any]] = None, start: bool = True):
         import mlflow
         from mlflow.tracking import MlflowClient
 
@@ -75,6 +75,12 @@ class MlflowTracker(Tracker):
                 self.experiment_id = self.client.get_experiment_by_name(experiment_name).experiment_id
         else:
             self.experiment_id = exp.experiment_id
+        if start:
+            self.start_run(run_name, run_id, parent_run_id, tags)
+
+    def start_run(self, run_name: Optional[str] = None, run_id: Optional[str] = None,
+                  parent_run_id: Optional[str] = None, tags: Optional[Mapping[str, Any]] = None) -> str:
+        """Create a run, or reopen `run_id` (status RUNNING again); returns its id."""
         all_tags = {k: str(v) for k, v in (tags or {}).items()}
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
@@ -86,6 +92,7 @@ class MlflowTracker(Tracker):
         else:
             run = self.client.create_run(self.experiment_id, run_name=run_name, tags=all_tags)
             self.run_id = run.info.run_id
+        return self.run_id
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
@@ -95,12 +102,12 @@ class MlflowTracker(Tracker):
         for i in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[i:i + 100])
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+    def log_metrics(self, metrics: Mapping[str, float], step: int, timestamp_ms: Optional[int] = None) -> None:
         import time
 
         from mlflow.entities import Metric
 
-        ts = int(time.time() * 1000)
+        ts = int(time.time() * 1000) if timestamp_ms is None else int(timestamp_ms)
         items = [Metric(k, float(v), ts, int(step)) for k, v in metrics.items() if v is not None]
         if items:
             self.client.log_batch(self.run_id, metrics=items)
@@ -124,9 +131,18 @@ class MlflowTracker(Tracker):
 
 
 def make_tracker(logger_cfg, run_name: Optional[str] = None, run_id: Optional[str] = None,
-                 parent_run_id: Optional[str] = None, tags: Optional[Mapping[str, Any]] = None) -> Tracker:
+                 parent_run_id: Optional[str] = None, tags: Optional[Mapping[str, Any]] = None,
+                 spool_dir: Optional[str | Path] = None, adopt_spool: bool = False) -> Tracker:
+    """The tracker for `logger_cfg`. With `spool_dir` (a training run's directory) MLflow calls go
+    through `ResilientTracker`: an unavailable store never stops training and nothing is lost."""
     backend = str(getattr(logger_cfg.backend, "value", logger_cfg.backend))
     if backend == "none":
         return NullTracker()
+    parent = parent_run_id or os.environ.get("DS2EXP_PARENT_RUN_ID")
+    if spool_dir is not None:
+        from ds2exp.tracking.resilient import ResilientTracker
+
+        return ResilientTracker(logger_cfg.tracking_uri, logger_cfg.experiment_name, spool_dir, run_name=run_name,
+                                run_id=run_id, parent_run_id=parent, tags=tags, adopt_spool=adopt_spool)
     return MlflowTracker(logger_cfg.tracking_uri, logger_cfg.experiment_name, run_name=run_name, run_id=run_id,
-                         parent_run_id=parent_run_id or os.environ.get("DS2EXP_PARENT_RUN_ID"), tags=tags)
+                         parent_run_id=parent, tags=tags)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 
 import mindspore as ms
-from mindspore import nn
+from mindspore import nn, ops
 
 
 def _value(x) -> str:
@@ -49,4 +49,7 @@ def learning_rate(cfg, step: int, epoch: int, total_steps: int) -> float:
 
 
 def set_learning_rate(optimizer: nn.Optimizer, lr: float) -> None:
-    optimizer.learning_rate.set_data(ms.Tensor(lr, ms.float32))
+    # In place (ops.assign), not Parameter.set_data: measured with MindSpore 2.8 (PyNative), once the
+    # optimizer has run, set_data gives the Parameter a new tensor that the optimizer no longer reads,
+    # so every later learning rate was silently ignored (tests/test_reliability.py).
+    ops.assign(optimizer.learning_rate, ms.Tensor(lr, ms.float32))

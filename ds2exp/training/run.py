@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import random
 import subprocess
-import sys
+import time
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -118,81 +119,167 @@ def build_model_for_precision(cfg):
 
 def run_training(cfg: DictConfig) -> float:
     """Train; returns the best validation WER (the value Hydra sweepers minimise)."""
+    from ds2exp.training import recovery
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    resumed, lock, restart_in = None, None, None
+    if not cfg.resume and cfg.trainer.get("auto_resume"):
+        claim = recovery.claim_resumable_run(cfg, recovery.search_roots())
+        if claim is None:
+            log.info("auto_resume: no interrupted run of this configuration; starting a new one")
+        else:
+            found, resumed, lock = claim
+            _note_continued_elsewhere(run_dir_from_hydra(), found)
+            if resumed is None:  # killed before its first checkpoint: start over in it, same MLflow run
+                log.warning("auto_resume: restarting the interrupted run %s from step 0 (it had no checkpoint)",
+                            found)
+                restart_in = found
+            else:
+                log.warning("auto_resume: continuing the interrupted run %s from step %s", found,
+                            resumed.meta.get("step"))
+                cfg.resume = str(found)
+    try:
+        if restart_in is not None:
+            run_dir = restart_in
+        elif cfg.resume:
+            if resumed is None:
+                from ds2exp.training.checkpoint import load_checkpoint
+
+                resumed = load_checkpoint(cfg.resume)
+            run_dir = _resumed_run_dir(cfg.resume, resumed.meta)
+            cfg = resume_config(cfg, resumed.meta.get("config"), _hydra_overrides())
+            log.info("resuming from %s (step %s)", resumed.path, resumed.meta.get("step"))
+        else:
+            run_dir = run_dir_from_hydra()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if lock is None:
+            lock = recovery.RunLock(run_dir).acquire()  # RunDirBusy when another process trains there
+        return _train(cfg, run_dir, resumed, continues=resumed is not None or restart_in is not None)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _resumed_run_dir(resume: str, meta: Dict[str, Any]) -> Path:
+    """The run directory a resume continues: the one named (so a moved run still works), else the
+    checkpoint's own, else the one recorded in the checkpoint."""
+    p = Path(resume)
+    if p.is_dir():
+        return p.parent if p.name == "checkpoints" else p
+    if p.parent.name == "checkpoints":
+        return p.parent.parent
+    return Path(meta.get("run_dir") or p.parent)
+
+
+def _note_continued_elsewhere(new_dir: Path, old_dir: Path) -> None:
+    """Hydra made a run directory for this invocation; say where the training actually went."""
+    try:
+        if new_dir.resolve() != old_dir.resolve() and new_dir.is_dir():
+            (new_dir / "continued_in.txt").write_text(f"trainer.auto_resume: this invocation continued {old_dir}\n")
+    except OSError:
+        pass
+
+
+def _train(cfg: DictConfig, run_dir: Path, resumed, continues: bool) -> float:
+    """`continues`: this process carries on the run in `run_dir` (its MLflow run and tracking spool),
+    from `resumed` (a checkpoint), or from step 0 when that is None."""
     import mindspore as ms
 
     from ds2exp.models.deepspeech2 import count_parameters, load_state
-    from ds2exp.training.checkpoint import load_checkpoint
+    from ds2exp.training import recovery
+    from ds2exp.training.checkpoint import load_checkpoint, prime_optimizer
     from ds2exp.training.optim import build_optimizer
     from ds2exp.training.trainer import Trainer, TrainingStopped
     from ds2exp.tracking.mlflow_tracker import flatten, make_tracker
+    from ds2exp.tracking.resilient import read_state
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    resumed = None
-    if cfg.resume:
-        resumed = load_checkpoint(cfg.resume)
-        run_dir = Path(resumed.meta.get("run_dir") or Path(cfg.resume).parent)
-        cfg = resume_config(cfg, resumed.meta.get("config"), _hydra_overrides())
-        log.info("resuming from %s (step %s)", resumed.path, resumed.meta.get("step"))
-    else:
-        run_dir = run_dir_from_hydra()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    setup_mindspore(cfg.hardware, cfg.trainer.seed)
-    data = build_data(cfg, run_dir)
-    model = build_model_for_precision(cfg)
-    if cfg.pretrained:
-        pre = load_checkpoint(cfg.pretrained)
-        load_state(model, pre.model_state)
-        log.info("initialised from %s", pre.path)
-    optimizer = build_optimizer(model.trainable_params(), cfg.optimizer)
-    run_id = resumed.meta.get("mlflow_run_id") if resumed else None
-    tracker = make_tracker(cfg.logger, run_name=cfg.logger.run_name or run_dir.name, run_id=run_id,
-                           tags={"ds2exp.run_dir": str(run_dir)})
-    train_loader = data["train"]
-    steps_per_epoch = len(train_loader.sampler)
-    trainer = Trainer(cfg, model, optimizer, train_loader, data["val"], tracker, run_dir, steps_per_epoch)
-    if resumed:
-        trainer.restore(resumed)
-    else:
-        resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-        params = flatten(resolved)
-        params.update({"git_commit": git_commit(), "mindspore_version": ms.__version__,
-                       "ds2exp_version": ds2exp.__version__, "device": _value(cfg.hardware.device_target),
-                       "platform": platform.platform(), "model_parameters": count_parameters(model),
-                       "train_utterances": len(train_loader.split.examples),
-                       "train_audio_hours": round(train_loader.split.total_audio_seconds / 3600, 4)})
-        tracker.log_params(params)
-        tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config/resolved.yaml")
-        overrides = _hydra_overrides()
-        tracker.log_text("\n".join(overrides) + "\n", "config/overrides.txt")
-        (run_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    dropped = train_loader.split.drop_counts()
-    if dropped:
-        log.info("train split: dropped %s", dropped)
-        tracker.log_dict({"train": train_loader.split.dropped}, "data/dropped_train.json")
-    log.info("run directory: %s", run_dir)
-    log.info("model: %s parameters; train: %d utterances (%.2f h), %d steps/epoch", f"{count_parameters(model):,}",
-             len(train_loader.split.examples), train_loader.split.total_audio_seconds / 3600, steps_per_epoch)
-    status = "FINISHED"
+    resumes = 0
+    if continues:
+        recovery.remove_partial_files(run_dir)
+        resumes = int(recovery.read_run_state(run_dir).get("resumes", 0)) + 1
+    recovery.write_run_state(run_dir, status="running", config_fingerprint=recovery.config_fingerprint(cfg),
+                             pid=os.getpid(), resumes=resumes, started=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    tracker = None
     try:
-        summary = trainer.fit()
-    except TrainingStopped as stop:
-        status = "FAILED"
-        summary = {"stop_reason": "nonfinite", **stop.diagnosis}
-        from ds2exp.training.diagnosis import format_text
+        setup_mindspore(cfg.hardware, cfg.trainer.seed)
+        data = build_data(cfg, run_dir)
+        model = build_model_for_precision(cfg)
+        if cfg.pretrained:
+            pre = load_checkpoint(cfg.pretrained)
+            load_state(model, pre.model_state)
+            log.info("initialised from %s", pre.path)
+        optimizer = build_optimizer(model.trainable_params(), cfg.optimizer)
+        run_id = None
+        if continues:
+            run_id = resumed.meta.get("mlflow_run_id") if resumed else None
+            # else the run created after the checkpoint (store down at start) or before the first one
+            state = read_state(run_dir)
+            if not run_id and state.get("tracking_uri") == str(cfg.logger.tracking_uri):
+                run_id = state.get("run_id")
+        tracker = make_tracker(cfg.logger, run_name=cfg.logger.run_name or run_dir.name, run_id=run_id,
+                               tags={"ds2exp.run_dir": str(run_dir)}, spool_dir=run_dir, adopt_spool=continues)
+        train_loader = data["train"]
+        steps_per_epoch = len(train_loader.sampler)
+        trainer = Trainer(cfg, model, optimizer, train_loader, data["val"], tracker, run_dir, steps_per_epoch)
+        if resumed:
+            prime_optimizer(optimizer)  # then restore: bitwise the uninterrupted run, denormals included
+            trainer.restore(resumed)
+            # Steps after this checkpoint that the interrupted process had already logged are logged
+            # again by the replay (same values on CPU); MLflow keeps both, the later one is "latest".
+            tracker.set_tags({"ds2exp.resume_count": resumes, "ds2exp.resumed_from_step": trainer.state.step})
+        else:
+            if continues:
+                tracker.set_tags({"ds2exp.resume_count": resumes, "ds2exp.resumed_from_step": 0})
+            resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+            params = flatten(resolved)
+            params.update({"git_commit": git_commit(), "mindspore_version": ms.__version__,
+                           "ds2exp_version": ds2exp.__version__, "device": _value(cfg.hardware.device_target),
+                           "platform": platform.platform(), "model_parameters": count_parameters(model),
+                           "train_utterances": len(train_loader.split.examples),
+                           "train_audio_hours": round(train_loader.split.total_audio_seconds / 3600, 4)})
+            tracker.log_params(params)
+            tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config/resolved.yaml")
+            overrides = _hydra_overrides()
+            tracker.log_text("\n".join(overrides) + "\n", "config/overrides.txt")
+            (run_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+            if cfg.trainer.get("auto_resume"):
+                trainer.save_last()  # step 0: a crash from here on resumes this run, not a new one
+        recovery.write_run_state(run_dir, mlflow_run_id=tracker.run_id)
+        dropped = train_loader.split.drop_counts()
+        if dropped:
+            log.info("train split: dropped %s", dropped)
+            tracker.log_dict({"train": train_loader.split.dropped}, "data/dropped_train.json")
+        log.info("run directory: %s", run_dir)
+        log.info("model: %s parameters; train: %d utterances (%.2f h), %d steps/epoch",
+                 f"{count_parameters(model):,}", len(train_loader.split.examples),
+                 train_loader.split.total_audio_seconds / 3600, steps_per_epoch)
+        status = "FINISHED"
+        try:
+            summary = trainer.fit()
+        except TrainingStopped as stop:
+            status = "FAILED"
+            summary = {"stop_reason": "nonfinite", **stop.diagnosis}
+            from ds2exp.training.diagnosis import format_text
 
-        tracker.set_tags({"diverged_at_step": stop.diagnosis.get("step"),
-                          "divergence_cause": stop.diagnosis.get("cause", "unknown"),
-                          "first_nonfinite_group": stop.diagnosis.get("first_nonfinite_group")})
-        tracker.log_dict(stop.diagnosis, "diagnosis.json")
-        if "cause" in stop.diagnosis:
-            tracker.log_text(format_text(stop.diagnosis), "diagnosis.txt")
-        (run_dir / "diagnosis.json").write_text(json.dumps(stop.diagnosis, indent=1, default=str))
-        log.error("training stopped: %s", stop.diagnosis.get("summary"))
-    except BaseException:
-        tracker.end("KILLED" if sys.exc_info()[0] is KeyboardInterrupt else "FAILED")
+            tracker.set_tags({"diverged_at_step": stop.diagnosis.get("step"),
+                              "divergence_cause": stop.diagnosis.get("cause", "unknown"),
+                              "first_nonfinite_group": stop.diagnosis.get("first_nonfinite_group")})
+            tracker.log_dict(stop.diagnosis, "diagnosis.json")
+            if "cause" in stop.diagnosis:
+                tracker.log_text(format_text(stop.diagnosis), "diagnosis.txt")
+            (run_dir / "diagnosis.json").write_text(json.dumps(stop.diagnosis, indent=1, default=str))
+            log.error("training stopped: %s", stop.diagnosis.get("summary"))
+        _finish(trainer, tracker, cfg, run_dir, summary)
+        tracker.end(status)
+    except BaseException as exc:
+        interrupted = isinstance(exc, KeyboardInterrupt)
+        recovery.write_run_state(run_dir, status="interrupted" if interrupted else "failed",
+                                 error=f"{type(exc).__name__}: {exc}"[:2000])
+        if tracker is not None:
+            tracker.end("KILLED" if interrupted else "FAILED")
         raise
-    _finish(trainer, tracker, cfg, run_dir, summary)
-    tracker.end(status)
+    recovery.write_run_state(run_dir, status="finished" if status == "FINISHED" else "failed",
+                             mlflow_run_id=tracker.run_id, step=trainer.state.step)
     best = min((b["wer"] for b in trainer.state.best), default=float("nan"))
     return float(best)
 
