@@ -6,7 +6,8 @@
 For SOAK_MINUTES, one tiny training run (`trainer.auto_resume=true`, a checkpoint every 5 steps,
 metrics every step into an MLflow SQLite store) is started again and again with the same command
 line and killed with SIGKILL after a random delay (SOAK_KILL_MIN_S..SOAK_KILL_MAX_S, 1..15 s, seeded by
-SOAK_SEED), at any point: while importing, while preparing data, mid-step, mid-checkpoint. Each start resumes the interrupted run.
+SOAK_SEED), at any point: while importing, while preparing data, mid-step, mid-checkpoint. Each
+start resumes the interrupted run.
 Then the run is finished at the step its last checkpoint reached plus 10, an uninterrupted run of
 the same number of steps is trained with the same seed, and the report says:
 
@@ -44,12 +45,17 @@ SMALL = ["model.conv_channels=4", "model.rnn_hidden=32", "model.rnn_layers=1", "
 
 
 def _max_step(db: Path) -> int:
-    try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:
-            row = con.execute("SELECT max(step) FROM metrics WHERE key='train/loss'").fetchone()
-        return -1 if row is None or row[0] is None else int(row[0])
-    except sqlite3.Error:
-        return -1
+    """Highest train/loss step in the store (0 when none yet)."""
+    for _ in range(20):
+        if not db.exists():
+            return 0
+        try:
+            with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:
+                row = con.execute("SELECT max(step) FROM metrics WHERE key='train/loss'").fetchone()
+            return 0 if row is None or row[0] is None else int(row[0])
+        except sqlite3.Error:  # e.g. the killed writer's journal is being rolled back
+            time.sleep(0.25)
+    return -1
 
 
 def _checkpoint_step(run_dir: Path) -> int:
@@ -76,11 +82,11 @@ def main() -> int:
           flush=True)
 
     deadline = time.monotonic() + 60 * minutes
-    cycles, before_checkpoint = 0, 0
+    cycles, in_startup = 0, 0
     log = open(work / "soak.log", "ab")
     while time.monotonic() < deadline:
         delay = rng.uniform(*kill_after)
-        ckpt_before = _checkpoint_step(run_dir)
+        ckpt_before, logged_before = _checkpoint_step(run_dir), _max_step(db)
         proc = subprocess.Popen(soak_cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         t0 = time.monotonic()
@@ -93,10 +99,10 @@ def main() -> int:
         proc.wait()
         cycles += 1
         logged, ckpt = _max_step(db), _checkpoint_step(run_dir)
-        if ckpt == 0:
-            before_checkpoint += 1
-        print(f"  cycle {cycles:3d}: SIGKILL after {delay:5.1f} s; resumed from step {ckpt_before}, "
-              f"last logged step {logged}, last checkpoint {ckpt}", flush=True)
+        starting = logged <= max(ckpt_before, logged_before) and ckpt == ckpt_before
+        in_startup += starting
+        print(f"  cycle {cycles:3d}: SIGKILL after {delay:5.1f} s{' (while starting up)' if starting else ''}; "
+              f"started from step {ckpt_before}, last logged step {logged}, last checkpoint {ckpt}", flush=True)
 
     # Finish: the step the last checkpoint reached + 10, explicitly (resume ignores auto_resume).
     target = _checkpoint_step(run_dir) + 10
@@ -138,8 +144,8 @@ def main() -> int:
     finished = [x for x in soak_runs if x.info.status == "FINISHED"]
     state = json.loads((run_dir / "run_state.json").read_text())
 
-    print(f"soak: cycles survived: {cycles} SIGKILL/resume cycles ({before_checkpoint} before the first checkpoint); "
-          f"run resumed {state.get('resumes')} times")
+    print(f"soak: cycles survived: {cycles} SIGKILL/resume cycles ({in_startup} while starting up, "
+          f"{cycles - in_startup} while training); the run was continued {state.get('resumes')} times")
     print(f"soak: final step {a.meta['step']} (checkpoint every 5 steps)")
     print(f"soak: steps lost (re-done after kills): {redone} ({redone / max(1, cycles):.1f} per kill)")
     print(f"soak: MLflow: {len(soak_runs)} run(s), {len(finished)} FINISHED; train/loss steps missing: "

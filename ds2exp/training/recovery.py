@@ -4,15 +4,19 @@ Each training process writes `<run dir>/run_state.json` (status, config fingerpr
 id, resume count) and holds an exclusive `flock` on `<run dir>/.ds2exp.lock` while it lives. The
 kernel drops the lock when the process dies however it dies (SIGKILL included), so:
 
-- status "running" and no lock held  = the process was killed or the machine went down: resumable;
+- status "running" and the lock free = the process was killed or the machine went down: resumable;
 - status "running" and the lock held = a live process trains there: never touched;
-- "finished" / "failed" (non-finite stop, exception) are final; `resume=<dir>` still continues them
-  explicitly, `trainer.auto_resume` does not (it would only fail the same way again).
+- "interrupted" (Ctrl-C) is resumable too; "finished" and "failed" (non-finite stop, exception) are
+  final: `resume=<dir>` still continues them explicitly, `trainer.auto_resume` does not (a failed run
+  would only fail the same way again).
 
 `trainer.auto_resume=true` looks under `outputs/` and `multirun/` (of the project root and of the
-working directory) for an interrupted run of the same configuration and resumes it. "Same" means an
-equal `config_fingerprint`: a hash of the resolved config without the fields that say where things
-live or how the command was started (`paths`, `resume`, `trainer.auto_resume`, `trainer.progress`).
+working directory) for the newest resumable run of the same configuration and continues it: from its
+latest readable checkpoint, or from step 0 in the same directory and MLflow run when it was killed
+before its first checkpoint. "Same" means an equal `config_fingerprint`: a hash of the resolved config
+without the fields that say where things live or how the command was started (`paths`, `resume`,
+`trainer.auto_resume`, `trainer.progress`); values derived from paths (`dataset.root`, the SQLite
+`logger.tracking_uri`) do count.
 """
 from __future__ import annotations
 
