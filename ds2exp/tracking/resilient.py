@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional
 from urllib.parse import urlparse
 
+from ds2exp.data.manifest import atomic_write_text
 from ds2exp.tracking.mlflow_tracker import MlflowTracker, Tracker
 
 log = logging.getLogger(__name__)
@@ -74,19 +75,6 @@ def read_state(run_dir: str | Path) -> Dict[str, Any]:
         return json.loads(p.read_text())
     except (OSError, ValueError):
         return {}
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_spool(path: str | Path) -> List[Dict[str, Any]]:
@@ -214,7 +202,7 @@ class ResilientTracker(Tracker):
     def _write_state(self) -> None:
         state = {"tracking_uri": self.tracking_uri, "experiment_name": self.experiment_name, "run_id": self.run_id}
         try:
-            _atomic_write(self.state_path, json.dumps(state, indent=1))
+            atomic_write_text(self.state_path, json.dumps(state, indent=1))
         except OSError as exc:
             log.warning("tracking: could not write %s: %s", self.state_path, exc)
 
@@ -251,7 +239,8 @@ class ResilientTracker(Tracker):
             self._fh = None
         try:
             if self._pending:
-                _atomic_write(self.spool_path, "".join(json.dumps(op, default=str) + "\n" for op in self._pending))
+                atomic_write_text(self.spool_path,
+                                  "".join(json.dumps(op, default=str) + "\n" for op in self._pending))
             else:
                 self.spool_path.unlink(missing_ok=True)
         except OSError as exc:
