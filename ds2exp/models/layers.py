@@ -280,23 +280,38 @@ def _lstm_bwd_loop(dY, w, A, C, dG, Tm):
         dh = _g_w(d, w)
 
 
-def lstm_backward_np(lengths, w, A, C, Hs, dy):
-    """Gradients of lstm_forward_np: returns d_xp (B, T, D*4H), d_w (D, 4H, H), d_b (D, 4H)."""
-    D, G, H = w.shape
-    _, T, B, _ = A.shape
+def _backward_inputs(lengths, w, dy, T, B):
+    """Shared preamble of the RNN backward passes: clipped lengths, the output gradient in the
+    aligned (D, T, B, H) layout with padded frames zeroed, the last valid step, contiguous W_hh."""
+    D = w.shape[0]
     lengths = _clip_lengths(lengths, T)
     dY = _to_aligned(np.asarray(dy, np.float32), lengths, D)
     dY *= _valid_mask(lengths, T)
     Tm = int(lengths.max()) if B else 0
-    w = np.ascontiguousarray(w, dtype=np.float32)
+    return lengths, dY, Tm, np.ascontiguousarray(w, dtype=np.float32)
+
+
+def _recurrent_weight_grads(dGh, Hs):
+    """d W_hh and d b from the gradients of the recurrent pre-activations (D, T, B, G) and the
+    hidden states (D, T, B, H): each step's W_hh multiplies the previous step's h (0 at t=0)."""
+    D, T, B, G = dGh.shape
+    H = Hs.shape[-1]
+    Hprev = np.zeros_like(Hs)
+    Hprev[:, 1:] = Hs[:, :-1]
+    dw = np.matmul(dGh.reshape(D, T * B, G).transpose(0, 2, 1), Hprev.reshape(D, T * B, H))
+    return dw.astype(np.float32), dGh.sum(axis=(1, 2)).astype(np.float32)
+
+
+def lstm_backward_np(lengths, w, A, C, Hs, dy):
+    """Gradients of lstm_forward_np: returns d_xp (B, T, D*4H), d_w (D, 4H, H), d_b (D, 4H)."""
+    D, G, H = w.shape
+    _, T, B, _ = A.shape
+    lengths, dY, Tm, w = _backward_inputs(lengths, w, dy, T, B)
     dG = np.zeros((D, T, B, G), np.float32)
     for sl in _direction_groups(w):
         _lstm_bwd_loop(dY[sl], w[sl], A[sl], C[sl], dG[sl], Tm)
-    Hprev = np.zeros_like(Hs)
-    Hprev[:, 1:] = Hs[:, :-1]
-    dw = np.matmul(dG.reshape(D, T * B, G).transpose(0, 2, 1), Hprev.reshape(D, T * B, H))
-    db = dG.sum(axis=(1, 2))
-    return _from_aligned(dG, lengths), dw.astype(np.float32), db.astype(np.float32)
+    dw, db = _recurrent_weight_grads(dG, Hs)
+    return _from_aligned(dG, lengths), dw, db
 
 
 def _gru_fwd_loop(X, w, b, A, S, Hs, Tm):
@@ -386,20 +401,13 @@ def gru_backward_np(lengths, w, A, S, Hs, dy):
     """Gradients of gru_forward_np: returns d_xp (B, T, D*3H), d_w (D, 3H, H), d_b (D, 3H)."""
     D, G, H = w.shape
     _, T, B, _ = A.shape
-    lengths = _clip_lengths(lengths, T)
-    dY = _to_aligned(np.asarray(dy, np.float32), lengths, D)
-    dY *= _valid_mask(lengths, T)
-    Tm = int(lengths.max()) if B else 0
-    w = np.ascontiguousarray(w, dtype=np.float32)
+    lengths, dY, Tm, w = _backward_inputs(lengths, w, dy, T, B)
     dX = np.zeros((D, T, B, G), np.float32)
     dGh = np.zeros((D, T, B, G), np.float32)
     for sl in _direction_groups(w):
         _gru_bwd_loop(dY[sl], w[sl], A[sl], S[sl], Hs[sl], dX[sl], dGh[sl], Tm)
-    Hprev = np.zeros_like(Hs)
-    Hprev[:, 1:] = Hs[:, :-1]
-    dw = np.matmul(dGh.reshape(D, T * B, G).transpose(0, 2, 1), Hprev.reshape(D, T * B, H))
-    db = dGh.sum(axis=(1, 2))
-    return _from_aligned(dX, lengths), dw.astype(np.float32), db.astype(np.float32)
+    dw, db = _recurrent_weight_grads(dGh, Hs)
+    return _from_aligned(dX, lengths), dw, db
 
 
 _NP_KERNELS = {"lstm": (lstm_forward_np, lstm_backward_np), "gru": (gru_forward_np, gru_backward_np)}
