@@ -204,3 +204,19 @@ def test_load_failure_names_the_library(tmp_path):
     bogus.write_bytes(b"not a shared object")
     with pytest.raises(RuntimeError, match=re.escape(str(bogus))):
         EspeakVoice(library_path=bogus, data_path=tmp_path)
+
+
+def test_manifests_follow_a_rebuilt_corpus(tmp_path, monkeypatch):
+    """Changing a preset rebuilds the corpus; the manifests made from the old audio must not be reused."""
+    from ds2exp.cli import check_overrides
+    from ds2exp.data.dataset import resolve_manifests
+
+    cfg = check_overrides(["dataset=synth_tiny", f"dataset.root={tmp_path}", "dataset.num_workers=1"])
+    monkeypatch.setitem(SYNTH_PRESETS, "synth_tiny", SynthSpec("synth_tiny", n_train=3, n_val=1, n_test=1, seed=3))
+    train = resolve_manifests(cfg, progress=False)["train"][0]
+    assert len(train.read_text().splitlines()) == 3
+    monkeypatch.setitem(SYNTH_PRESETS, "synth_tiny", SynthSpec("synth_tiny", n_train=5, n_val=1, n_test=1, seed=3))
+    again = resolve_manifests(cfg, progress=False)["train"][0]
+    assert again == train and len(train.read_text().splitlines()) == 5
+    ids = [json.loads(line)["id"] for line in train.read_text().splitlines()]
+    assert all((tmp_path / "LibriSpeech" / "train-synth").rglob(f"{i}.flac") for i in ids)

@@ -77,10 +77,13 @@ def resolve_manifests(cfg, progress: bool = True) -> Dict[str, List[Path]]:
         paths = []
         for subset in subsets:
             m = manifest_dir / f"{subset}.jsonl"
-            if not m.exists():
+            folder = root / "LibriSpeech" / subset
+            # A manifest older than its subset folder describes audio that has since been replaced
+            # (a synthetic corpus rebuilt after its preset changed): prepare it again.
+            stale = m.exists() and folder.is_dir() and m.stat().st_mtime < folder.stat().st_mtime
+            if not m.exists() or stale:
                 from ds2exp.data.librispeech import prepare_subset
 
-                folder = root / "LibriSpeech" / subset
                 if not folder.is_dir():
                     raise DatasetError(f"LibriSpeech subset folder not found: {folder} "
                                        f"(dataset.root={root}, subset {subset!r})")

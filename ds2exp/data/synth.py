@@ -137,7 +137,7 @@ class SynthSpec:
 
 
 SYNTH_PRESETS: dict[str, SynthSpec] = {
-    "synth_tiny": SynthSpec("synth_tiny", n_train=800, n_val=100, n_test=100, min_words=3, max_words=8),
+    "synth_tiny": SynthSpec("synth_tiny", n_train=4000, n_val=100, n_test=100, min_words=3, max_words=8),
     "synth_small": SynthSpec("synth_small", n_train=4000, n_val=500, n_test=500, min_words=3, max_words=12),
 }
 
