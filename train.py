@@ -4,6 +4,7 @@ Sweeps: `python train.py -m optimizer.lr=1e-4,1e-3 dataset.batch_size=8,16` or a
 `python train.py -m +sweep=nan_lr_batch`; summarise with `python -m ds2exp.sweep_report <sweep dir>`.
 """
 import sys
+from pathlib import Path
 
 import ds2exp  # noqa: F401  (first: fixes the protobuf implementation before MindSpore/MLflow load)
 import hydra
@@ -30,6 +31,31 @@ def main(cfg: DictConfig) -> float:
         sys.exit(1)
 
 
+def _launch_data_parallel(argv) -> None:
+    """hardware.num_devices > 1 outside msrun: run this same command under msrun (one worker per
+    device) and exit with its status."""
+    from ds2exp.cli import EXIT_CONFIG_ERROR, check_overrides, split_overrides
+    from ds2exp.training import distributed
+
+    if any(a.split("=", 1)[0] in ("--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help") for a in argv):
+        return
+    cfg = check_overrides(split_overrides(argv))
+    if int(cfg.hardware.num_devices) <= 1:
+        return
+    if any(a in ("-m", "--multirun") for a in argv):
+        print("config error: hardware.num_devices > 1 cannot be swept (-m); launch data-parallel runs one at a time",
+              file=sys.stderr)
+        sys.exit(EXIT_CONFIG_ERROR)
+    sys.exit(distributed.launch(Path(__file__).resolve(), argv, cfg))
+
+
 if __name__ == "__main__":
+    from ds2exp.training.distributed import role, run_scheduler
+
+    if role() == "MS_SCHED":  # msrun's scheduler process runs this script too: it only serves the cluster
+        run_scheduler()
+        sys.exit(0)
     preflight(sys.argv[1:])
+    if role() is None:
+        _launch_data_parallel(sys.argv[1:])
     main()

@@ -562,14 +562,14 @@ def _torch_model(arch):
     class DS2(nn.Module):
         def __init__(self):
             super().__init__()
-            layers = [nn.Conv2d(1, c, (41, 11), (2, 2), (20, 5), bias=False)]
+            # two conv stages, each masked past the output length afterwards (as ds2exp's ConvBlock)
+            first = [nn.Conv2d(1, c, (41, 11), (2, 2), (20, 5), bias=False)]
+            second = [nn.Conv2d(c, c, (21, 11), (2, 1), (10, 5), bias=False)]
             if arch["batch_norm"]:
-                layers.append(nn.BatchNorm2d(c))
-            layers += [act(), nn.Conv2d(c, c, (21, 11), (2, 1), (10, 5), bias=False)]
-            if arch["batch_norm"]:
-                layers.append(nn.BatchNorm2d(c))
-            layers.append(act())
-            self.conv = nn.Sequential(*layers)
+                first.append(nn.BatchNorm2d(c))
+                second.append(nn.BatchNorm2d(c))
+            self.conv1 = nn.Sequential(*first, act())
+            self.conv2 = nn.Sequential(*second, act())
             size = c * f2
             self.rnns = nn.ModuleList()
             for _ in range(int(arch["rnn_layers"])):
@@ -578,10 +578,12 @@ def _torch_model(arch):
             self.fc = nn.Linear(size, NUM_CLASSES, bias=False)
 
         def forward(self, x, lengths):
-            x = self.conv(x.unsqueeze(1))  # (B, C, F', T')
+            out_len = torch.div(lengths - 1, 2, rounding_mode="floor") + 1
+            x = self.conv1(x.unsqueeze(1))
+            mask = (torch.arange(x.shape[-1])[None, :] < out_len[:, None]).to(x.dtype)[:, None, None, :]
+            x = self.conv2(x * mask) * mask  # (B, C, F', T')
             b, ch, f, t = x.shape
             x = x.view(b, ch * f, t).permute(2, 0, 1).contiguous()  # (T', B, C*F')
-            out_len = torch.div(lengths - 1, 2, rounding_mode="floor") + 1
             for rnn in self.rnns:
                 packed = nn.utils.rnn.pack_padded_sequence(x, out_len, enforce_sorted=False)
                 x, _ = rnn(packed)

@@ -258,6 +258,8 @@ class TrainerConfig:
     max_rollbacks: int = 3
     # Fault injection: 0-based steps whose gradients are replaced by NaN (each fires once).
     inject_nan_grad_steps: List[int] = field(default_factory=list)
+    # ... on this data-parallel rank only (null: every rank); drills that ranks skip together.
+    inject_nan_grad_rank: Optional[int] = None
     max_eval_utterances: Optional[int] = None
     metric: MetricDefinition = MetricDefinition.reference
     progress: bool = True
@@ -400,8 +402,16 @@ def validate(cfg: DictConfig) -> None:
     _check(not (p.dtype == DType.bf16 and h.device_target == DeviceTarget.CPU), "precision", "bf16",
            "fp32 or fp16 with hardware=cpu (MindSpore 2.8 has no bfloat16 CPU kernels for conv/LSTM); "
            "bf16 runs with hardware=gpu or hardware=ascend")
+    if o.name == OptimizerName.sgd:
+        _check(0 <= o.momentum < 1, "optimizer.momentum", o.momentum, "a number in [0, 1)")
+        _check(not (o.nesterov and o.momentum == 0), "optimizer.nesterov", True,
+               "false when optimizer.momentum=0 (Nesterov momentum needs momentum > 0)")
     _check(h.num_devices >= 1, "hardware.num_devices", h.num_devices, "an integer >= 1")
     _check(h.threads is None or h.threads >= 1, "hardware.threads", h.threads, "null or an integer >= 1")
+    if "trainer" in cfg and h.num_devices > 1:
+        # Claiming an interrupted run is a per-process lock dance; a data-parallel run resumes by name.
+        _check(not t.get("auto_resume"), "trainer.auto_resume", True,
+               "false with hardware.num_devices > 1 (resume a data-parallel run with resume=<run dir>)")
     for key in ("resume", "pretrained"):
         value = cfg.get(key)
         if value is not None:

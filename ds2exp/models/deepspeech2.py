@@ -57,15 +57,26 @@ class ConvBlock(nn.Cell):
             self.bn2 = nn.BatchNorm2d(channels, momentum=0.9)
         self.act = Activation(activation)
 
-    def construct(self, x):
+    def construct(self, x, out_lengths):
+        # Frames past an utterance's length are zeroed after each conv (deepspeech.pytorch's
+        # MaskConv): otherwise conv2 reads conv1's outputs there, and an utterance's logits would
+        # depend on how much padding its batch happened to have (different batching, different
+        # result; data-parallel shards would not add up to the full batch).
+        mask = time_mask(out_lengths, x.shape[-1] // 2 + x.shape[-1] % 2, x.dtype)
         x = self.conv1(x)
         if self.use_bn:
             x = self.bn1(x)
-        x = self.act(x)
+        x = self.act(x) * mask
         x = self.conv2(x)
         if self.use_bn:
             x = self.bn2(x)
-        return self.act(x)
+        return self.act(x) * mask
+
+
+def time_mask(lengths, frames: int, dtype):
+    """(B, 1, 1, frames): 1 where t < length."""
+    t = ops.arange(frames).reshape(1, -1)
+    return (t < lengths.reshape(-1, 1)).astype(dtype).reshape(-1, 1, 1, frames)
 
 
 class RNNStack(nn.Cell):
@@ -121,10 +132,10 @@ class DeepSpeech2(nn.Cell):
 
     def construct(self, x, lengths):
         x = ops.expand_dims(x, 1)  # (B, 1, F, T)
-        x = self.conv(x)  # (B, C, F', T')
+        out_lengths = output_lengths(lengths)
+        x = self.conv(x, out_lengths)  # (B, C, F', T')
         b, c, f, t = x.shape
         x = x.reshape(b, c * f, t).transpose(0, 2, 1)  # (B, T', C*F')
-        out_lengths = output_lengths(lengths)
         x = self.rnn_stack(x, out_lengths)
         return self.fc(x), out_lengths
 

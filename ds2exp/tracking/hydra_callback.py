@@ -97,6 +97,9 @@ class MlflowSweepCallback(Callback):
     # ------------------------------------------------------------------ job process
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         """Launchers that run jobs in fresh processes: take the parent id from the sweep dir."""
+        from ds2exp.tracking.job_process import reset_inherited_start_method
+
+        reset_inherited_start_method()  # joblib's loky workers (see job_process.py)
         if os.environ.get(ENV_PARENT) or _backend(config) == "none":
             return
         try:

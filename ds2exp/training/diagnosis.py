@@ -32,6 +32,11 @@ def classify(batch, result, precision_dtype: str, loss_scale: float) -> Tuple[st
     if infeasible:
         return "infeasible_ctc", (f"transcript longer than the model's output frames for {', '.join(infeasible)} "
                                   "(CTC loss is infinite)")
+    peers = getattr(result, "peer_flags", None) or {}
+    if peers.get("bad_features", 0) > 0:
+        return "bad_input_features", "non-finite feature values on another data-parallel rank (see its worker log)"
+    if peers.get("infeasible_batch", 0) > 0:
+        return "infeasible_ctc", "a transcript longer than the model's output frames on another data-parallel rank"
     if precision_dtype == "fp16":
         if not math.isfinite(result.logits_absmax) or result.logits_absmax >= FP16_MAX:
             return "fp16_overflow", f"fp16 logits reached {result.logits_absmax:g} (fp16 max {FP16_MAX:g})"

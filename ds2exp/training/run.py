@@ -24,7 +24,8 @@ def _value(x) -> str:
     return str(x.value if hasattr(x, "value") else x)
 
 
-def setup_mindspore(hw_cfg, seed: int) -> None:
+def setup_mindspore(hw_cfg, seed: int, threads: Optional[int] = None) -> None:
+    """Device, execution mode, launch mode, threads (`threads` overrides hardware.threads) and seeds."""
     import mindspore as ms
 
     target = _value(hw_cfg.device_target)
@@ -41,11 +42,12 @@ def setup_mindspore(hw_cfg, seed: int) -> None:
             ms.runtime.launch_blocking()
         except AttributeError:
             ms.set_context(pynative_synchronize=True)
-    if hw_cfg.threads:
+    threads = threads or hw_cfg.threads
+    if threads:
         try:
-            ms.set_context(runtime_num_threads=int(hw_cfg.threads))
+            ms.set_context(runtime_num_threads=int(threads))
         except (ValueError, TypeError, RuntimeError) as exc:
-            log.warning("hardware.threads=%s not applied: %s", hw_cfg.threads, exc)
+            log.warning("hardware.threads=%s not applied: %s", threads, exc)
     ms.set_seed(seed)
     np.random.seed(seed)
     random.seed(seed)
@@ -70,7 +72,10 @@ def run_dir_from_hydra() -> Path:
         return Path(project_root()) / "outputs" / datetime.now().strftime("%Y-%m-%d/%H-%M-%S")
 
 
-def build_data(cfg, run_dir: Optional[Path] = None, need_test: bool = False) -> Dict[str, Any]:
+def build_data(cfg, run_dir: Optional[Path] = None, need_test: bool = False, rank: int = 0,
+               world: int = 1) -> Dict[str, Any]:
+    """Loaders for train/val(/test). Data parallel: rank `rank` of `world` gets its shard of every
+    epoch's training batches, and only rank 0 (the one that validates) gets the val loader."""
     from ds2exp.data.dataset import BatchLoader, BucketBatchSampler, DatasetError, load_split, resolve_manifests
     from ds2exp.data.features import FeatureCache, FeatureSettings
 
@@ -80,7 +85,7 @@ def build_data(cfg, run_dir: Optional[Path] = None, need_test: bool = False) -> 
     manifests = resolve_manifests(cfg, progress=cfg.trainer.progress)
     out: Dict[str, Any] = {"settings": settings, "cache": cache, "manifests": manifests}
     for split in ("train", "val", "test"):
-        if not manifests.get(split) or (split == "test" and not need_test):
+        if not manifests.get(split) or (split == "test" and not need_test) or (split != "train" and rank > 0):
             out[split] = None
             continue
         data = load_split(split, manifests[split], cfg, settings, report_dir=run_dir)
@@ -89,7 +94,8 @@ def build_data(cfg, run_dir: Optional[Path] = None, need_test: bool = False) -> 
                                f"{', '.join(map(str, manifests[split]))}; dropped: {data.drop_counts()})")
         train = split == "train"
         sampler = BucketBatchSampler(data.examples, d.batch_size, d.num_buckets, cfg.trainer.seed,
-                                     sortagrad=train and d.sortagrad)
+                                     sortagrad=train and d.sortagrad, rank=rank if train else 0,
+                                     world=world if train else 1)
         out[split] = BatchLoader(data, sampler, cache, d.num_workers,
                                  spec_augment_cfg=d.spec_augment if train else None, seed=cfg.trainer.seed)
     return out
@@ -119,10 +125,16 @@ def build_model_for_precision(cfg):
 
 def run_training(cfg: DictConfig) -> float:
     """Train; returns the best validation WER (the value Hydra sweepers minimise)."""
-    from ds2exp.training import recovery
+    from ds2exp.training import distributed, recovery
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     resumed, lock, restart_in = None, None, None
+    rank, world = 0, 1
+    if int(cfg.hardware.num_devices) > 1 or distributed.in_msrun_worker():
+        # A data-parallel worker started by msrun: join the group first (rank 0 owns the run dir).
+        n = int(cfg.hardware.num_devices)
+        setup_mindspore(cfg.hardware, cfg.trainer.seed, threads=distributed.threads_per_rank(cfg.hardware, n))
+        rank, world = distributed.init_data_parallel(n)
     if not cfg.resume and cfg.trainer.get("auto_resume"):
         claim = recovery.claim_resumable_run(cfg, recovery.search_roots())
         if claim is None:
@@ -152,6 +164,8 @@ def run_training(cfg: DictConfig) -> float:
         else:
             run_dir = run_dir_from_hydra()
         run_dir.mkdir(parents=True, exist_ok=True)
+        if world > 1:
+            return _train_data_parallel(cfg, run_dir, resumed, rank, world)
         if lock is None:
             lock = recovery.RunLock(run_dir).acquire()  # RunDirBusy when another process trains there
         return _train(cfg, run_dir, resumed, continues=resumed is not None or restart_in is not None)
@@ -180,9 +194,24 @@ def _note_continued_elsewhere(new_dir: Path, old_dir: Path) -> None:
         pass
 
 
-def _train(cfg: DictConfig, run_dir: Path, resumed, continues: bool) -> float:
+def _train_data_parallel(cfg: DictConfig, run_dir: Path, resumed, rank: int, world: int) -> float:
+    """One rank of a data-parallel run: rank 0 is an ordinary run (lock, run state, MLflow,
+    checkpoints) that averages gradients with the others; the other ranks only train."""
+    from ds2exp.training import recovery
+
+    if rank == 0:
+        lock = recovery.RunLock(run_dir).acquire()
+        try:
+            return _train(cfg, run_dir, resumed, continues=resumed is not None, rank=rank, world=world)
+        finally:
+            lock.release()
+    return _train(cfg, run_dir, resumed, continues=resumed is not None, rank=rank, world=world)
+
+
+def _train(cfg: DictConfig, run_dir: Path, resumed, continues: bool, rank: int = 0, world: int = 1) -> float:
     """`continues`: this process carries on the run in `run_dir` (its MLflow run and tracking spool),
-    from `resumed` (a checkpoint), or from step 0 when that is None."""
+    from `resumed` (a checkpoint), or from step 0 when that is None. `rank`/`world`: data parallel
+    (see ds2exp.training.distributed); ranks other than 0 write nothing to the run directory."""
     import mindspore as ms
 
     from ds2exp.models.deepspeech2 import count_parameters, load_state
@@ -193,6 +222,8 @@ def _train(cfg: DictConfig, run_dir: Path, resumed, continues: bool) -> float:
     from ds2exp.tracking.mlflow_tracker import flatten, make_tracker
     from ds2exp.tracking.resilient import read_state
 
+    if rank > 0:
+        return _train_secondary(cfg, run_dir, resumed, rank, world)
     resumes = 0
     if continues:
         recovery.remove_partial_files(run_dir)
@@ -201,8 +232,9 @@ def _train(cfg: DictConfig, run_dir: Path, resumed, continues: bool) -> float:
                              pid=os.getpid(), resumes=resumes, started=time.strftime("%Y-%m-%dT%H:%M:%S"))
     tracker = None
     try:
-        setup_mindspore(cfg.hardware, cfg.trainer.seed)
-        data = build_data(cfg, run_dir)
+        if world == 1:
+            setup_mindspore(cfg.hardware, cfg.trainer.seed)
+        data = build_data(cfg, run_dir, rank=rank, world=world)
         model = build_model_for_precision(cfg)
         if cfg.pretrained:
             pre = load_checkpoint(cfg.pretrained)
@@ -221,6 +253,10 @@ def _train(cfg: DictConfig, run_dir: Path, resumed, continues: bool) -> float:
         train_loader = data["train"]
         steps_per_epoch = len(train_loader.sampler)
         trainer = Trainer(cfg, model, optimizer, train_loader, data["val"], tracker, run_dir, steps_per_epoch)
+        if world > 1:
+            _join_data_parallel(trainer, world)
+            tracker.set_tags({"ds2exp.data_parallel_ranks": world,
+                              "ds2exp.global_batch_size": world * int(cfg.dataset.batch_size)})
         if resumed:
             prime_optimizer(optimizer)  # then restore: bitwise the uninterrupted run, denormals included
             trainer.restore(resumed)
@@ -282,6 +318,44 @@ def _train(cfg: DictConfig, run_dir: Path, resumed, continues: bool) -> float:
                              mlflow_run_id=tracker.run_id, step=trainer.state.step)
     best = min((b["wer"] for b in trainer.state.best), default=float("nan"))
     return float(best)
+
+
+def _join_data_parallel(trainer, world: int) -> None:
+    from ds2exp.training.distributed import GradientAverager
+
+    from mindspore.communication import get_rank
+
+    trainer.reducer = GradientAverager(world)
+    trainer.rank = int(get_rank())
+    # the same seed gives every rank the same initial weights; rank 0's are made the rule anyway
+    trainer.reducer.broadcast_from_rank0(list(trainer.model.get_parameters()))
+
+
+def _train_secondary(cfg: DictConfig, run_dir: Path, resumed, rank: int, world: int) -> float:
+    """Ranks 1..N-1: train on their shard, in step with rank 0; no MLflow, no files."""
+    from ds2exp.models.deepspeech2 import load_state
+    from ds2exp.training.checkpoint import load_checkpoint, prime_optimizer
+    from ds2exp.training.optim import build_optimizer
+    from ds2exp.training.trainer import Trainer, TrainingStopped
+    from ds2exp.tracking.mlflow_tracker import NullTracker
+
+    data = build_data(cfg, None, rank=rank, world=world)
+    model = build_model_for_precision(cfg)
+    if cfg.pretrained:
+        load_state(model, load_checkpoint(cfg.pretrained).model_state)
+    optimizer = build_optimizer(model.trainable_params(), cfg.optimizer)
+    trainer = Trainer(cfg, model, optimizer, data["train"], None, NullTracker(), run_dir, len(data["train"].sampler))
+    trainer.is_primary = False
+    _join_data_parallel(trainer, world)
+    if resumed:
+        prime_optimizer(optimizer)
+        trainer.restore(resumed)
+    log.info("data-parallel rank %d/%d: %d batches per epoch", rank, world, len(data["train"].sampler))
+    try:
+        trainer.fit()
+    except TrainingStopped as stop:
+        log.error("rank %d: training stopped: %s", rank, stop.diagnosis.get("summary"))
+    return float("nan")
 
 
 def resume_config(cfg: DictConfig, saved: Optional[Dict[str, Any]], overrides) -> DictConfig:

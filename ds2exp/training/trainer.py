@@ -60,6 +60,7 @@ class StepResult:
     losses: np.ndarray
     first_bad_group: Optional[str] = None
     loss_scale: float = 1.0  # the scale this step ran with
+    peer_flags: Optional[Dict[str, float]] = None  # data parallel: ranks that raised each flag
 
 
 @dataclass
@@ -107,8 +108,12 @@ class Trainer:
         self.started = time.time()
         self.recent: collections.deque = collections.deque(maxlen=20)  # (step, loss, grad_norm) of good steps
         self.diagnoses: List[Dict[str, Any]] = []
-        # Set by data-parallel training (ds2exp.training.distributed) to average gradients across ranks.
+        # Data parallel (ds2exp.training.distributed): the gradient averager, and whether this is
+        # rank 0, the one that validates, checkpoints and logs.
         self.reducer = None
+        self.is_primary = True
+        self.rank = 0
+        self.deadline: Optional[float] = None
 
     # ------------------------------------------------------------------ one step
     def _forward(self, x, x_len, y, y_len, scale):
@@ -120,7 +125,7 @@ class Trainer:
     def train_step(self, batch: Batch) -> StepResult:
         scale = self.state.loss_scale
         infeasible = infeasible_rows(batch)
-        if infeasible.any():
+        if infeasible.any() and self.reducer is None:
             # MindSpore's CTC kernel fails outright when a transcript needs more frames than the
             # model emits; the loss is +inf by definition, so the step is non-finite and skipped.
             losses = np.where(infeasible, np.inf, np.nan)
@@ -129,17 +134,27 @@ class Trainer:
         # BatchNorm moving statistics change in the forward pass; keep them so that a skipped
         # step leaves the model exactly as it was.
         stats = [(p, p.asnumpy().copy()) for p in self.running_stats]
-        (scaled_loss, (losses, absmax)), grads = self.grad_fn(
-            ms.Tensor(batch.features), ms.Tensor(batch.feature_lengths), ms.Tensor(batch.labels),
-            ms.Tensor(batch.label_lengths), ms.Tensor(scale, ms.float32))
-        loss = float(scaled_loss.asnumpy()) / scale
+        if infeasible.any():  # data parallel: still take part in the collective, with NaN gradients
+            grads = tuple(ops.full(p.shape, float("nan"), dtype=p.dtype) for p in self.params)
+            loss, losses, absmax = float("inf"), ms.Tensor(np.where(infeasible, np.inf, np.nan)), ms.Tensor(np.nan)
+        else:
+            (scaled_loss, (losses, absmax)), grads = self.grad_fn(
+                ms.Tensor(batch.features), ms.Tensor(batch.feature_lengths), ms.Tensor(batch.labels),
+                ms.Tensor(batch.label_lengths), ms.Tensor(scale, ms.float32))
+            loss = float(scaled_loss.asnumpy()) / scale
         if self.state.step in self.inject_nan_at:  # fault injection (trainer.inject_nan_grad_steps), once per step
             self.inject_nan_at.discard(self.state.step)
-            grads = tuple(ops.full_like(g, float("nan")) for g in grads)
+            only = self.cfg.trainer.get("inject_nan_grad_rank")
+            if only is None or int(only) == self.rank:
+                grads = tuple(ops.full_like(g, float("nan")) for g in grads)
+        peer_flags = None
         if self.reducer is not None:
             # Data parallel: every rank gets the mean gradient and loss, so a NaN on any rank is a
             # NaN on all of them and every rank takes the same skip/stop decision.
-            grads, loss = self.reducer.mean(grads, loss)
+            flags = (float(self.deadline is not None and time.time() > self.deadline), float(infeasible.any()),
+                     float(not np.isfinite(batch.features).all()))
+            reduced = self.reducer.reduce(grads, loss * scale, flags)
+            grads, loss, peer_flags = reduced.grads, reduced.loss / scale, reduced.flags
         # Float32 views of the gradients as MindSpore hands them out: no float64 copies (they
         # cost 0.4-0.9 s per ds2_reference step, bench/bench_step.py).
         group_sq, first_bad = self._group_squares(grads, scale)
@@ -148,7 +163,7 @@ class Trainer:
         finite = math.isfinite(loss) and math.isfinite(grad_norm)
         result = StepResult(loss, grad_norm, finite, {k: math.sqrt(v) if math.isfinite(v) else v
                                                       for k, v in group_sq.items()},
-                            float(absmax.asnumpy()), losses.asnumpy(), first_bad, scale)
+                            float(absmax.asnumpy()), losses.asnumpy(), first_bad, scale, peer_flags)
         if not finite:
             for p, value in stats:
                 ops.assign(p, ms.Tensor(value))
@@ -158,6 +173,8 @@ class Trainer:
         if factor < 1.0 or scale != 1.0:  # otherwise the gradients go to the optimizer untouched
             grads = tuple(g * ms.Tensor(factor / scale, ms.float32) for g in grads)
         self.optimizer(grads)
+        if self.reducer is not None and self.running_stats:
+            self.reducer.average_in_place(self.running_stats)  # each rank saw only its own batch
         return result
 
     def _group_squares(self, grads, scale: float):
@@ -202,7 +219,9 @@ class Trainer:
                 "val_loss": s.history["val_loss"][-1] if s.history["val_loss"] else None,
                 "val_wer": s.history["val_wer"][-1] if s.history["val_wer"] else None}
 
-    def save_last(self) -> Path:
+    def save_last(self) -> Optional[Path]:
+        if not self.is_primary:
+            return None
         last = self.ckpt_dir / "last.ckpt"
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         if last.exists():
@@ -210,6 +229,8 @@ class Trainer:
         return save_checkpoint(last, self.model, self.optimizer, self.checkpoint_meta())
 
     def save_best(self, wer: float) -> None:
+        if not self.is_primary:
+            return
         k = int(self.cfg.trainer.keep_best)
         best = self.state.best
         if len(best) >= k and wer >= max(b["wer"] for b in best):
@@ -240,7 +261,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
     def validate(self) -> Optional[EvalResult]:
-        if self.val_loader is None:
+        if self.val_loader is None or not self.is_primary:
             return None
         res = evaluate_model(self.model, self.val_loader, _value(self.cfg.trainer.metric),
                              self.cfg.trainer.max_eval_utterances)
@@ -261,6 +282,7 @@ class Trainer:
         t = cfg.trainer
         s = self.state
         deadline = self.started + 60 * float(t.max_minutes) if t.max_minutes else None
+        self.deadline = deadline
         bar = tqdm(total=self.max_steps, initial=s.step, desc="train", unit="step", disable=not t.progress,
                    file=sys.stderr, dynamic_ncols=True)
         last_result: Optional[StepResult] = None
@@ -331,7 +353,10 @@ class Trainer:
             if s.step >= self.max_steps:
                 done = True
                 break
-            if deadline and time.time() > deadline:
+            # Data parallel: ranks stop together, when any of them has run out of time.
+            out_of_time = (res.peer_flags["stop_requested"] > 0 if res.peer_flags is not None
+                           else deadline is not None and time.time() > deadline)
+            if out_of_time:
                 done, stop_reason = True, "max_minutes"
                 break
             t_wait = time.perf_counter()

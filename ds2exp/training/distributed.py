@@ -1,0 +1,198 @@
+"""Data-parallel training on MindSpore's own launcher, `msrun`.
+
+`python train.py hardware.num_devices=2 ...` re-runs the same command under
+`msrun --worker_num=2 --local_worker_num=2 --join=True`, with one fixed run directory for all
+ranks. msrun starts a scheduler process and one worker per device, each running train.py:
+
+* the scheduler (MS_ROLE=MS_SCHED) only joins the cluster (`init()`) and waits;
+* each worker (MS_ROLE=MS_WORKER) trains on its shard of every epoch's batches
+  (`BucketBatchSampler(rank, world)`), and after every backward the gradients, the loss and a
+  few flags are averaged across ranks in one AllReduce (`GradientAverager`). Every rank therefore
+  applies the same update and takes the same skip/stop decision on a non-finite step;
+* rank 0 alone validates, writes checkpoints and logs to MLflow.
+
+Commands started by msrun directly (several nodes: `msrun --worker_num=16 --local_worker_num=8
+--master_addr=... --node_rank=... train.py hardware=gpu hardware.num_devices=16`) skip the relaunch,
+because MS_ROLE is already set.
+
+Measured with MindSpore 2.8.0 on CPU: init() picks the `mccl` backend; AllReduce supports SUM only
+(float32/float16), so flags are summed as floats; `ops.Barrier` has no CPU kernel.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+# Flags reduced with the gradients (summed over ranks): how many ranks ...
+FLAG_NAMES = ("stop_requested", "infeasible_batch", "bad_features")
+
+
+def role() -> Optional[str]:
+    """MS_ROLE as msrun sets it: MS_SCHED for the scheduler, MS_WORKER for a training rank."""
+    return os.environ.get("MS_ROLE") or None
+
+
+def in_msrun_worker() -> bool:
+    return role() == "MS_WORKER"
+
+
+def _value(x) -> str:
+    return str(x.value if hasattr(x, "value") else x)
+
+
+def run_scheduler(device_target: str = "CPU") -> None:
+    """The msrun scheduler: join the cluster and serve it until the workers finish (init() returns
+    only when the job ends; msrun then collects this process)."""
+    import mindspore as ms
+    from mindspore.communication import init
+
+    ms.set_device(device_target)
+    init()
+
+
+def init_data_parallel(num_devices: int) -> Tuple[int, int]:
+    """Join the collective group (call after setup_mindspore); returns (rank, world size)."""
+    from mindspore.communication import get_group_size, get_rank, init
+
+    init()
+    rank, world = int(get_rank()), int(get_group_size())
+    if world != num_devices:
+        raise RuntimeError(f"hardware.num_devices={num_devices} but msrun started {world} workers; "
+                           "make them agree (msrun --worker_num)")
+    return rank, world
+
+
+@dataclass
+class Reduced:
+    grads: tuple
+    loss: float
+    flags: dict  # FLAG_NAMES -> number of ranks that raised the flag
+
+
+class GradientAverager:
+    """Mean of the gradients and the loss over all ranks, plus summed flags, in one AllReduce of a
+    flat float32 buffer (one collective per step instead of one per parameter)."""
+
+    def __init__(self, world: int):
+        from mindspore import ops
+
+        self.world = world
+        self._allreduce = ops.AllReduce()  # SUM: the only reduction MindSpore 2.8 has on CPU
+
+    def reduce(self, grads: Sequence, loss: float, flags: Sequence[float]) -> Reduced:
+        import mindspore as ms
+        from mindspore import ops
+
+        extras = ms.Tensor(np.asarray([loss, *flags], np.float32))
+        flat = ops.cat([g.reshape(-1) for g in grads] + [extras])
+        total = self._allreduce(flat)
+        out, offset = [], 0
+        for g in grads:
+            n = int(np.prod(g.shape))
+            out.append((total[offset:offset + n] / self.world).reshape(g.shape))
+            offset += n
+        tail = total[offset:].asnumpy().astype(np.float64)
+        return Reduced(tuple(out), float(tail[0] / self.world), dict(zip(FLAG_NAMES, tail[1:].tolist())))
+
+    def average_in_place(self, params: Sequence) -> None:
+        """Make `params` (e.g. BatchNorm moving statistics, which each rank updates from its own
+        batch) equal on all ranks: their mean."""
+        from mindspore import ops
+
+        if not params:
+            return
+        flat = ops.cat([p.value().reshape(-1) for p in params])
+        total = self._allreduce(flat)
+        offset = 0
+        for p in params:
+            n = int(np.prod(p.shape))
+            ops.assign(p, (total[offset:offset + n] / self.world).reshape(p.shape))
+            offset += n
+
+    def broadcast_from_rank0(self, params: Sequence) -> None:
+        """Start every rank from rank 0's parameters (same seed gives the same init, this makes sure)."""
+        from mindspore import ops
+
+        if not params:
+            return
+        from mindspore.communication import get_rank
+
+        flat = ops.cat([p.value().reshape(-1) for p in params])
+        if get_rank() != 0:
+            flat = ops.zeros_like(flat)
+        total = self._allreduce(flat)  # rank 0's values + zeros: a broadcast built from SUM
+        offset = 0
+        for p in params:
+            n = int(np.prod(p.shape))
+            ops.assign(p, total[offset:offset + n].reshape(p.shape).astype(p.dtype))
+            offset += n
+
+
+# ------------------------------------------------------------------------------------ launching
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _explicit_run_dir(argv: Sequence[str]) -> Optional[str]:
+    for a in argv:
+        if a.startswith("hydra.run.dir="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def launch_command(script: Path, argv: Sequence[str], num_devices: int, run_dir: Path, port: int) -> List[str]:
+    """The msrun command line that runs `script argv` on `num_devices` local workers."""
+    args = [a for a in argv if not a.startswith("hydra.run.dir=")]
+    return [sys.executable, "-m", "mindspore.parallel.cluster.run", f"--worker_num={num_devices}",
+            f"--local_worker_num={num_devices}", f"--master_port={port}", f"--log_dir={run_dir / 'msrun_logs'}",
+            "--join=True", str(script), *args, f"hydra.run.dir={run_dir}"]
+
+
+def launch(script: Path, argv: Sequence[str], cfg) -> int:
+    """Run `script argv` data-parallel under msrun on this machine; returns msrun's exit status."""
+    from ds2exp.config import project_root
+
+    n = int(cfg.hardware.num_devices)
+    explicit = _explicit_run_dir(argv)
+    run_dir = Path(explicit) if explicit else (
+        Path(project_root()) / "outputs" / datetime.now().strftime("%Y-%m-%d/%H-%M-%S"))
+    run_dir = run_dir.resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    # msrun starts the workers as plain `python <script>`: this interpreter must come first on PATH.
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    if _value(cfg.hardware.device_target) == "CPU" and "OMP_NUM_THREADS" not in os.environ:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // n))
+    cmd = launch_command(Path(script), argv, n, run_dir, free_port())
+    print(f"[ds2exp] data-parallel: {n} workers via msrun; run directory {run_dir}; "
+          f"worker logs {run_dir / 'msrun_logs'}", flush=True)
+    if shutil.which("python", path=env["PATH"]) is None:
+        raise RuntimeError("msrun needs `python` on PATH")
+    r = subprocess.run(cmd, env=env)
+    if r.returncode != 0:
+        print(f"[ds2exp] data-parallel run failed (msrun exit {r.returncode}); worker logs: "
+              f"{run_dir / 'msrun_logs'}", file=sys.stderr)
+    return r.returncode
+
+
+def threads_per_rank(hw_cfg, world: int) -> Optional[int]:
+    """CPU threads for one rank: the configured number, else the cores shared out between the ranks."""
+    if hw_cfg.threads:
+        return int(hw_cfg.threads)
+    if world > 1 and _value(hw_cfg.device_target) == "CPU":
+        return max(1, (os.cpu_count() or 1) // world)
+    return None
