@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TRAIN_ARGS ?=
 
-.PHONY: install train test test-slow test-ui bench soak lint ui clean
+.PHONY: install train train-dp test test-slow test-ui test-postgres bench soak lint ui clean
 
 install: $(STAMP)
 
@@ -19,6 +19,11 @@ $(STAMP): setup.cfg pyproject.toml
 train: install
 	$(PY) -m ds2exp.quickstart $(TRAIN_ARGS)
 
+# Data-parallel training: 2 processes on this machine through MindSpore's msrun (README "Scaling out").
+train-dp: install
+	$(PY) train.py hardware.num_devices=2 dataset=synth_tiny model=ds2_tiny dataset.batch_size=8 \
+		optimizer.lr=1.5e-3 trainer.max_steps=300 trainer.eval_every=100 trainer.checkpoint_every=100 $(TRAIN_ARGS)
+
 test: install
 	$(PY) -m pytest -m "not slow" -q
 
@@ -30,6 +35,13 @@ test-ui: install
 	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium chromium-driver)
 	$(PY) -m pip install -q selenium
 	$(PY) -m pytest -m slow -q tests/test_ui_browser.py
+
+# MLflow server on a real PostgreSQL store (tests/test_postgres_tracking.py): installs Debian's PostgreSQL
+# server if neither PATH nor /usr/lib/postgresql/*/bin has initdb; apt-get needs root.
+test-postgres: install
+	command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
+		(apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y postgresql)
+	$(PY) -m pytest -m postgres -q
 
 # torch is a bench-only baseline (the PyTorch row of the step table), not a package dependency.
 bench: install

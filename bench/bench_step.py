@@ -323,89 +323,6 @@ def _install_kernel_timers() -> Dict[str, _Accum]:
     return timers
 
 
-def _grad_variants(trainer, grads, repeats: int) -> Dict[str, float]:
-    """Seconds for the gradient handling between backward and optimizer, three ways, same grads.
-
-    trainer: Trainer.train_step's code (float64 copies, / scale, g*g, clip multiply, new Tensors).
-    numpy32: float32 arrays as MindSpore hands them out, one dot per tensor, scaling in MindSpore
-             only when the clip factor < 1.
-    ms:      per-tensor squared sums in MindSpore, one host transfer of the sums.
-    """
-    import math
-
-    import mindspore as ms
-    import numpy as np
-    from mindspore import ops
-
-    groups = trainer.param_groups
-    clip = float(trainer.cfg.optimizer.grad_clip)
-    scale = 1.0
-
-    def finish(group_sq):
-        norm = math.sqrt(sum(group_sq.values()))
-        return min(1.0, clip / (norm + 1e-6))
-
-    def trainer_way():
-        grads_np = [g.asnumpy().astype(np.float64) / scale for g in grads]
-        group_sq = {g: 0.0 for g in trainer.group_names}
-        for g, name in zip(grads_np, groups):
-            group_sq[name] += float(np.sum(g * g))
-        factor = finish(group_sq)
-        return tuple(ms.Tensor((g * factor).astype(np.float32)) for g in grads_np)
-
-    def numpy32_way():
-        group_sq = {g: 0.0 for g in trainer.group_names}
-        for g, name in zip(grads, groups):
-            a = g.asnumpy().reshape(-1)
-            group_sq[name] += float(np.dot(a, a))
-        factor = finish(group_sq)
-        return grads if factor >= 1.0 else tuple(g * factor for g in grads)
-
-    def ms_way():
-        sq = ops.stack([ops.reduce_sum(g * g) for g in grads]).asnumpy().astype(np.float64)
-        group_sq = {g: 0.0 for g in trainer.group_names}
-        for v, name in zip(sq, groups):
-            group_sq[name] += float(v)
-        factor = finish(group_sq)
-        return grads if factor >= 1.0 else tuple(g * factor for g in grads)
-
-    out = {}
-    for name, fn in (("trainer", trainer_way), ("numpy32", numpy32_way), ("ms", ms_way)):
-        fn()
-        out[name] = _median([_timeit(fn) for _ in range(repeats)])
-    return out
-
-
-def _lean_train_step(trainer, batch) -> float:
-    """Trainer.train_step's work (same checks, norms, clipping, optimizer) with the gradient handling
-    in float32 on the arrays MindSpore hands out: no float64 copies, no new Tensors unless the clip
-    factor or loss scale changes them. Not used by ds2exp: a bench what-if."""
-    import math
-
-    import mindspore as ms
-    import numpy as np
-
-    scale = trainer.state.loss_scale
-    (scaled_loss, (losses, absmax)), grads = trainer.grad_fn(
-        ms.Tensor(batch.features), ms.Tensor(batch.feature_lengths), ms.Tensor(batch.labels),
-        ms.Tensor(batch.label_lengths), ms.Tensor(scale, ms.float32))
-    group_sq = {g: 0.0 for g in trainer.group_names}
-    for g, name in zip(grads, trainer.param_groups):
-        a = g.asnumpy().reshape(-1)
-        group_sq[name] += float(np.dot(a, a)) / (scale * scale)
-    total = sum(group_sq.values())
-    grad_norm = math.sqrt(total) if math.isfinite(total) else float("inf")
-    loss = float(scaled_loss.asnumpy()) / scale
-    float(absmax.asnumpy()), losses.asnumpy()
-    if math.isfinite(loss) and math.isfinite(grad_norm):
-        clip = float(trainer.cfg.optimizer.grad_clip)
-        factor = min(1.0, clip / (grad_norm + 1e-6)) if clip > 0 else 1.0
-        if factor < 1.0 or scale != 1.0:
-            grads = tuple(g * (factor / scale) for g in grads)
-        trainer.optimizer(grads)
-    return loss
-
-
 def child_ds2exp(args) -> Dict[str, Any]:
     import mindspore as ms
     import numpy as np
@@ -447,20 +364,6 @@ def child_ds2exp(args) -> Dict[str, Any]:
     for k, t in timers.items():
         out["profile"][k] = t.total / n
         out["profile"][k + "_cores"] = t.cpu / t.total if t.total else 0.0
-    if args.grad_variants:
-        (_, _), grads = grad_t.fn(ms.Tensor(x), ms.Tensor(xl), ms.Tensor(y), ms.Tensor(yl),
-                                  ms.Tensor(1.0, ms.float32))
-        out["grad_variants"] = _grad_variants(trainer, grads, repeats=3)
-        del grads
-    if args.lean_steps:  # Trainer.train_step and the float32 what-if, alternately
-        pair: Dict[str, List[float]] = {"trainer": [], "lean": [], "trainer_handling": [], "lean_handling": []}
-        for _ in range(args.lean_steps):
-            for name, fn in (("trainer", lambda: trainer.train_step(batch)),
-                             ("lean", lambda: _lean_train_step(trainer, batch))):
-                t = _timeit(fn)
-                pair[name].append(t)
-                pair[name + "_handling"].append(t - grad_t.times[-1] - opt_t.times[-1])
-        out["what_if"] = {k: _median(v) for k, v in pair.items()}
     if args.gemm_probe:  # the GEMM the peak is measured with, under this row's load
         a = ms.Tensor(np.random.default_rng(0).standard_normal((2048, 2048)).astype(np.float32))
         best = min(_timeit(lambda: ms.ops.matmul(a, a).asnumpy()) for _ in range(5))
@@ -643,8 +546,6 @@ def child_main(argv: List[str]) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--gemm-n", type=int, default=2048)
     ap.add_argument("--data-steps", type=int, default=0)
-    ap.add_argument("--grad-variants", action="store_true")
-    ap.add_argument("--lean-steps", type=int, default=0)
     ap.add_argument("--gemm-probe", action="store_true")
     args = ap.parse_args(argv)
     _emit("BENCH_JSON", CHILDREN[args.child](args))
@@ -777,7 +678,7 @@ def plan(quick: bool, naive_timeout: float = 360.0) -> List[Dict[str, Any]]:
         steps = 5 if tiny else 3
         rows.append(dict(model=m, path="ds2exp", batch=b, frames=t, padded=t, steps=steps,
                          kw=dict(child="ds2exp", model=m, batch=b, frames=t, warmup=2 if tiny else 1,
-                                 data_steps=8 if tiny else 0, grad_variants=not tiny, lean_steps=3,
+                                 data_steps=8 if tiny else 0,
                                  gemm_probe=True)))
         rows.append(dict(model=m, path="pytorch", batch=b, frames=t, padded=t, steps=steps,
                          kw=dict(child="torch", model=m, batch=b, frames=t, warmup=2 if tiny else 1, threads=2)))
@@ -957,18 +858,6 @@ def _print_profile(rows, by, peak, out) -> None:
                 f"and layer, L3 32 MiB) = {r['batch'] / 2:.0f} FLOP/byte; forward {rec / p['rnn_fwd'] / 1e9:.1f} "
                 f"GFLOP/s, W_hh read at {int(arch['rnn_layers']) * t2 * d * layer_bytes / p['rnn_fwd'] / 1e9:.1f} GB/s"
                 f" (DRAM read {peak.get('read_gbs', float('nan')):.1f} GB/s)")
-        gv = res.get("grad_variants")
-        if gv:
-            out(f"    gradient handling alone, same gradients: Trainer.train_step's float64 numpy "
-                f"{gv['trainer']:.3f} s; float32 numpy dot {gv['numpy32']:.3f} s; "
-                f"squared sums in MindSpore {gv['ms']:.3f} s")
-        wi = res.get("what_if")
-        if wi:
-            out(f"    what-if (bench only, trainer.py unchanged), {r['kw']['lean_steps']} alternated pairs: "
-                f"Trainer.train_step {wi['trainer']:.3f} s/step, of which gradient handling "
-                f"{wi['trainer_handling']:.3f} s;\n      the same step with float32 gradient handling "
-                f"{wi['lean']:.3f} s/step, of which "
-                f"{wi['lean_handling']:.3f} s")
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -24,7 +24,6 @@ def main() -> int:
     if distributed.role() == "MS_SCHED":
         distributed.run_scheduler()
         return 0
-    import mindspore as ms
     import numpy as np
 
     from ds2exp.cli import check_overrides
@@ -37,8 +36,9 @@ def main() -> int:
 
     out, rows, world = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else 1
     cfg = check_overrides(["model=ds2_tiny", "model.batch_norm=false", "model.rnn_hidden=64", "optimizer=sgd",
-                           "optimizer.lr=1.0", "optimizer.momentum=0.0", "optimizer.nesterov=false", "optimizer.weight_decay=0",
-                           "optimizer.schedule=constant", "optimizer.grad_clip=0", "logger=none",
+                           "optimizer.lr=1.0", "optimizer.momentum=0.0", "optimizer.nesterov=false",
+                           "optimizer.weight_decay=0", "optimizer.schedule=constant", "optimizer.grad_clip=0",
+                           "logger=none",
                            f"hardware.num_devices={world}", "trainer.progress=false"])
     setup_mindspore(cfg.hardware, 0, threads=1 if world > 1 else None)
     rank = 0

@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -56,7 +55,8 @@ def test_slurm_launchers_compose_and_the_preset_becomes_these_sbatch_flags(tmp_p
         check_overrides(["hydra/launcher=slurm_gpu", "hydra.launcher.gpus_per_nod=2"])
     cfg = launcher(*overrides)
     assert cfg._target_ == SLURM  # extends submitit_slurm
-    assert (cfg.partition, cfg.timeout_min, cfg.gpus_per_node, cfg.tasks_per_node, cfg.nodes) == ("gpu-a100", 720, 1, 1, 1)
+    assert (cfg.partition, cfg.timeout_min, cfg.gpus_per_node) == ("gpu-a100", 720, 1)
+    assert (cfg.tasks_per_node, cfg.nodes) == (1, 1)
     assert (cfg.cpus_per_task, cfg.mem_gb, cfg.array_parallelism) == (8, 64, 16)
     assert cfg.submitit_folder == f"{tmp_path / 'sweep'}/.submitit/%j"
     assert launcher("hydra/launcher=slurm_gpu").partition is None  # the cluster's default partition
@@ -80,6 +80,33 @@ def test_slurm_launchers_compose_and_the_preset_becomes_these_sbatch_flags(tmp_p
                  "--cpus-per-task=8", "--mem=64GB", "--signal=USR2@120"):
         assert f"#SBATCH {flag}\n" in script, script
     assert f"--output={tmp_path / 'sweep'}/.submitit/%j/" in script
+
+
+LOKY_CHILD = """
+import multiprocessing, sys
+if __name__ == "__main__":
+    from joblib.externals.loky.backend import context  # noqa: F401  (registers the "loky" start method)
+    multiprocessing.set_start_method("loky", force=True)  # the global start method inside a loky worker
+    if sys.argv[1] == "reset":
+        from ds2exp.tracking.job_process import reset_inherited_start_method
+        assert reset_inherited_start_method()
+    p = multiprocessing.get_context("spawn").Process(target=print, args=("child ran",))  # as ds2exp.data.synth
+    p.start()
+    p.join(60)
+    sys.exit(p.exitcode)
+"""
+
+
+def test_a_job_in_a_loky_worker_can_start_processes_after_the_reset(tmp_path):
+    """Without the reset, a process started by a job in a loky worker dies at start-up (the first sweep on
+    a fresh data folder builds the corpus with such processes)."""
+    script = tmp_path / "loky_child.py"
+    script.write_text(LOKY_CHILD)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    broken = subprocess.run([sys.executable, str(script), "none"], capture_output=True, text=True, env=env, timeout=120)
+    assert broken.returncode != 0 and "cannot find context for 'loky'" in broken.stderr
+    fixed = subprocess.run([sys.executable, str(script), "reset"], capture_output=True, text=True, env=env, timeout=120)
+    assert fixed.returncode == 0 and fixed.stdout.strip() == "child ran", fixed.stderr[-3000:]
 
 
 def _wall(run):

@@ -173,6 +173,30 @@ def test_rnn_directions_in_separate_loops(rnn_type, monkeypatch):
 
 
 @pytest.mark.parametrize("rnn_type", ["lstm", "gru"])
+def test_rnn_direction_threads_are_bitwise_one_thread(rnn_type, monkeypatch):
+    """Separate direction loops run in two threads; each direction's arithmetic is unchanged."""
+    monkeypatch.setattr(L, "_JOINT_DIRECTIONS_MAX_BYTES", 0)
+    rng = np.random.default_rng(3)
+    B, T, H = 3, 9, 6
+    G = (4 if rnn_type == "lstm" else 3) * H
+    xp = rng.standard_normal((B, T, 2 * G)).astype(np.float32)
+    w = (rng.standard_normal((2, G, H)) * 0.5).astype(np.float32)
+    b = rng.standard_normal((2, G)).astype(np.float32)
+    lengths = np.array([9, 4, 6], np.int32)
+    dy = rng.standard_normal((B, T, 2 * H)).astype(np.float32)
+    fwd, bwd = (L.lstm_forward_np, L.lstm_backward_np) if rnn_type == "lstm" else (L.gru_forward_np, L.gru_backward_np)
+    outs = {}
+    for threads in (1, 2):
+        monkeypatch.setattr(L, "_DIRECTION_THREADS", threads)
+        y, *saved = fwd(xp, lengths, w, b)
+        outs[threads] = (y, *bwd(lengths, w, *saved, dy))
+    assert len(outs[1]) == 4
+    for one, two in zip(outs[1], outs[2]):
+        assert one.shape == two.shape and np.array_equal(one, two)
+    assert np.abs(outs[1][0]).max() > 0 and np.abs(outs[1][1]).max() > 0
+
+
+@pytest.mark.parametrize("rnn_type", ["lstm", "gru"])
 def test_rnn_matches_stock_cell_full_length(rnn_type):
     """Against nn.LSTM / nn.GRU called WITHOUT seq_length (the fused kernel for LSTM): gate order."""
     In, H = 6, 3

@@ -177,6 +177,10 @@ def launch(script: Path, argv: Sequence[str], cfg) -> int:
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     if _value(cfg.hardware.device_target) == "CPU" and "OMP_NUM_THREADS" not in os.environ:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // n))
+    # Build the data set (synthetic corpus, manifests) once, here, before N ranks would race to.
+    from ds2exp.data.dataset import resolve_manifests
+
+    resolve_manifests(cfg, progress=bool(cfg.trainer.progress))
     cmd = launch_command(Path(script), argv, n, run_dir, free_port())
     print(f"[ds2exp] data-parallel: {n} workers via msrun; run directory {run_dir}; "
           f"worker logs {run_dir / 'msrun_logs'}", flush=True)
