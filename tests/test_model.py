@@ -1,4 +1,6 @@
 """Model variants exposed in config build, run, and name their parameters like the reference."""
+from pathlib import Path
+
 import mindspore as ms
 import numpy as np
 import pytest
@@ -38,3 +40,17 @@ def test_config_presets_build():
 def test_rnn_block_name_lowercase_spelling():
     m = DeepSpeech2(conv_channels=2, rnn_layers=1, rnn_hidden=4, rnn_block_name="rnn")
     assert any(n.startswith("rnn.lstms.0.") for n, _ in m.parameters_and_names())
+
+
+def test_every_model_preset_and_the_quickstart_command_compose():
+    from ds2exp.config import config_dir
+    from ds2exp.quickstart import DEFAULT_OVERRIDES
+
+    names = sorted(p.stem for p in (Path(config_dir()) / "model").glob("*.yaml"))
+    assert {"ds2_tiny", "ds2_tiny_gru", "ds2_small", "ds2_reference"} <= set(names)
+    for name in names:
+        assert check_overrides([f"model={name}"]).model.name == name
+    cfg = check_overrides(DEFAULT_OVERRIDES)
+    assert (cfg.model.name, str(cfg.model.rnn_type.value), cfg.model.rnn_hidden) == ("ds2_tiny_gru", "gru", 256)
+    assert cfg.dataset.batch_size == 8 and cfg.trainer.max_minutes == 10
+    assert count_parameters(build_model(cfg.model)) == 1_715_448  # as the training run logged

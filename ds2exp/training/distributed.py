@@ -35,8 +35,9 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-# Flags reduced with the gradients (summed over ranks): how many ranks ...
-FLAG_NAMES = ("stop_requested", "infeasible_batch", "bad_features")
+# Summed over ranks with the gradients: how many ranks are out of time / had an infeasible
+# transcript / non-finite features, and the step's utterances and seconds of audio on all ranks.
+FLAG_NAMES = ("stop_requested", "infeasible_batch", "bad_features", "utterances", "audio_seconds")
 
 
 def role() -> Optional[str]:
@@ -175,6 +176,9 @@ def launch(script: Path, argv: Sequence[str], cfg) -> int:
     env = dict(os.environ)
     # msrun starts the workers as plain `python <script>`: this interpreter must come first on PATH.
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    # msrun's cluster set-up logs hundreds of retry warnings while the ranks connect; errors only,
+    # unless the user chose a level (GLOG_v).
+    env.setdefault("GLOG_v", "3")
     if _value(cfg.hardware.device_target) == "CPU" and "OMP_NUM_THREADS" not in os.environ:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // n))
     # Build the data set (synthetic corpus, manifests) once, here, before N ranks would race to.

@@ -152,7 +152,7 @@ class Trainer:
             # Data parallel: every rank gets the mean gradient and loss, so a NaN on any rank is a
             # NaN on all of them and every rank takes the same skip/stop decision.
             flags = (float(self.deadline is not None and time.time() > self.deadline), float(infeasible.any()),
-                     float(not np.isfinite(batch.features).all()))
+                     float(not np.isfinite(batch.features).all()), float(batch.size), float(batch.audio_seconds))
             reduced = self.reducer.reduce(grads, loss * scale, flags)
             grads, loss, peer_flags = reduced.grads, reduced.loss / scale, reduced.flags
         # Float32 views of the gradients as MindSpore hands them out: no float64 copies (they
@@ -335,8 +335,9 @@ class Trainer:
             else:
                 s.nonfinite_steps += 1
                 s.consecutive_nonfinite += 1
-            window["utts"] += batch.size
-            window["audio"] += batch.audio_seconds
+            flags = res.peer_flags or {}  # data parallel: what all ranks trained on in this step
+            window["utts"] += flags.get("utterances", batch.size)
+            window["audio"] += flags.get("audio_seconds", batch.audio_seconds)
             window["time"] += dt + wait
             window["wait"] += wait
             if s.step % t.log_every == 0 or not res.finite:
