@@ -97,15 +97,10 @@ class GradientAverager:
         from mindspore import ops
 
         extras = ms.Tensor(np.asarray([loss, *flags], np.float32))
-        flat = ops.cat([g.reshape(-1) for g in grads] + [extras])
-        total = self._allreduce(flat)
-        out, offset = [], 0
-        for g in grads:
-            n = int(np.prod(g.shape))
-            out.append((total[offset:offset + n] / self.world).reshape(g.shape))
-            offset += n
-        tail = total[offset:].asnumpy().astype(np.float64)
-        return Reduced(tuple(out), float(tail[0] / self.world), dict(zip(FLAG_NAMES, tail[1:].tolist())))
+        total = self._allreduce(ops.cat([g.reshape(-1) for g in grads] + [extras]))
+        out = tuple(part / self.world for part in _split(total, [g.shape for g in grads]))
+        tail = total[-(len(flags) + 1):].asnumpy().astype(np.float64)
+        return Reduced(out, float(tail[0] / self.world), dict(zip(FLAG_NAMES, tail[1:].tolist())))
 
     def average_in_place(self, params: Sequence) -> None:
         """Make `params` (e.g. BatchNorm moving statistics, which each rank updates from its own
@@ -114,13 +109,9 @@ class GradientAverager:
 
         if not params:
             return
-        flat = ops.cat([p.value().reshape(-1) for p in params])
-        total = self._allreduce(flat)
-        offset = 0
-        for p in params:
-            n = int(np.prod(p.shape))
-            ops.assign(p, (total[offset:offset + n] / self.world).reshape(p.shape))
-            offset += n
+        total = self._allreduce(ops.cat([p.value().reshape(-1) for p in params]))
+        for p, part in zip(params, _split(total, [p.shape for p in params])):
+            ops.assign(p, part / self.world)
 
     def broadcast_from_rank0(self, params: Sequence) -> None:
         """Start every rank from rank 0's parameters (same seed gives the same init, this makes sure)."""
@@ -134,11 +125,18 @@ class GradientAverager:
         if get_rank() != 0:
             flat = ops.zeros_like(flat)
         total = self._allreduce(flat)  # rank 0's values + zeros: a broadcast built from SUM
-        offset = 0
-        for p in params:
-            n = int(np.prod(p.shape))
-            ops.assign(p, total[offset:offset + n].reshape(p.shape).astype(p.dtype))
-            offset += n
+        for p, part in zip(params, _split(total, [p.shape for p in params])):
+            ops.assign(p, part.astype(p.dtype))
+
+
+def _split(flat, shapes) -> List:
+    """The tensors of `shapes` laid end to end at the start of the 1-D tensor `flat`."""
+    out, offset = [], 0
+    for shape in shapes:
+        n = int(np.prod(shape))
+        out.append(flat[offset:offset + n].reshape(shape))
+        offset += n
+    return out
 
 
 # ------------------------------------------------------------------------------------ launching
@@ -180,7 +178,7 @@ def launch(script: Path, argv: Sequence[str], cfg) -> int:
     # unless the user chose a level (GLOG_v).
     env.setdefault("GLOG_v", "3")
     if _value(cfg.hardware.device_target) == "CPU" and "OMP_NUM_THREADS" not in os.environ:
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // n))
+        env["OMP_NUM_THREADS"] = str(_cores_per_rank(n))
     # Build the data set (synthetic corpus, manifests) once, here, before N ranks would race to.
     from ds2exp.data.dataset import resolve_manifests
 
@@ -202,5 +200,9 @@ def threads_per_rank(hw_cfg, world: int) -> Optional[int]:
     if hw_cfg.threads:
         return int(hw_cfg.threads)
     if world > 1 and _value(hw_cfg.device_target) == "CPU":
-        return max(1, (os.cpu_count() or 1) // world)
+        return _cores_per_rank(world)
     return None
+
+
+def _cores_per_rank(world: int) -> int:
+    return max(1, (os.cpu_count() or 1) // world)

@@ -164,11 +164,10 @@ def run_training(cfg: DictConfig) -> float:
         else:
             run_dir = run_dir_from_hydra()
         run_dir.mkdir(parents=True, exist_ok=True)
-        if world > 1:
-            return _train_data_parallel(cfg, run_dir, resumed, rank, world)
-        if lock is None:
+        if lock is None and rank == 0:  # data parallel: rank 0 owns the run directory
             lock = recovery.RunLock(run_dir).acquire()  # RunDirBusy when another process trains there
-        return _train(cfg, run_dir, resumed, continues=resumed is not None or restart_in is not None)
+        return _train(cfg, run_dir, resumed, continues=resumed is not None or restart_in is not None,
+                      rank=rank, world=world)
     finally:
         if lock is not None:
             lock.release()
@@ -192,20 +191,6 @@ def _note_continued_elsewhere(new_dir: Path, old_dir: Path) -> None:
             (new_dir / "continued_in.txt").write_text(f"trainer.auto_resume: this invocation continued {old_dir}\n")
     except OSError:
         pass
-
-
-def _train_data_parallel(cfg: DictConfig, run_dir: Path, resumed, rank: int, world: int) -> float:
-    """One rank of a data-parallel run: rank 0 is an ordinary run (lock, run state, MLflow,
-    checkpoints) that averages gradients with the others; the other ranks only train."""
-    from ds2exp.training import recovery
-
-    if rank == 0:
-        lock = recovery.RunLock(run_dir).acquire()
-        try:
-            return _train(cfg, run_dir, resumed, continues=resumed is not None, rank=rank, world=world)
-        finally:
-            lock.release()
-    return _train(cfg, run_dir, resumed, continues=resumed is not None, rank=rank, world=world)
 
 
 def _train(cfg: DictConfig, run_dir: Path, resumed, continues: bool, rank: int = 0, world: int = 1) -> float:
