@@ -47,6 +47,17 @@ def test_every_sweep_value_is_checked():
     assert cfg.optimizer.lr == 1e-3
 
 
+def test_sgd_momentum_settings_are_checked_before_mindspore_sees_them():
+    # MindSpore's SGD raises a ValueError deep in the run for Nesterov without momentum
+    with pytest.raises(ConfigError, match=r"optimizer.nesterov=True is not allowed; expected false when "
+                                          r"optimizer.momentum=0"):
+        check_overrides(["optimizer=sgd", "optimizer.momentum=0"])
+    with pytest.raises(ConfigError, match=r"optimizer.momentum=1.5 is not allowed"):
+        check_overrides(["optimizer=sgd", "optimizer.momentum=1.5"])
+    cfg = check_overrides(["optimizer=sgd", "optimizer.momentum=0", "optimizer.nesterov=false"])
+    assert cfg.optimizer.momentum == 0 and not cfg.optimizer.nesterov
+
+
 def test_split_overrides_drops_hydra_flags():
     assert split_overrides(["-m", "--cfg", "job", "a=1", "--config-name=x", "b=2"]) == ["a=1", "b=2"]
 
