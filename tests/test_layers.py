@@ -61,6 +61,15 @@ def assert_same(plain, fast, inputs, seed=0):
     return yp, gxp, gpp
 
 
+@pytest.fixture(params=[True, False], ids=["numba", "numpy"])
+def numba_mode(request):
+    if request.param and not L.HAVE_NUMBA:
+        pytest.skip("numba not installed")
+    old = L.set_numba_enabled(request.param)
+    yield request.param
+    L.set_numba_enabled(old)
+
+
 # ------------------------------------------------------------------------------------------ conv
 CONVS = {
     # name: (C_in, C_out, kernel, stride, padding (top, bottom, left, right), F, T, B)
@@ -72,7 +81,7 @@ CONVS = {
 
 @pytest.mark.parametrize("name", sorted(CONVS))
 @pytest.mark.parametrize("strategy", ["auto", "ms", "wide", "tap"])
-def test_conv_fast_matches_plain(name, strategy):
+def test_conv_fast_matches_plain(name, strategy, numba_mode):
     C, O, k, s, p, F, T, B = CONVS[name]
     plain = L.make_conv2d(C, O, k, s, p, impl="plain")
     fast = L.FastConv2d(C, O, k, s, p, strategy=strategy) if strategy != "auto" else \
@@ -139,15 +148,6 @@ def rnn_inputs(B=3, T=7, In=5, lengths=(7, 3, 5), seed=5):
     return Tensor(x), Tensor(np.asarray(lengths, np.int32))
 
 
-@pytest.fixture(params=[True, False], ids=["numba", "numpy"])
-def numba_mode(request):
-    if request.param and not L.HAVE_NUMBA:
-        pytest.skip("numba not installed")
-    old = L.set_numba_enabled(request.param)
-    yield request.param
-    L.set_numba_enabled(old)
-
-
 @pytest.mark.parametrize("rnn_type", ["lstm", "gru"])
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
 def test_rnn_fast_matches_plain(rnn_type, bidirectional, numba_mode):
@@ -173,8 +173,9 @@ def test_rnn_directions_in_separate_loops(rnn_type, monkeypatch):
 
 
 @pytest.mark.parametrize("rnn_type", ["lstm", "gru"])
-def test_rnn_direction_threads_are_bitwise_one_thread(rnn_type, monkeypatch):
-    """Separate direction loops run in two threads; each direction's arithmetic is unchanged."""
+def test_rnn_direction_threads_are_bitwise_one_thread(rnn_type, monkeypatch, numba_mode):
+    """Separate direction loops (compiled kernels, or numpy loops for a large W_hh) run in two
+    threads; each direction's arithmetic is unchanged."""
     monkeypatch.setattr(L, "_JOINT_DIRECTIONS_MAX_BYTES", 0)
     rng = np.random.default_rng(3)
     B, T, H = 3, 9, 6

@@ -114,6 +114,170 @@ if HAVE_NUMBA:
                             out[d, b, k] += s * w[d, j, k]
 
 
+    # ---- whole recurrences, one direction per call --------------------------------------------
+    # The numpy loops below pay ~15 small ufunc calls (and the GIL) per time step; at DS2's small
+    # batches that Python overhead is as large as the arithmetic. These kernels run the whole time
+    # loop compiled, without the GIL, so the two directions of a layer also run on two cores.
+    # numba's tanh is a scalar libm call that does not vectorise (an earlier whole-loop kernel was
+    # slower than numpy for that reason), so they use Eigen's float32 rational approximation of
+    # tanh (clamped 13/6 Padé-like fit, error a few ulp), which the compiler vectorises.
+
+    @_numba.njit(fastmath=True, cache=True, nogil=True, inline="always")
+    def _nb_tanh(x):  # pragma: no cover - compiled
+        x = min(max(x, np.float32(-7.90531110763549805)), np.float32(7.90531110763549805))
+        x2 = x * x
+        p = x2 * np.float32(-2.76076847742355e-16) + np.float32(2.00018790482477e-13)
+        p = p * x2 + np.float32(-8.60467152213735e-11)
+        p = p * x2 + np.float32(5.12229709037114e-08)
+        p = p * x2 + np.float32(1.48572235717979e-05)
+        p = p * x2 + np.float32(6.37261928875436e-04)
+        p = p * x2 + np.float32(4.89352455891786e-03)
+        p = p * x
+        q = x2 * np.float32(1.19825839466702e-06) + np.float32(1.18534705686654e-04)
+        q = q * x2 + np.float32(2.26843463243900e-03)
+        q = q * x2 + np.float32(4.89352518554385e-03)
+        return p / q
+
+    @_numba.njit(fastmath=True, cache=True, nogil=True, inline="always")
+    def _nb_sigmoid(x):  # pragma: no cover - compiled
+        return np.float32(0.5) * _nb_tanh(np.float32(0.5) * x) + np.float32(0.5)
+
+    @_numba.njit(fastmath=True, cache=True, nogil=True)
+    def _nb_rows_wT(h, w, out):  # pragma: no cover - compiled
+        """out[b, j] = sum_k h[b, k] * w[j, k] (one direction)."""
+        G, H = w.shape
+        for j in range(G):
+            for b in range(h.shape[0]):
+                s = np.float32(0.0)
+                for k in range(H):
+                    s += w[j, k] * h[b, k]
+                out[b, j] = s
+
+    @_numba.njit(fastmath=True, cache=True, nogil=True)
+    def _nb_rows_w(g, w, out):  # pragma: no cover - compiled
+        """out[b, k] = sum_j g[b, j] * w[j, k] (one direction)."""
+        G, H = w.shape
+        out[:] = 0.0
+        for j in range(G):
+            for b in range(g.shape[0]):
+                s = g[b, j]
+                if s != 0.0:
+                    for k in range(H):
+                        out[b, k] += s * w[j, k]
+
+    @_numba.njit(fastmath=True, cache=True, nogil=True)
+    def _nb_lstm_fwd(X, w, A, C, Hs, Tm):  # pragma: no cover - compiled
+        """One direction: X (T, B, 4H) incl. both biases; fills A (i, f, g, o), C and Hs."""
+        G, H = w.shape
+        B = X.shape[1]
+        h = np.zeros((B, H), np.float32)
+        c = np.zeros((B, H), np.float32)
+        g = np.empty((B, G), np.float32)
+        for t in range(Tm):
+            _nb_rows_wT(h, w, g)
+            for b in range(B):
+                for k in range(H):
+                    i = _nb_sigmoid(g[b, k] + X[t, b, k])
+                    f = _nb_sigmoid(g[b, H + k] + X[t, b, H + k])
+                    gg = _nb_tanh(g[b, 2 * H + k] + X[t, b, 2 * H + k])
+                    o = _nb_sigmoid(g[b, 3 * H + k] + X[t, b, 3 * H + k])
+                    A[t, b, k] = i
+                    A[t, b, H + k] = f
+                    A[t, b, 2 * H + k] = gg
+                    A[t, b, 3 * H + k] = o
+                    cc = c[b, k] * f + i * gg
+                    c[b, k] = cc
+                    C[t, b, k] = cc
+                    hh = _nb_tanh(cc) * o
+                    h[b, k] = hh
+                    Hs[t, b, k] = hh
+
+    @_numba.njit(fastmath=True, cache=True, nogil=True)
+    def _nb_lstm_bwd(dY, w, A, C, dG, Tm):  # pragma: no cover - compiled
+        G, H = w.shape
+        B = dY.shape[1]
+        dh = np.zeros((B, H), np.float32)
+        dc = np.zeros((B, H), np.float32)
+        d = np.zeros((B, G), np.float32)
+        for t in range(Tm - 1, -1, -1):
+            for b in range(B):
+                for k in range(H):
+                    i = A[t, b, k]
+                    f = A[t, b, H + k]
+                    gg = A[t, b, 2 * H + k]
+                    o = A[t, b, 3 * H + k]
+                    dhk = dh[b, k] + dY[t, b, k]
+                    tc = _nb_tanh(C[t, b, k])
+                    d[b, 3 * H + k] = dhk * tc * o * (np.float32(1.0) - o)
+                    dck = dc[b, k] + dhk * o * (np.float32(1.0) - tc * tc)
+                    d[b, k] = dck * gg * i * (np.float32(1.0) - i)
+                    d[b, 2 * H + k] = dck * i * (np.float32(1.0) - gg * gg)
+                    if t > 0:
+                        d[b, H + k] = dck * C[t - 1, b, k] * f * (np.float32(1.0) - f)
+                    else:
+                        d[b, H + k] = 0.0
+                    dc[b, k] = dck * f
+            dG[t] = d
+            _nb_rows_w(d, w, dh)
+
+    @_numba.njit(fastmath=True, cache=True, nogil=True)
+    def _nb_gru_fwd(X, w, bias, A, S, Hs, Tm):  # pragma: no cover - compiled
+        """One direction: X (T, B, 3H) incl. bias_ih; fills A (r, z, n), S = W_hn h + b_hn, Hs."""
+        G, H = w.shape
+        B = X.shape[1]
+        h = np.zeros((B, H), np.float32)
+        gh = np.empty((B, G), np.float32)
+        for t in range(Tm):
+            _nb_rows_wT(h, w, gh)
+            for b in range(B):
+                for k in range(H):
+                    r = _nb_sigmoid(X[t, b, k] + gh[b, k] + bias[k])
+                    z = _nb_sigmoid(X[t, b, H + k] + gh[b, H + k] + bias[H + k])
+                    s = gh[b, 2 * H + k] + bias[2 * H + k]
+                    n = _nb_tanh(X[t, b, 2 * H + k] + r * s)
+                    A[t, b, k] = r
+                    A[t, b, H + k] = z
+                    A[t, b, 2 * H + k] = n
+                    S[t, b, k] = s
+                    hh = (h[b, k] - n) * z + n
+                    h[b, k] = hh
+                    Hs[t, b, k] = hh
+
+    @_numba.njit(fastmath=True, cache=True, nogil=True)
+    def _nb_gru_bwd(dY, w, A, S, Hs, dX, dGh, Tm):  # pragma: no cover - compiled
+        G, H = w.shape
+        B = dY.shape[1]
+        dh = np.zeros((B, H), np.float32)
+        dg = np.zeros((B, G), np.float32)
+        back = np.empty((B, H), np.float32)
+        for t in range(Tm - 1, -1, -1):
+            for b in range(B):
+                for k in range(H):
+                    r = A[t, b, k]
+                    z = A[t, b, H + k]
+                    n = A[t, b, 2 * H + k]
+                    dhk = dh[b, k] + dY[t, b, k]
+                    h_prev = Hs[t - 1, b, k] if t > 0 else np.float32(0.0)
+                    dn = dhk * (np.float32(1.0) - z) * (np.float32(1.0) - n * n)
+                    dz = (h_prev - n) * dhk * z * (np.float32(1.0) - z)
+                    dr = dn * S[t, b, k] * r * (np.float32(1.0) - r)
+                    dX[t, b, k] = dr
+                    dX[t, b, H + k] = dz
+                    dX[t, b, 2 * H + k] = dn
+                    dg[b, k] = dr
+                    dg[b, H + k] = dz
+                    dg[b, 2 * H + k] = dn * r
+                    dh[b, k] = dhk * z
+            dGh[t] = dg
+            _nb_rows_w(dg, w, back)
+            dh += back
+
+
+def _fused(B) -> bool:
+    """Whether the compiled whole-loop kernels run this batch (numba on, a small batch)."""
+    return _USE_NUMBA and B <= _NUMBA_MAX_ROWS
+
+
 def _h_wT(h, w, wT):
     """(D,B,H) x (D,G,H)^T -> (D,B,G); wT is w transposed (C-contiguous) for the BLAS path."""
     if _USE_NUMBA and h.shape[1] <= _NUMBA_MAX_ROWS:
@@ -187,6 +351,11 @@ def _clip_lengths(lengths, T):
 # cache together; above this size each direction runs its own loop so that its W_hh stays in L3
 # (measured, B=2 H=1024: 0.87 ms a step for two sequential directions vs 1.34 ms interleaved).
 _JOINT_DIRECTIONS_MAX_BYTES = 16 << 20
+
+
+def _one_per_direction(D):
+    """Direction indices for the compiled kernels: each direction its own task (own core)."""
+    return list(range(D))
 
 
 def _direction_groups(w):
@@ -274,7 +443,11 @@ def lstm_forward_np(xp, lengths, w, b):
     C = np.zeros((D, T, B, H), np.float32)
     Hs = np.zeros((D, T, B, H), np.float32)
     w = np.ascontiguousarray(w, dtype=np.float32)
-    _for_each_direction(_direction_groups(w), lambda sl: _lstm_fwd_loop(X[sl], w[sl], A[sl], C[sl], Hs[sl], Tm))
+    if _fused(B):
+        _for_each_direction(_one_per_direction(D), lambda d: _nb_lstm_fwd(X[d], w[d], A[d], C[d], Hs[d], Tm))
+    else:
+        _for_each_direction(_direction_groups(w),
+                            lambda sl: _lstm_fwd_loop(X[sl], w[sl], A[sl], C[sl], Hs[sl], Tm))
     Y = Hs * _valid_mask(lengths, T)
     return _from_aligned(Y, lengths), A, C, Hs
 
@@ -339,7 +512,11 @@ def lstm_backward_np(lengths, w, A, C, Hs, dy):
     _, T, B, _ = A.shape
     lengths, dY, Tm, w = _backward_inputs(lengths, w, dy, T, B)
     dG = np.zeros((D, T, B, G), np.float32)
-    _for_each_direction(_direction_groups(w), lambda sl: _lstm_bwd_loop(dY[sl], w[sl], A[sl], C[sl], dG[sl], Tm))
+    if _fused(B):
+        _for_each_direction(_one_per_direction(D), lambda d: _nb_lstm_bwd(dY[d], w[d], A[d], C[d], dG[d], Tm))
+    else:
+        _for_each_direction(_direction_groups(w),
+                            lambda sl: _lstm_bwd_loop(dY[sl], w[sl], A[sl], C[sl], dG[sl], Tm))
     dw, db = _recurrent_weight_grads(dG, Hs)
     return _from_aligned(dG, lengths), dw, db
 
@@ -391,8 +568,11 @@ def gru_forward_np(xp, lengths, w, b):
     Hs = np.zeros((D, T, B, H), np.float32)
     w = np.ascontiguousarray(w, dtype=np.float32)
     b = np.asarray(b, np.float32)
-    _for_each_direction(_direction_groups(w),
-                        lambda sl: _gru_fwd_loop(X[sl], w[sl], b[sl], A[sl], S[sl], Hs[sl], Tm))
+    if _fused(B):
+        _for_each_direction(_one_per_direction(D), lambda d: _nb_gru_fwd(X[d], w[d], b[d], A[d], S[d], Hs[d], Tm))
+    else:
+        _for_each_direction(_direction_groups(w),
+                            lambda sl: _gru_fwd_loop(X[sl], w[sl], b[sl], A[sl], S[sl], Hs[sl], Tm))
     Y = Hs * _valid_mask(lengths, T)
     return _from_aligned(Y, lengths), A, S, Hs
 
@@ -434,8 +614,12 @@ def gru_backward_np(lengths, w, A, S, Hs, dy):
     lengths, dY, Tm, w = _backward_inputs(lengths, w, dy, T, B)
     dX = np.zeros((D, T, B, G), np.float32)
     dGh = np.zeros((D, T, B, G), np.float32)
-    _for_each_direction(_direction_groups(w),
-                        lambda sl: _gru_bwd_loop(dY[sl], w[sl], A[sl], S[sl], Hs[sl], dX[sl], dGh[sl], Tm))
+    if _fused(B):
+        _for_each_direction(_one_per_direction(D),
+                            lambda d: _nb_gru_bwd(dY[d], w[d], A[d], S[d], Hs[d], dX[d], dGh[d], Tm))
+    else:
+        _for_each_direction(_direction_groups(w),
+                            lambda sl: _gru_bwd_loop(dY[sl], w[sl], A[sl], S[sl], Hs[sl], dX[sl], dGh[sl], Tm))
     dw, db = _recurrent_weight_grads(dGh, Hs)
     return _from_aligned(dX, lengths), dw, db
 
@@ -681,6 +865,10 @@ def _freq_im2col(x, kF, sF, Fo, pt, pb, pl, Tu):
 def _freq_col2im(dXf, C, kF, sF, F, T, pt, pb, pl):
     """Adjoint of _freq_im2col: dXf (B, Tu, Fo, kF*C) -> dx (B, C, F, T)."""
     B, Tu, Fo, _ = dXf.shape
+    if _USE_NUMBA:
+        dx = np.empty((B, C, F, T), np.float32)
+        _nb_freq_col2im(np.ascontiguousarray(dXf, dtype=np.float32), C, kF, sF, pt, pl, dx)
+        return dx
     Fp = F + pt + pb
     d5 = dXf.reshape(B, Tu, Fo, kF, C)
     dxp = np.zeros((B, Tu, Fp, C), np.float32)
@@ -692,6 +880,50 @@ def _freq_col2im(dXf, C, kF, sF, F, T, pt, pb, pl):
     if tv > 0:
         dx[:, :, :, :tv] = dxp[:, pl:pl + tv, pt:pt + F, :].transpose(0, 3, 2, 1)
     return dx
+
+
+if HAVE_NUMBA:
+    @_numba.njit(fastmath=True, cache=True, nogil=True)
+    def _nb_freq_col2im(dXf, C, kF, sF, pt, pl, dx):  # pragma: no cover - compiled
+        """numba col2im: one pass over dXf in memory order, each (b, t) row summed in a small
+        (padded F, C) buffer that stays in L1, then written to its time column of dx. The numpy
+        version makes kF strided passes over the whole 30 MB gradient (DS2 conv2: 25 ms vs ~4)."""
+        B, Tu, Fo, K = dXf.shape
+        _, _, F, T = dx.shape
+        Fp = (Fo - 1) * sF + kF
+        row = np.empty((max(Fp, pt + F), C), np.float32)
+        dx[:] = 0.0
+        for b in range(B):
+            for t in range(Tu):
+                tt = t - pl
+                if tt < 0 or tt >= T:
+                    continue
+                row[:] = 0.0
+                for f in range(Fo):
+                    base = f * sF
+                    for kf in range(kF):
+                        for c in range(C):
+                            row[base + kf, c] += dXf[b, t, f, kf * C + c]
+                for c in range(C):
+                    for fi in range(F):
+                        dx[b, c, fi, tt] = row[pt + fi, c]
+
+
+if HAVE_NUMBA:
+    @_numba.njit(fastmath=True, cache=True, nogil=True)
+    def _nb_time_shifts(dy, sT, dZ):  # pragma: no cover - compiled
+        """dZ[b, u, f, kt, o] = dy[b, o, f, t] where u = t*sT + kt, else 0: the kT time shifts of
+        the output gradient side by side, written once in dZ's memory order."""
+        B, O, Fo, To = dy.shape
+        _, Tu, _, kT, _ = dZ.shape
+        for b in range(B):
+            for u in range(Tu):
+                for f in range(Fo):
+                    for kt in range(kT):
+                        t = u - kt
+                        ok = t >= 0 and t % sT == 0 and t // sT < To
+                        for o in range(O):
+                            dZ[b, u, f, kt, o] = dy[b, o, f, t // sT] if ok else np.float32(0.0)
 
 
 def conv_backward_np(x, w, dy, stride, padding, strategy="auto"):
@@ -802,6 +1034,10 @@ class _ConvFn(nn.Cell):
         def shifts(dy):
             B, O, Fo, To = dy.shape
             Tu = (To - 1) * sT + kT
+            if _USE_NUMBA:
+                dZ = np.empty((B, Tu, Fo, kT, O), np.float32)
+                _nb_time_shifts(np.asarray(dy, np.float32), sT, dZ)
+                return dZ.reshape(B * Tu * Fo, kT * O)
             dZ = np.zeros((B, Tu, Fo, kT, O), np.float32)
             dY = dy.transpose(0, 3, 2, 1)
             tspan = (To - 1) * sT + 1
