@@ -295,6 +295,9 @@ class DecoderConfig:
     alpha: float = 0.5  # language model weight (beam with lm_path only)
     beta: float = 1.0  # word insertion bonus (beam with lm_path only)
     lm_path: Optional[str] = None  # KenLM ARPA/binary; needs the `lm` extra
+    # log-score added to a word outside the LM's vocabulary (pyctcdecode's default -10); lower it
+    # when the vocabulary is closed (the synthetic corpora), keep it for open-vocabulary speech
+    unk_score_offset: float = -10.0
 
 
 @dataclass

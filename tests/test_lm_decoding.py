@@ -53,3 +53,27 @@ def test_language_model_resolves_an_acoustically_ambiguous_word(tmp_path):
 def test_missing_language_model_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.arpa"):
         BeamSearchDecoder(lm_path=tmp_path / "nope.arpa")
+
+
+def test_unknown_word_penalty_decides_between_an_oov_spelling_and_a_known_word(tmp_path):
+    from ds2exp.evaluation.ngram import build_arpa
+
+    lm = tmp_path / "built.arpa"  # has an <unk> entry, as models from ds2exp.evaluation.ngram do
+    lm.write_text(build_arpa(["THE CAT SAT", "THE DOG SAT", "A CAT RAN"]))
+    # the acoustics clearly say "KAT", a word the model does not know; CAT is the known neighbour
+    spec = [{"T": 0.9}, {"H": 0.9}, {"E": 0.9}, {" ": 0.9}, {"K": 0.9, "C": 0.05}, {"A": 0.9}, {"T": 0.9},
+            {"_": 0.9}]
+    log_probs = frames_for(spec)
+    lenient = BeamSearchDecoder(beam_width=16, alpha=0.5, beta=0.0, lm_path=lm, unk_score_offset=0.0)
+    strict = BeamSearchDecoder(beam_width=16, alpha=0.5, beta=0.0, lm_path=lm, unk_score_offset=-30.0)
+    assert lenient.decode(log_probs) == "THE KAT"
+    assert strict.decode(log_probs) == "THE CAT"
+
+
+def test_evaluate_passes_the_unknown_word_penalty_to_the_decoder():
+    from ds2exp.cli import compose_config
+
+    cfg = compose_config(["decoder=beam", "decoder.unk_score_offset=-25"], config_name="evaluate")
+    assert cfg.decoder.unk_score_offset == -25.0
+    with pytest.raises(Exception, match="unk_score_offset"):
+        compose_config(["decoder=beam", "decoder.unk_score_offset=lots"], config_name="evaluate")

@@ -92,7 +92,7 @@ def make_decoder(dec_cfg):
     from ds2exp.evaluation.decoding import BeamSearchDecoder
 
     beam = BeamSearchDecoder(beam_width=dec_cfg.beam_width, alpha=dec_cfg.alpha, beta=dec_cfg.beta,
-                             lm_path=dec_cfg.lm_path)
+                             lm_path=dec_cfg.lm_path, unk_score_offset=dec_cfg.unk_score_offset)
     return lambda log_probs, lengths: [beam.decode(lp, int(n)) for lp, n in zip(log_probs, lengths)]
 
 

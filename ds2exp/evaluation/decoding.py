@@ -253,6 +253,8 @@ class BeamSearchDecoder:
     ``token_min_logp`` / ``beam_prune_logp`` are the pyctcdecode pruning knobs (labels
     below ``token_min_logp`` at a frame are skipped unless argmax; beams more than
     ``-beam_prune_logp`` below the best are dropped) and are applied by both backends.
+    ``unk_score_offset`` (with an LM): log-score added to a word the LM does not know.
+
     ``prune_history`` (pyctcdecode only) keeps, among beams that share the last LM-order
     words, only the best one: faster, but it discards probability mass, so it is off by
     default (pyctcdecode's own ``decode()`` always turns it on).
@@ -270,6 +272,7 @@ class BeamSearchDecoder:
         beam_prune_logp: float = -10.0,
         prune_history: bool = False,
         backend: str | None = None,
+        unk_score_offset: float = -10.0,
     ) -> None:
         if beam_width < 1:
             raise ValueError("beam_width must be >= 1")
@@ -284,6 +287,7 @@ class BeamSearchDecoder:
         self.token_min_logp = float(token_min_logp)
         self.beam_prune_logp = float(beam_prune_logp)
         self.prune_history = bool(prune_history)
+        self.unk_score_offset = float(unk_score_offset)
 
         if backend is None:
             backend = "pyctcdecode" if (pyctcdecode_available() or self.lm_path) else "numpy"
@@ -332,6 +336,7 @@ class BeamSearchDecoder:
             kenlm_model_path=self.lm_path,
             alpha=self.alpha,
             beta=self.beta,
+            unk_score_offset=self.unk_score_offset,
         )
 
     def decode(self, log_probs: np.ndarray, length: int | None = None) -> str:
