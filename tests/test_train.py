@@ -123,3 +123,19 @@ def test_bf16_on_cpu_is_a_config_error(tmp_path, shared_data_dir):
     r = train(tmp_path, shared_data_dir, "precision=bf16", check=False)
     assert r.returncode == 2
     assert "no bfloat16 CPU kernels" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_time_limited_cosine_decays_over_max_minutes(tmp_path, shared_data_dir):
+    # 20,000 planned steps would barely start the cosine; a 15-second budget carries it to its floor
+    train(tmp_path, shared_data_dir, "trainer.max_minutes=0.25", "trainer.max_steps=20000", "trainer.log_every=1",
+          "trainer.eval_every=100000", "optimizer.lr=1e-3", "optimizer.schedule=warmup_cosine",
+          "optimizer.warmup_steps=2", "optimizer.min_lr_ratio=0.1", *SMALL)
+    client, runs = mlflow_runs(tmp_path)
+    lr = [m.value for m in sorted(client.get_metric_history(runs[0].info.run_id, "train/lr"), key=lambda m: m.step)]
+    import json
+    assert json.loads((tmp_path / "outputs" / "run" / "summary.json").read_text())["stop_reason"] == "max_minutes"
+    assert len(lr) > 10
+    assert lr[1] == pytest.approx(1e-3)  # warm-up done at step 2
+    assert all(b <= a + 1e-12 for a, b in zip(lr[1:], lr[2:]))  # then never up
+    assert lr[-1] < 2.5e-4  # near the 1e-4 floor when the time ran out, not at step 20,000's pace
+    assert lr[-1] >= 1e-4 - 1e-12

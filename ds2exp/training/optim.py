@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import mindspore as ms
 from mindspore import nn, ops
@@ -28,9 +29,14 @@ def build_optimizer(params, cfg) -> nn.Optimizer:
     raise ValueError(f"optimizer.name={name!r}; allowed: adam, adamw, sgd")
 
 
-def learning_rate(cfg, step: int, epoch: int, total_steps: int) -> float:
+def learning_rate(cfg, step: int, epoch: int, total_steps: int, time_progress: Optional[float] = None) -> float:
     """lr for a step. constant; exponential: lr / anneal**epoch (deepspeech.pytorch's per-epoch
-    anneal); warmup_cosine: linear warm-up then cosine decay to lr * min_lr_ratio."""
+    anneal); warmup_cosine: linear warm-up then cosine decay to lr * min_lr_ratio.
+
+    ``time_progress`` (the share of a ``trainer.max_minutes`` budget used so far): the cosine
+    follows whichever budget, steps or time, is further along, so that a time-limited run
+    reaches the low end of its schedule when its time runs out, not at a step count it never
+    gets to."""
     base = float(cfg.lr)
     schedule = _value(cfg.schedule)
     warm = int(cfg.warmup_steps)
@@ -42,7 +48,10 @@ def learning_rate(cfg, step: int, epoch: int, total_steps: int) -> float:
         return base / (float(cfg.anneal) ** epoch)
     if schedule == "warmup_cosine":
         span = max(1, total_steps - warm)
-        progress = min(1.0, max(0.0, (step - warm) / span))
+        progress = (step - warm) / span
+        if time_progress is not None:
+            progress = max(progress, float(time_progress))
+        progress = min(1.0, max(0.0, progress))
         floor = base * float(cfg.min_lr_ratio)
         return floor + (base - floor) * 0.5 * (1 + math.cos(math.pi * progress))
     raise ValueError(f"optimizer.schedule={schedule!r}")

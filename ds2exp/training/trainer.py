@@ -306,6 +306,14 @@ class Trainer:
                 "last_loss": last_result.loss if last_result else float("nan"),
                 "nonfinite_steps": s.nonfinite_steps, "rollbacks": s.rollbacks}
 
+    def _time_progress(self) -> Optional[float]:
+        """Share of this process's trainer.max_minutes used so far (None without a time budget, and
+        under data parallelism, where every rank must compute the same lr from the step alone)."""
+        minutes = self.cfg.trainer.max_minutes
+        if not minutes or self.reducer is not None:
+            return None
+        return (time.time() - self.started) / (60.0 * float(minutes))
+
     def _run_epoch(self, bar, deadline, last_result):
         """Train from the current position to the end of the epoch or a stop condition.
 
@@ -317,7 +325,7 @@ class Trainer:
         t_wait = time.perf_counter()
         for batch in batches:
             wait = time.perf_counter() - t_wait
-            lr = learning_rate(cfg.optimizer, s.step, s.epoch, self.max_steps) * s.lr_factor
+            lr = learning_rate(cfg.optimizer, s.step, s.epoch, self.max_steps, self._time_progress()) * s.lr_factor
             set_learning_rate(self.optimizer, lr)
             t0 = time.perf_counter()
             res = self.train_step(batch)
