@@ -15,8 +15,8 @@ Each layer comes in two implementations behind one interface, selected by ``impl
     the recurrence - forward and a hand-written backward, both directions, ragged lengths - runs
     in a ``mindspore.ops.Custom(func_type="pyfunc")`` op with a custom bprop, so autodiff works
     through the whole model in PYNATIVE mode, under ``mindspore.value_and_grad`` and under
-    ``mindspore.jit``. The per-step matrix-vector product uses a small numba kernel when numba
-    is importable (OpenBLAS is 2-3x slower at 2..16 rows), numpy's matmul otherwise.
+    ``mindspore.jit``. With numba and at most 32 rows, each direction's whole time loop is one
+    compiled call (the two directions on two threads); otherwise a numpy loop with BLAS per step.
 
 Parameters carry the same names and shapes in both implementations (``weight`` for the conv;
 ``weight_ih_l0``, ``weight_hh_l0``, ``bias_ih_l0``, ``bias_hh_l0`` and the ``_reverse`` ones for the
@@ -30,7 +30,7 @@ Notes (measured on the 2-core CPU, bench/bench_layers.py):
   0.5 s, the fused nn.LSTM fwd+bwd 5.0 -> 0.2 s) and it costs the pyfunc-based fast conv
   backward about 2x (the pyfunc runs on a runtime thread that fights the main thread for the GIL).
 * The pyfunc ops run on CPU only; float32 only.
-* numba compiles its two kernels on first use (~0.4 s, then cached in __pycache__).
+* numba compiles its kernels on first use (a few seconds, then cached in __pycache__).
   ``DS2EXP_NO_NUMBA=1`` or ``set_numba_enabled(False)`` selects the numpy fallback.
 """
 from __future__ import annotations
@@ -60,7 +60,7 @@ __all__ = [
 IMPLS = ("plain", "fast")
 
 # --------------------------------------------------------------------------------------------
-# numba (optional): the per-time-step matrix products of the recurrence
+# numba (optional): compiled recurrences and conv-backward data movement
 # --------------------------------------------------------------------------------------------
 try:  # pragma: no cover - exercised implicitly
     import numba as _numba
@@ -88,64 +88,6 @@ def set_numba_enabled(flag: bool) -> bool:
 
 
 if HAVE_NUMBA:
-    @_numba.njit(fastmath=True, cache=True, nogil=True)
-    def _nb_h_wT(h, w, out):  # pragma: no cover - compiled
-        """out[d, b, j] = sum_k h[d, b, k] * w[d, j, k]; streams each weight row once."""
-        D, G, H = w.shape
-        B = h.shape[1]
-        for d in range(D):
-            for j in range(G):
-                for b in range(B):
-                    s = np.float32(0.0)
-                    for k in range(H):
-                        s += w[d, j, k] * h[d, b, k]
-                    out[d, b, j] = s
-
-    @_numba.njit(fastmath=True, cache=True, nogil=True)
-    def _nb_g_w(g, w, out):  # pragma: no cover - compiled
-        """out[d, b, k] = sum_j g[d, b, j] * w[d, j, k]."""
-        D, G, H = w.shape
-        B = g.shape[1]
-        for d in range(D):
-            for b in range(B):
-                for k in range(H):
-                    out[d, b, k] = 0.0
-            for j in range(G):
-                for b in range(B):
-                    s = g[d, b, j]
-                    if s != 0.0:
-                        for k in range(H):
-                            out[d, b, k] += s * w[d, j, k]
-
-
-    # ---- whole recurrences, one direction per call --------------------------------------------
-    # The numpy loops below pay ~15 small ufunc calls (and the GIL) per time step; at DS2's small
-    # batches that Python overhead is as large as the arithmetic. These kernels run the whole time
-    # loop compiled, without the GIL, so the two directions of a layer also run on two cores.
-    # numba's tanh is a scalar libm call that does not vectorise (an earlier whole-loop kernel was
-    # slower than numpy for that reason), so they use Eigen's float32 rational approximation of
-    # tanh (clamped 13/6 Padé-like fit, error a few ulp), which the compiler vectorises.
-
-    @_numba.njit(fastmath=_FAST_MATH, cache=True, nogil=True, inline="always")
-    def _nb_tanh(x):  # pragma: no cover - compiled
-        x = min(max(x, np.float32(-7.90531110763549805)), np.float32(7.90531110763549805))
-        x2 = x * x
-        p = x2 * np.float32(-2.76076847742355e-16) + np.float32(2.00018790482477e-13)
-        p = p * x2 + np.float32(-8.60467152213735e-11)
-        p = p * x2 + np.float32(5.12229709037114e-08)
-        p = p * x2 + np.float32(1.48572235717979e-05)
-        p = p * x2 + np.float32(6.37261928875436e-04)
-        p = p * x2 + np.float32(4.89352455891786e-03)
-        p = p * x
-        q = x2 * np.float32(1.19825839466702e-06) + np.float32(1.18534705686654e-04)
-        q = q * x2 + np.float32(2.26843463243900e-03)
-        q = q * x2 + np.float32(4.89352518554385e-03)
-        return p / q
-
-    @_numba.njit(fastmath=_FAST_MATH, cache=True, nogil=True, inline="always")
-    def _nb_sigmoid(x):  # pragma: no cover - compiled
-        return np.float32(0.5) * _nb_tanh(np.float32(0.5) * x) + np.float32(0.5)
-
     @_numba.njit(fastmath=_FAST_MATH, cache=True, nogil=True)
     def _nb_rows_wT(h, w, out):  # pragma: no cover - compiled
         """out[b, j] = sum_k h[b, k] * w[j, k] (one direction)."""
@@ -168,6 +110,35 @@ if HAVE_NUMBA:
                 if s != 0.0:
                     for k in range(H):
                         out[b, k] += s * w[j, k]
+
+    # ---- whole recurrences, one direction per call --------------------------------------------
+    # The numpy loops below pay ~15 small ufunc calls (and the GIL) per time step; at DS2's small
+    # batches that Python overhead is as large as the arithmetic. These kernels run the whole time
+    # loop compiled, without the GIL, so the two directions of a layer also run on two cores.
+    # numba's tanh is a scalar libm call that does not vectorise (an earlier whole-loop kernel was
+    # slower than numpy for that reason), so they use Eigen's float32 rational approximation of
+    # tanh (clamped rational fit; largest absolute error 3.5e-7 over [-20, 20], measured), which the
+    # compiler vectorises.
+
+    @_numba.njit(fastmath=_FAST_MATH, cache=True, nogil=True, inline="always")
+    def _nb_tanh(x):  # pragma: no cover - compiled
+        x = min(max(x, np.float32(-7.90531110763549805)), np.float32(7.90531110763549805))
+        x2 = x * x
+        p = x2 * np.float32(-2.76076847742355e-16) + np.float32(2.00018790482477e-13)
+        p = p * x2 + np.float32(-8.60467152213735e-11)
+        p = p * x2 + np.float32(5.12229709037114e-08)
+        p = p * x2 + np.float32(1.48572235717979e-05)
+        p = p * x2 + np.float32(6.37261928875436e-04)
+        p = p * x2 + np.float32(4.89352455891786e-03)
+        p = p * x
+        q = x2 * np.float32(1.19825839466702e-06) + np.float32(1.18534705686654e-04)
+        q = q * x2 + np.float32(2.26843463243900e-03)
+        q = q * x2 + np.float32(4.89352518554385e-03)
+        return p / q
+
+    @_numba.njit(fastmath=_FAST_MATH, cache=True, nogil=True, inline="always")
+    def _nb_sigmoid(x):  # pragma: no cover - compiled
+        return np.float32(0.5) * _nb_tanh(np.float32(0.5) * x) + np.float32(0.5)
 
     @_numba.njit(fastmath=_FAST_MATH, cache=True, nogil=True)
     def _nb_lstm_fwd(X, w, A, C, Hs, Tm):  # pragma: no cover - compiled
@@ -282,23 +253,14 @@ def _fused(B) -> bool:
     return _USE_NUMBA and B <= _NUMBA_MAX_ROWS
 
 
-def _h_wT(h, w, wT):
-    """(D,B,H) x (D,G,H)^T -> (D,B,G); wT is w transposed (C-contiguous) for the BLAS path."""
-    if _USE_NUMBA and h.shape[1] <= _NUMBA_MAX_ROWS:
-        out = np.empty((w.shape[0], h.shape[1], w.shape[1]), np.float32)
-        _nb_h_wT(h, w, out)
-        return out
-    if wT is None:
-        wT = w.transpose(0, 2, 1)
+def _h_wT(h, wT):
+    """(D,B,H) x (D,H,G) -> (D,B,G) by BLAS; wT is W_hh transposed, C-contiguous. The numpy loops
+    only run where the compiled kernels do not (numba off, or more than _NUMBA_MAX_ROWS rows)."""
     return np.matmul(h, wT)
 
 
 def _g_w(g, w):
-    """(D,B,G) x (D,G,H) -> (D,B,H). g must be C-contiguous."""
-    if _USE_NUMBA and g.shape[1] <= _NUMBA_MAX_ROWS:
-        out = np.empty((w.shape[0], g.shape[1], w.shape[2]), np.float32)
-        _nb_g_w(g, w, out)
-        return out
+    """(D,B,G) x (D,G,H) -> (D,B,H) by BLAS."""
     return np.matmul(g, w)
 
 
@@ -404,7 +366,7 @@ def _for_each_direction(groups, fn) -> None:
 def _lstm_fwd_loop(X, w, A, C, Hs, Tm):
     D, G, H = w.shape
     B = X.shape[2]
-    wT = None if (_USE_NUMBA and B <= _NUMBA_MAX_ROWS) else np.ascontiguousarray(w.transpose(0, 2, 1))
+    wT = np.ascontiguousarray(w.transpose(0, 2, 1))
     # sigmoid(x) = 0.5 * tanh(0.5 x) + 0.5: one tanh over all four gates
     scale = np.full(G, 0.5, np.float32)
     scale[2 * H:3 * H] = 1.0
@@ -413,7 +375,7 @@ def _lstm_fwd_loop(X, w, A, C, Hs, Tm):
     h = np.zeros((D, B, H), np.float32)
     c = np.zeros((D, B, H), np.float32)
     for t in range(Tm):
-        g = _h_wT(h, w, wT)
+        g = _h_wT(h, wT)
         g += X[:, t]
         g *= scale
         np.tanh(g, out=g)
@@ -528,12 +490,12 @@ def lstm_backward_np(lengths, w, A, C, Hs, dy):
 def _gru_fwd_loop(X, w, b, A, S, Hs, Tm):
     D, G, H = w.shape
     B = X.shape[2]
-    wT = None if (_USE_NUMBA and B <= _NUMBA_MAX_ROWS) else np.ascontiguousarray(w.transpose(0, 2, 1))
+    wT = np.ascontiguousarray(w.transpose(0, 2, 1))
     bb = b[:, None, :]
     h = np.zeros((D, B, H), np.float32)
     a = np.empty((D, B, G), np.float32)
     for t in range(Tm):
-        gh = _h_wT(h, w, wT)
+        gh = _h_wT(h, wT)
         gh += bb
         x = X[:, t]
         rz = a[..., :2 * H]
