@@ -162,6 +162,34 @@ def test_rnn_fast_matches_plain(rnn_type, bidirectional, numba_mode):
 
 
 @pytest.mark.parametrize("rnn_type", ["lstm", "gru"])
+def test_rnn_fast_matches_plain_at_blocked_shapes(rnn_type, numba_mode):
+    """6 rows and 5 hidden units: the compiled recurrent product's 4x4 blocks and its leftover rows
+    and gate columns (B=3, H=4 above fit no block of rows) give the plain layer's results."""
+    In, H = 5, 5
+    plain = L.make_rnn(rnn_type, In, H, True, impl="plain")
+    fast = L.make_rnn(rnn_type, In, H, True, impl="fast")
+    copy_params(plain, fast)
+    x, lens = rnn_inputs(B=6, In=In, lengths=(7, 3, 5, 7, 1, 6), seed=8)
+    yp, _, _ = assert_same(plain, fast, (x, lens))
+    assert yp.shape == (6, 7, 2 * H)
+
+
+@pytest.mark.skipif(not L.HAVE_NUMBA, reason="numba not installed")
+@pytest.mark.parametrize("B,G,H", [(1, 3, 2), (4, 8, 5), (6, 13, 7), (9, 20, 33)])
+def test_recurrent_product_kernels_match_numpy(B, G, H):
+    rng = np.random.default_rng(B * G * H)
+    h = rng.standard_normal((B, H)).astype(np.float32)
+    w = rng.standard_normal((G, H)).astype(np.float32)
+    out = np.full((B, G), np.nan, np.float32)
+    L._nb_rows_wT(h, w, out)
+    np.testing.assert_allclose(out, h.astype(np.float64) @ w.T.astype(np.float64), rtol=1e-5, atol=1e-5)
+    g = rng.standard_normal((B, G)).astype(np.float32)
+    back = np.full((B, H), np.nan, np.float32)
+    L._nb_rows_w(g, w, back)
+    np.testing.assert_allclose(back, g.astype(np.float64) @ w.astype(np.float64), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rnn_type", ["lstm", "gru"])
 def test_rnn_directions_in_separate_loops(rnn_type, monkeypatch):
     """Large W_hh: each direction runs its own time loop (the H=1024 path) - same results."""
     monkeypatch.setattr(L, "_JOINT_DIRECTIONS_MAX_BYTES", 0)
