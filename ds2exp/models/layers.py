@@ -463,11 +463,14 @@ def _lstm_fwd_loop(X, w, A, C, Hs, Tm):
         Hs[:, t] = h
 
 
-def lstm_forward_np(xp, lengths, w, b):
+def lstm_forward_np(xp, lengths, w, b, b_ih=None):
     """LSTM recurrence.
 
-    xp: (B, T, D*4H) input projections incl. bias_ih (direction-major on the last axis);
-    lengths: (B,); w: (D, 4H, H) weight_hh; b: (D, 4H) bias_hh.
+    xp: (B, T, D*4H) input projections (direction-major on the last axis);
+    lengths: (B,); w: (D, 4H, H) weight_hh; b: (D, 4H) bias_hh; b_ih: (D, 4H) bias_ih, or None when
+    xp already includes it. Adding it here, while the projections are copied into the aligned
+    layout anyway, is free; as a MindSpore broadcast add it was not (measured, (800, 8192): 20 ms
+    forward, and its gradient a slow reduction).
     Returns y (B, T, D*H) (zero at padded frames) and the saved activations for the backward:
     A (D, T, B, 4H) gate activations, C (D, T, B, H) cell states, Hs (D, T, B, H) hidden states.
     """
@@ -475,7 +478,7 @@ def lstm_forward_np(xp, lengths, w, b):
     B, T, _ = xp.shape
     lengths = _clip_lengths(lengths, T)
     X = _to_aligned(xp, lengths, D)
-    X += b[:, None, None, :]
+    X += (b if b_ih is None else b + b_ih)[:, None, None, :]
     Tm = int(lengths.max()) if B else 0
     A = np.zeros((D, T, B, G), np.float32)
     C = np.zeros((D, T, B, H), np.float32)
@@ -590,16 +593,19 @@ def _gru_fwd_loop(X, w, b, A, S, Hs, Tm):
         Hs[:, t] = h
 
 
-def gru_forward_np(xp, lengths, w, b):
+def gru_forward_np(xp, lengths, w, b, b_ih=None):
     """GRU recurrence (r, z, n gates as nn.GRU / PyTorch: n = tanh(x_n + r * (W_hn h + b_hn))).
 
-    xp: (B, T, D*3H) incl. bias_ih; w: (D, 3H, H); b: (D, 3H) bias_hh. Returns y (B, T, D*H) and
+    xp: (B, T, D*3H); w: (D, 3H, H); b: (D, 3H) bias_hh; b_ih: (D, 3H) bias_ih, or None when xp
+    already includes it (see lstm_forward_np). Returns y (B, T, D*H) and
     A (D, T, B, 3H) = (r, z, n), S (D, T, B, H) = W_hn h + b_hn, Hs (D, T, B, H).
     """
     D, G, H = w.shape
     B, T, _ = xp.shape
     lengths = _clip_lengths(lengths, T)
     X = _to_aligned(xp, lengths, D)
+    if b_ih is not None:
+        X += b_ih[:, None, None, :]
     Tm = int(lengths.max()) if B else 0
     A = np.zeros((D, T, B, G), np.float32)
     S = np.zeros((D, T, B, H), np.float32)
@@ -669,7 +675,8 @@ _GATES = {"lstm": 4, "gru": 3}
 def _make_scan_ops(mode, D):
     """Custom pyfunc forward op (with custom bprop) for a `mode` recurrence with D directions.
 
-    Forward op inputs: xp (B, T, D*G), lengths (B,) int32, then (w_hh, b_hh) per direction.
+    Forward op inputs: xp (B, T, D*G) without bias, lengths (B,) int32, then (w_hh, b_hh, b_ih) per
+    direction.
     Outputs: y (B, T, D*H) and three saved tensors (D, T, B, G|H|H) used by the backward.
     """
     fwd_np, bwd_np = _NP_KERNELS[mode]
@@ -679,56 +686,62 @@ def _make_scan_ops(mode, D):
         G, H = ws[0], ws[1]
         return (B, T, D * H), (D, T, B, G), (D, T, B, H), (D, T, B, H)
 
-    if D == 1:
-        def fwd(xp, lengths, w0, b0):
-            return fwd_np(xp, lengths, w0[None], b0[None])
+    def _bias_ih_grad(dxp):
+        # the input bias adds to every valid frame's projection: its gradient is dxp summed
+        return dxp.reshape(-1, D, dxp.shape[-1] // D).sum(axis=0)
 
-        def fwd_shape(xs, ls, w0, b0):
+    if D == 1:
+        def fwd(xp, lengths, w0, b0, bi0):
+            return fwd_np(xp, lengths, w0[None], b0[None], bi0[None])
+
+        def fwd_shape(xs, ls, w0, b0, bi0):
             return _out_shapes(xs, w0)
 
-        def fwd_dtype(xt, lt, w0, b0):
+        def fwd_dtype(xt, lt, w0, b0, bi0):
             return xt, xt, xt, xt
 
         def bwd(lengths, w0, a, s, hs, dy):
             dxp, dw, db = bwd_np(lengths, w0[None], a, s, hs, dy)
-            return dxp, dw[0], db[0]
+            return dxp, dw[0], db[0], _bias_ih_grad(dxp)[0]
 
         def bwd_shape(ls, w0, a, s, hs, dy):
-            return (dy[0], dy[1], w0[0]), tuple(w0), (w0[0],)
+            return (dy[0], dy[1], w0[0]), tuple(w0), (w0[0],), (w0[0],)
 
         def bwd_dtype(lt, w0, a, s, hs, dy):
-            return w0, w0, w0
+            return w0, w0, w0, w0
 
         bwd_op = ops.Custom(bwd, out_shape=bwd_shape, out_dtype=bwd_dtype, func_type="pyfunc")
 
-        def bprop(xp, lengths, w0, b0, out, dout):
-            dxp, dw0, db0 = bwd_op(lengths, w0, out[1], out[2], out[3], dout[0])
-            return dxp, ops.zeros_like(lengths), dw0, db0
+        def bprop(xp, lengths, w0, b0, bi0, out, dout):
+            dxp, dw0, db0, dbi0 = bwd_op(lengths, w0, out[1], out[2], out[3], dout[0])
+            return dxp, ops.zeros_like(lengths), dw0, db0, dbi0
     else:
-        def fwd(xp, lengths, w0, b0, w1, b1):
-            return fwd_np(xp, lengths, np.stack((w0, w1)), np.stack((b0, b1)))
+        def fwd(xp, lengths, w0, b0, bi0, w1, b1, bi1):
+            return fwd_np(xp, lengths, np.stack((w0, w1)), np.stack((b0, b1)), np.stack((bi0, bi1)))
 
-        def fwd_shape(xs, ls, w0, b0, w1, b1):
+        def fwd_shape(xs, ls, w0, b0, bi0, w1, b1, bi1):
             return _out_shapes(xs, w0)
 
-        def fwd_dtype(xt, lt, w0, b0, w1, b1):
+        def fwd_dtype(xt, lt, w0, b0, bi0, w1, b1, bi1):
             return xt, xt, xt, xt
 
         def bwd(lengths, w0, w1, a, s, hs, dy):
             dxp, dw, db = bwd_np(lengths, np.stack((w0, w1)), a, s, hs, dy)
-            return dxp, dw[0], db[0], dw[1], db[1]
+            dbi = _bias_ih_grad(dxp)
+            return dxp, dw[0], db[0], dbi[0], dw[1], db[1], dbi[1]
 
         def bwd_shape(ls, w0, w1, a, s, hs, dy):
-            return (dy[0], dy[1], 2 * w0[0]), tuple(w0), (w0[0],), tuple(w1), (w1[0],)
+            G = (w0[0],)
+            return (dy[0], dy[1], 2 * w0[0]), tuple(w0), G, G, tuple(w1), G, G
 
         def bwd_dtype(lt, w0, w1, a, s, hs, dy):
-            return w0, w0, w0, w0, w0
+            return (w0,) * 7
 
         bwd_op = ops.Custom(bwd, out_shape=bwd_shape, out_dtype=bwd_dtype, func_type="pyfunc")
 
-        def bprop(xp, lengths, w0, b0, w1, b1, out, dout):
-            dxp, dw0, db0, dw1, db1 = bwd_op(lengths, w0, w1, out[1], out[2], out[3], dout[0])
-            return dxp, ops.zeros_like(lengths), dw0, db0, dw1, db1
+        def bprop(xp, lengths, w0, b0, bi0, w1, b1, bi1, out, dout):
+            dxp, dw0, db0, dbi0, dw1, db1, dbi1 = bwd_op(lengths, w0, w1, out[1], out[2], out[3], dout[0])
+            return dxp, ops.zeros_like(lengths), dw0, db0, dbi0, dw1, db1, dbi1
 
     fwd_op = ops.Custom(fwd, out_shape=fwd_shape, out_dtype=fwd_dtype, func_type="pyfunc", bprop=bprop)
     # keep the Python callables alive: the pyfunc registry is keyed by id()
@@ -829,17 +842,15 @@ class FastRNN(nn.Cell):
         lengths = lengths.astype(ms.int32)
         if self.num_directions == 2:
             w_ih = ops.concat((self.weight_ih_l0, self.weight_ih_l0_reverse), 0)
-            b_ih = ops.concat((self.bias_ih_l0, self.bias_ih_l0_reverse), 0)
         else:
             w_ih = self.weight_ih_l0
-            b_ih = self.bias_ih_l0
-        xp = self.matmul_t(x.reshape(B * T, In), w_ih) + b_ih
-        xp = xp.reshape(B, T, -1)
+        # the input bias is added inside the recurrence op (see lstm_forward_np)
+        xp = self.matmul_t(x.reshape(B * T, In), w_ih).reshape(B, T, -1)
         if self.num_directions == 2:
-            out = self.scan(xp, lengths, self.weight_hh_l0, self.bias_hh_l0,
-                            self.weight_hh_l0_reverse, self.bias_hh_l0_reverse)
+            out = self.scan(xp, lengths, self.weight_hh_l0, self.bias_hh_l0, self.bias_ih_l0,
+                            self.weight_hh_l0_reverse, self.bias_hh_l0_reverse, self.bias_ih_l0_reverse)
         else:
-            out = self.scan(xp, lengths, self.weight_hh_l0, self.bias_hh_l0)
+            out = self.scan(xp, lengths, self.weight_hh_l0, self.bias_hh_l0, self.bias_ih_l0)
         return out[0]
 
 
