@@ -54,3 +54,37 @@ def test_every_model_preset_and_the_quickstart_command_compose():
     assert (cfg.model.name, str(cfg.model.rnn_type.value), cfg.model.rnn_hidden) == ("ds2_tiny_gru", "gru", 256)
     assert cfg.dataset.batch_size == 8 and cfg.trainer.max_minutes == 10
     assert count_parameters(build_model(cfg.model)) == 1_715_448  # as the training run logged
+
+
+@pytest.mark.parametrize("activation", ["hardtanh", "tanh", "relu"])
+@pytest.mark.parametrize("impl", ["fast", "plain"])
+def test_logits_do_not_depend_on_batch_padding(activation, impl):
+    """An utterance's logits (eval mode) are the same alone and padded next to a longer one:
+    conv1's output is masked past each length, and the RNNs read only valid frames."""
+    m = DeepSpeech2(conv_channels=3, rnn_type="gru", rnn_layers=2, rnn_hidden=8, activation=activation,
+                    conv_impl=impl, rnn_impl=impl)
+    m.set_train(False)
+    rng = np.random.default_rng(4)
+    short = rng.standard_normal((161, 30)).astype(np.float32) * 3
+    alone, _ = m(ms.Tensor(short[None]), ms.Tensor(np.array([30], np.int32)))
+    batch = np.zeros((2, 161, 64), np.float32)
+    batch[0, :, :30] = short
+    batch[1] = rng.standard_normal((161, 64)).astype(np.float32) * 3
+    padded, lengths = m(ms.Tensor(batch), ms.Tensor(np.array([30, 64], np.int32)))
+    n = int(lengths.asnumpy()[0])
+    assert n == 15
+    np.testing.assert_allclose(padded.asnumpy()[0, :n], alone.asnumpy()[0, :n], rtol=1e-4, atol=1e-5)
+
+
+def test_hardtanh_is_clamp_0_20_with_its_gradient():
+    from ds2exp.models.deepspeech2 import Activation
+
+    x = np.array([-5.0, -1e-3, 1e-3, 0.7, 7.3, 19.99, 20.01, 50.0], np.float32).reshape(1, 1, 1, 8)
+    act = Activation("hardtanh")
+    y = act(ms.Tensor(x)).asnumpy()
+    np.testing.assert_allclose(y, np.clip(x, 0, 20), rtol=1e-6, atol=1e-6)
+    g = ms.grad(lambda a: act(a).sum())(ms.Tensor(x)).asnumpy()
+    np.testing.assert_allclose(g.ravel(), [0, 0, 1, 1, 1, 1, 0, 0], atol=1e-6)
+    mask = ms.Tensor(np.array([1, 1, 1, 0, 1, 1, 0, 1], np.float32).reshape(1, 1, 1, 8))
+    ym = act(ms.Tensor(x), mask).asnumpy()
+    np.testing.assert_allclose(ym, np.clip(x, 0, 20) * mask.asnumpy(), rtol=1e-6, atol=1e-6)
