@@ -95,6 +95,32 @@ def test_conv_fast_matches_plain(name, strategy, numba_mode):
 def test_conv_auto_strategy():
     assert L.make_conv2d(32, 32, (21, 11), (2, 1), (10, 10, 5, 5)).strategy == "ms"
     assert L.make_conv2d(1, 32, (41, 11), (2, 2), (20, 20, 5, 5)).strategy == "native"
+    assert L.make_conv2d(1, 32, (41, 11), (2, 2), (20, 20, 5, 5), input_grad=False).strategy == "direct"
+    with pytest.raises(ValueError, match="one input channel with input_grad=False"):
+        L.FastConv2d(2, 4, (3, 3), (1, 1), (1, 1, 1, 1), strategy="direct", input_grad=False)
+    with pytest.raises(ValueError, match="input_grad=False"):
+        L.FastConv2d(1, 4, (3, 3), (1, 1), (1, 1, 1, 1), strategy="direct")
+
+
+@pytest.mark.parametrize("name", ["ds2_conv1", "odd_one_channel", "stride_3"])
+def test_conv_direct_matches_plain_without_input_gradient(name, numba_mode):
+    """The direct one-channel kernels (DS2 conv1) give the plain conv's output and weight gradient;
+    the input gradient is zeros by contract (input_grad=False)."""
+    O, k, s, p, F, T, B = {"ds2_conv1": (8, (41, 11), (2, 2), (20, 20, 5, 5), 161, 23, 3),
+                           "odd_one_channel": (5, (5, 4), (3, 2), (2, 1, 0, 3), 17, 13, 3),
+                           "stride_3": (4, (3, 7), (1, 3), (0, 2, 6, 1), 9, 20, 1)}[name]
+    plain = L.make_conv2d(1, O, k, s, p, impl="plain")
+    fast = L.make_conv2d(1, O, k, s, p, impl="fast", input_grad=False)
+    assert fast.strategy == "direct"
+    copy_params(plain, fast)
+    x = Tensor(np.random.default_rng(2).standard_normal((B, 1, F, T)).astype(np.float32))
+    dy = np.random.default_rng(3).standard_normal((B, O) + L.conv_output_size(F, T, k, s, p)).astype(np.float32)
+    yp, _, gp = outputs_and_grads(plain, (x,), dy)
+    yf, gx, gf = outputs_and_grads(fast, (x,), dy)
+    assert_close(yf, yp, "output")
+    assert_close(gf["weight"], gp["weight"], "d weight")
+    assert np.all(gx == 0.0)
+
 
 
 @pytest.mark.parametrize("name", sorted(CONVS))

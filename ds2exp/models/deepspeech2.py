@@ -58,7 +58,8 @@ class Activation(nn.Cell):
 class ConvBlock(nn.Cell):
     def __init__(self, channels: int, activation: str, batch_norm: bool, impl: str):
         super().__init__()
-        self.conv1 = make_conv2d(1, channels, (41, 11), (2, 2), (20, 20, 5, 5), impl=impl)
+        # conv1's input is the features: nothing differentiates it (FastConv2d's input_grad)
+        self.conv1 = make_conv2d(1, channels, (41, 11), (2, 2), (20, 20, 5, 5), impl=impl, input_grad=False)
         self.conv2 = make_conv2d(channels, channels, (21, 11), (2, 1), (10, 10, 5, 5), impl=impl)
         self.use_bn = batch_norm
         if batch_norm:

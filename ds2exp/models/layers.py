@@ -420,8 +420,9 @@ _DIRECTION_THREADS = _direction_threads()
 _POOL = None
 
 
-def _for_each_direction(groups, fn) -> None:
-    """fn(slice) for every direction group, concurrently when there are several and threads allowed."""
+def _run_concurrently(groups, fn) -> None:
+    """fn(group) for every group (RNN directions, conv batch halves), concurrently when there are
+    several and threads are allowed."""
     global _POOL
     if len(groups) == 1 or _DIRECTION_THREADS < 2:
         for sl in groups:
@@ -485,9 +486,9 @@ def lstm_forward_np(xp, lengths, w, b, b_ih=None):
     Hs = np.zeros((D, T, B, H), np.float32)
     w = np.ascontiguousarray(w, dtype=np.float32)
     if _fused(B):
-        _for_each_direction(_one_per_direction(D), lambda d: _nb_lstm_fwd(X[d], w[d], A[d], C[d], Hs[d], Tm))
+        _run_concurrently(_one_per_direction(D), lambda d: _nb_lstm_fwd(X[d], w[d], A[d], C[d], Hs[d], Tm))
     else:
-        _for_each_direction(_direction_groups(w),
+        _run_concurrently(_direction_groups(w),
                             lambda sl: _lstm_fwd_loop(X[sl], w[sl], A[sl], C[sl], Hs[sl], Tm))
     Y = Hs * _valid_mask(lengths, T)
     return _from_aligned(Y, lengths), A, C, Hs
@@ -554,9 +555,9 @@ def lstm_backward_np(lengths, w, A, C, Hs, dy):
     lengths, dY, Tm, w = _backward_inputs(lengths, w, dy, T, B)
     dG = np.zeros((D, T, B, G), np.float32)
     if _fused(B):
-        _for_each_direction(_one_per_direction(D), lambda d: _nb_lstm_bwd(dY[d], w[d], A[d], C[d], dG[d], Tm))
+        _run_concurrently(_one_per_direction(D), lambda d: _nb_lstm_bwd(dY[d], w[d], A[d], C[d], dG[d], Tm))
     else:
-        _for_each_direction(_direction_groups(w),
+        _run_concurrently(_direction_groups(w),
                             lambda sl: _lstm_bwd_loop(dY[sl], w[sl], A[sl], C[sl], dG[sl], Tm))
     dw, db = _recurrent_weight_grads(dG, Hs)
     return _from_aligned(dG, lengths), dw, db
@@ -613,9 +614,9 @@ def gru_forward_np(xp, lengths, w, b, b_ih=None):
     w = np.ascontiguousarray(w, dtype=np.float32)
     b = np.asarray(b, np.float32)
     if _fused(B):
-        _for_each_direction(_one_per_direction(D), lambda d: _nb_gru_fwd(X[d], w[d], b[d], A[d], S[d], Hs[d], Tm))
+        _run_concurrently(_one_per_direction(D), lambda d: _nb_gru_fwd(X[d], w[d], b[d], A[d], S[d], Hs[d], Tm))
     else:
-        _for_each_direction(_direction_groups(w),
+        _run_concurrently(_direction_groups(w),
                             lambda sl: _gru_fwd_loop(X[sl], w[sl], b[sl], A[sl], S[sl], Hs[sl], Tm))
     Y = Hs * _valid_mask(lengths, T)
     return _from_aligned(Y, lengths), A, S, Hs
@@ -659,10 +660,10 @@ def gru_backward_np(lengths, w, A, S, Hs, dy):
     dX = np.zeros((D, T, B, G), np.float32)
     dGh = np.zeros((D, T, B, G), np.float32)
     if _fused(B):
-        _for_each_direction(_one_per_direction(D),
+        _run_concurrently(_one_per_direction(D),
                             lambda d: _nb_gru_bwd(dY[d], w[d], A[d], S[d], Hs[d], dX[d], dGh[d], Tm))
     else:
-        _for_each_direction(_direction_groups(w),
+        _run_concurrently(_direction_groups(w),
                             lambda sl: _gru_bwd_loop(dY[sl], w[sl], A[sl], S[sl], Hs[sl], dX[sl], dGh[sl], Tm))
     dw, db = _recurrent_weight_grads(dGh, Hs)
     return _from_aligned(dX, lengths), dw, db
@@ -1150,17 +1151,163 @@ class _NativeConvFn(nn.Cell):
         return self.conv(x, w)
 
 
-def _auto_conv_strategy(in_channels, kernel_size):
+# --------------------------------------------------------------------------------------------
+# conv with one input channel (DS2 conv1): direct compiled kernels
+# --------------------------------------------------------------------------------------------
+# MindSpore's CPU Conv2D and its filter gradient run DS2 conv1 (1 input channel, 41x11 kernel,
+# stride 2x2) at a small fraction of the machine's speed: measured at B=16, 300 frames, 8 output
+# channels, forward + weight gradient 73-91 ms inside a training step. Written directly - the
+# input split into its sT time phases so that every kernel tap reads a contiguous row, the loop
+# over output frames innermost so that it vectorises - the same takes 44 ms (batch halves on two
+# cores). The input gradient is not computed: conv1's input is the features, which nothing
+# differentiates (input_grad=False; its gradient is returned as zeros).
+
+
+def _conv_phases_np(x, pt, pl, sT, Fp, Tq):
+    """x (B, F, T) -> (B, sT, Fp, Tq): out[b, p, fp, q] = xpad[b, fp, sT*q + p] (zero padding)."""
+    B, F, T = x.shape
+    out = np.zeros((B, sT, Fp, Tq), np.float32)
+    for p in range(sT):
+        # padded column u = sT*q + p holds input column u - pl
+        q0 = max(0, -((p - pl) // sT))                      # first q with sT*q + p - pl >= 0
+        t0 = sT * q0 + p - pl
+        n = min(Tq - q0, max(0, (T - 1 - t0) // sT + 1)) if t0 < T else 0
+        if n > 0:
+            out[:, p, pt:pt + F, q0:q0 + n] = x[:, :, t0:t0 + sT * (n - 1) + 1:sT]
+    return out
+
+
+if HAVE_NUMBA:
+    @_numba.njit(fastmath=_FAST_MATH, cache=True, nogil=True)
+    def _nb_conv1_fwd(xph, w, sF, sT, out, b0, b1):  # pragma: no cover - compiled
+        """out[b, o, f, t] = sum_{kf, kt} w[o, kf, kt] * xph[b, kt % sT, sF*f + kf, t + kt // sT].
+
+        The taps are walked as kt = j*sT + p: computing kt % sT and kt // sT with a stride known
+        only at run time kept LLVM from vectorising the loop over t (measured 6x slower)."""
+        O, kF, kT = w.shape
+        Fo, To = out.shape[2], out.shape[3]
+        acc = np.empty((O, To), np.float32)
+        for b in range(b0, b1):
+            for f in range(Fo):
+                acc[:] = 0.0
+                for kf in range(kF):
+                    r = sF * f + kf
+                    for p in range(sT):
+                        row = xph[b, p, r]
+                        for j in range((kT - p + sT - 1) // sT):
+                            kt = j * sT + p
+                            for o in range(O):
+                                wv = w[o, kf, kt]
+                                for t in range(To):
+                                    acc[o, t] += wv * row[t + j]
+                for o in range(O):
+                    for t in range(To):
+                        out[b, o, f, t] = acc[o, t]
+
+    @_numba.njit(fastmath=_FAST_MATH, cache=True, nogil=True)
+    def _nb_conv1_dw(xph, dy, sF, sT, dw, b0, b1):  # pragma: no cover - compiled
+        """dw[o, kf, kt] = sum_{b, f, t} dy[b, o, f, t] * xph[b, kt % sT, sF*f + kf, t + kt // sT]."""
+        O, kF, kT = dw.shape
+        Fo, To = dy.shape[2], dy.shape[3]
+        dw[:] = 0.0
+        for b in range(b0, b1):
+            for f in range(Fo):
+                for kf in range(kF):
+                    r = sF * f + kf
+                    for p in range(sT):  # kt = j*sT + p, as in _nb_conv1_fwd
+                        row = xph[b, p, r]
+                        for j in range((kT - p + sT - 1) // sT):
+                            kt = j * sT + p
+                            for o in range(O):
+                                s = np.float32(0.0)
+                                for t in range(To):
+                                    s += dy[b, o, f, t] * row[t + j]
+                                dw[o, kf, kt] += s
+
+
+def _batch_halves(B):
+    half = (B + 1) // 2
+    return [(0, half), (half, B)] if B > 1 and _DIRECTION_THREADS > 1 else [(0, B)]
+
+
+class _DirectConvFn(nn.Cell):
+    """conv2d(x, w) for one input channel with compiled direct kernels (forward and weight
+    gradient); the input gradient is zeros (input_grad=False, see above). Without numba the same
+    numbers come from the numpy reference (conv_forward_np / conv_backward_np)."""
+
+    def __init__(self, out_channels, kernel_size, stride, padding):
+        super().__init__()
+        kF, kT = kernel_size
+        sF, sT = stride
+        pt, pb, pl, pr = padding
+
+        def geometry(xs):
+            F, T = xs[2], xs[3]
+            Fo, To = conv_output_size(F, T, kernel_size, stride, padding)
+            return Fo, To, F + pt + pb, To + (kT - 1) // sT + 1
+
+        def phases(x):
+            Fo, To, Fp, Tq = geometry(x.shape)
+            return _conv_phases_np(np.asarray(x, np.float32)[:, 0], pt, pl, sT, Fp, Tq)
+
+        def fwd(x, w):
+            if not _USE_NUMBA:
+                return conv_forward_np(x, w, stride, padding)
+            B = x.shape[0]
+            Fo, To, _, _ = geometry(x.shape)
+            xph = phases(x)
+            w3 = np.ascontiguousarray(np.asarray(w, np.float32)[:, 0])
+            out = np.empty((B, out_channels, Fo, To), np.float32)
+            _run_concurrently(_batch_halves(B), lambda r: _nb_conv1_fwd(xph, w3, sF, sT, out, r[0], r[1]))
+            return out
+
+        def dw(x, dy):
+            if not _USE_NUMBA:
+                w0 = np.zeros((out_channels, 1, kF, kT), np.float32)
+                return conv_backward_np(x, w0, dy, stride, padding)[1]
+            xph = phases(x)
+            dy = np.ascontiguousarray(dy, dtype=np.float32)
+            groups = _batch_halves(x.shape[0])
+            parts = np.empty((len(groups), out_channels, kF, kT), np.float32)
+            _run_concurrently(list(enumerate(groups)),
+                              lambda ig: _nb_conv1_dw(xph, dy, sF, sT, parts[ig[0]], ig[1][0], ig[1][1]))
+            return parts.sum(axis=0)[:, None]
+
+        def fwd_shape(xs, ws):
+            Fo, To, _, _ = geometry(xs)
+            return (xs[0], out_channels, Fo, To)
+
+        self.dw_op = ops.Custom(dw, out_shape=lambda xs, ds: (out_channels, 1, kF, kT),
+                                out_dtype=lambda xt, dt: xt, func_type="pyfunc")
+
+        def bprop(x, w, out, dout):
+            return ops.zeros_like(x), self.dw_op(x, dout)
+
+        self.fwd_op = ops.Custom(fwd, out_shape=fwd_shape, out_dtype=lambda xt, wt: xt, func_type="pyfunc",
+                                 bprop=bprop)
+        self._keep = (fwd, dw, bprop)  # the pyfunc registry is keyed by id(): keep them alive
+
+    def construct(self, x, w):
+        return self.fwd_op(x, w)
+
+
+def _auto_conv_strategy(in_channels, kernel_size, input_grad=True):
     # measured (bench/bench_layers.py): the GEMM backward wins when the im2col rows are long
-    # (DS2 conv2: kF*C = 672); with one input channel (conv1: kF*C = 41) MindSpore's own
-    # backward is as fast, so keep it there.
-    return "ms" if in_channels * kernel_size[0] >= 128 else "native"
+    # (DS2 conv2: kF*C = 672); with one input channel (conv1: kF*C = 41) the direct kernels win
+    # where no input gradient is needed, and MindSpore's own conv otherwise.
+    if in_channels * kernel_size[0] >= 128:
+        return "ms"
+    return "direct" if in_channels == 1 and not input_grad else "native"
 
 
 class FastConv2d(nn.Cell):
-    """No-bias conv2d (pad_mode="pad") with a fast backward; one parameter ``weight`` (O, C, kF, kT)."""
+    """No-bias conv2d (pad_mode="pad") with a fast backward; one parameter ``weight`` (O, C, kF, kT).
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride, padding, strategy="auto"):
+    input_grad=False declares that nothing differentiates the input (a network's first layer over
+    its features): the "direct" strategy then skips that gradient and returns zeros for it.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride, padding, strategy="auto", input_grad=True):
         super().__init__()
         self.in_channels = in_channels
         self.out_channels = out_channels
@@ -1170,10 +1317,16 @@ class FastConv2d(nn.Cell):
         shape = (out_channels, in_channels) + self.kernel_size
         self.weight = Parameter(initializer(HeUniform(math.sqrt(5)), shape, ms.float32), name="weight")
         if strategy == "auto":
-            strategy = _auto_conv_strategy(in_channels, self.kernel_size)
+            strategy = _auto_conv_strategy(in_channels, self.kernel_size, input_grad)
+        if strategy == "direct" and (in_channels != 1 or input_grad):
+            raise ValueError("conv strategy 'direct' is for one input channel with input_grad=False "
+                             f"(got in_channels={in_channels}, input_grad={input_grad})")
         self.strategy = strategy
+        self.input_grad = input_grad
         if strategy == "native":
             self.fn = _NativeConvFn(out_channels, self.kernel_size, self.stride, self.padding)
+        elif strategy == "direct":
+            self.fn = _DirectConvFn(out_channels, self.kernel_size, self.stride, self.padding)
         else:
             self.fn = _ConvFn(out_channels, self.kernel_size, self.stride, self.padding, strategy)
 
@@ -1183,14 +1336,15 @@ class FastConv2d(nn.Cell):
     def extend_repr(self):
         return (f"in_channels={self.in_channels}, out_channels={self.out_channels}, "
                 f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, "
-                f"strategy={self.strategy}")
+                f"strategy={self.strategy}, input_grad={self.input_grad}")
 
 
-def make_conv2d(in_channels, out_channels, kernel_size, stride, padding, impl="fast") -> nn.Cell:
-    """No-bias 2-D conv over (B, C, F, T) input with padding (top, bottom, left, right)."""
+def make_conv2d(in_channels, out_channels, kernel_size, stride, padding, impl="fast", input_grad=True) -> nn.Cell:
+    """No-bias 2-D conv over (B, C, F, T) input with padding (top, bottom, left, right).
+    input_grad=False: nothing differentiates the input (see FastConv2d)."""
     if impl == "plain":
         return nn.Conv2d(in_channels, out_channels, _pair(kernel_size), _pair(stride), pad_mode="pad",
                          padding=_pad4(padding), has_bias=False)
     if impl == "fast":
-        return FastConv2d(in_channels, out_channels, kernel_size, stride, padding)
+        return FastConv2d(in_channels, out_channels, kernel_size, stride, padding, input_grad=input_grad)
     raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
