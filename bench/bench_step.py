@@ -316,10 +316,13 @@ def _install_kernel_timers() -> Dict[str, _Accum]:
 
     fwd, bwd = L._NP_KERNELS["lstm"]
     timers = {"rnn_fwd": _Accum(fwd), "rnn_bwd": _Accum(bwd), "im2col": _Accum(L._freq_im2col),
-              "col2im": _Accum(L._freq_col2im)}
+              "col2im": _Accum(L._freq_col2im), "conv1_fwd": _Accum(L.direct_conv_forward),
+              "conv1_dw": _Accum(L.direct_conv_weight_grad)}
     L._NP_KERNELS["lstm"] = (timers["rnn_fwd"], timers["rnn_bwd"])
     L._freq_im2col = timers["im2col"]
     L._freq_col2im = timers["col2im"]
+    L.direct_conv_forward = timers["conv1_fwd"]
+    L.direct_conv_weight_grad = timers["conv1_dw"]
     return timers
 
 
@@ -835,7 +838,8 @@ def _print_profile(rows, by, peak, out) -> None:
             continue
         p = res["profile"]
         tot = res["s"]
-        host = p["rnn_fwd"] + p["rnn_bwd"] + p["im2col"] + p["col2im"]
+        conv1 = p.get("conv1_fwd", 0.0) + p.get("conv1_dw", 0.0)
+        host = p["rnn_fwd"] + p["rnn_bwd"] + p["im2col"] + p["col2im"] + conv1
         other = max(0.0, p["fwd_bwd"] - host)
 
         def pc(v, cores=None):
@@ -845,8 +849,9 @@ def _print_profile(rows, by, peak, out) -> None:
             f"finite={res['finite']}")
         out(f"    value_and_grad {pc(p['fwd_bwd'], p['fwd_bwd_cores'])} = LSTM recurrence fwd "
             f"{pc(p['rnn_fwd'], p['rnn_fwd_cores'])} + bwd {pc(p['rnn_bwd'], p['rnn_bwd_cores'])}")
-        out(f"      + conv2 backward im2col/col2im {pc(p['im2col'] + p['col2im'])} + MindSpore ops (input projections, "
-            f"conv, BN, CTC, ...) {pc(other)}")
+        out(f"      + conv1 direct forward + weight gradient {pc(conv1)} + conv2 backward im2col/col2im "
+            f"{pc(p['im2col'] + p['col2im'])}")
+        out(f"      + MindSpore ops (input projections, conv2, BN, CTC, ...) {pc(other)}")
         out(f"    Trainer's numpy gradient handling {pc(p['numpy_grads'])};  Adam {pc(p['adam'])}")
         arch = model_arch(r["model"])
         _, _, _, t2 = conv_shapes(r["frames"])

@@ -149,9 +149,10 @@ def test_conv_params(impl):
         L.make_conv2d(1, 1, 3, 1, 1, impl="nope")
 
 
-def test_conv_under_jit():
-    C, O, k, s, p, F, T, B = CONVS["ds2_conv2"]
-    fast = L.make_conv2d(C, O, k, s, p, impl="fast")
+@pytest.mark.parametrize("name, input_grad", [("ds2_conv2", True), ("ds2_conv1", False)])
+def test_conv_under_jit(name, input_grad):
+    C, O, k, s, p, F, T, B = CONVS[name]
+    fast = L.make_conv2d(C, O, k, s, p, impl="fast", input_grad=input_grad)
     x = Tensor(np.random.default_rng(4).standard_normal((B, C, F, T)).astype(np.float32))
 
     def loss(a):

@@ -1230,51 +1230,62 @@ def _batch_halves(B):
     return [(0, half), (half, B)] if B > 1 and _DIRECTION_THREADS > 1 else [(0, B)]
 
 
+def _direct_geometry(shape, kernel_size, stride, padding):
+    """Output (Fo, To) and the phase buffer's (Fp, Tq) for an input of shape (B, 1, F, T)."""
+    F, T = shape[2], shape[3]
+    Fo, To = conv_output_size(F, T, kernel_size, stride, padding)
+    return Fo, To, F + padding[0] + padding[1], To + (kernel_size[1] - 1) // stride[1] + 1
+
+
+def direct_conv_forward(x, w, stride, padding):
+    """conv2d of x (B, 1, F, T) with w (O, 1, kF, kT): the direct kernels (numpy reference without numba)."""
+    x = np.asarray(x, np.float32)
+    w = np.asarray(w, np.float32)
+    if not _USE_NUMBA:
+        return conv_forward_np(x, w, stride, padding)
+    B, O = x.shape[0], w.shape[0]
+    Fo, To, Fp, Tq = _direct_geometry(x.shape, w.shape[2:], stride, padding)
+    xph = _conv_phases_np(x[:, 0], padding[0], padding[2], stride[1], Fp, Tq)
+    w3 = np.ascontiguousarray(w[:, 0])
+    out = np.empty((B, O, Fo, To), np.float32)
+    _run_concurrently(_batch_halves(B), lambda r: _nb_conv1_fwd(xph, w3, stride[0], stride[1], out, r[0], r[1]))
+    return out
+
+
+def direct_conv_weight_grad(x, dy, kernel_size, stride, padding):
+    """d w (O, 1, kF, kT) of direct_conv_forward for the output gradient dy (B, O, Fo, To)."""
+    x = np.asarray(x, np.float32)
+    dy = np.ascontiguousarray(dy, dtype=np.float32)
+    O = dy.shape[1]
+    kF, kT = kernel_size
+    if not _USE_NUMBA:
+        return conv_backward_np(x, np.zeros((O, 1, kF, kT), np.float32), dy, stride, padding)[1]
+    _, _, Fp, Tq = _direct_geometry(x.shape, kernel_size, stride, padding)
+    xph = _conv_phases_np(x[:, 0], padding[0], padding[2], stride[1], Fp, Tq)
+    groups = _batch_halves(x.shape[0])
+    parts = np.empty((len(groups), O, kF, kT), np.float32)
+    _run_concurrently(list(enumerate(groups)),
+                      lambda ig: _nb_conv1_dw(xph, dy, stride[0], stride[1], parts[ig[0]], ig[1][0], ig[1][1]))
+    return parts.sum(axis=0)[:, None]
+
+
 class _DirectConvFn(nn.Cell):
-    """conv2d(x, w) for one input channel with compiled direct kernels (forward and weight
-    gradient); the input gradient is zeros (input_grad=False, see above). Without numba the same
-    numbers come from the numpy reference (conv_forward_np / conv_backward_np)."""
+    """conv2d(x, w) for one input channel with the direct kernels (forward and weight gradient);
+    the input gradient is zeros (input_grad=False, see above)."""
 
     def __init__(self, out_channels, kernel_size, stride, padding):
         super().__init__()
         kF, kT = kernel_size
-        sF, sT = stride
-        pt, pb, pl, pr = padding
 
-        def geometry(xs):
-            F, T = xs[2], xs[3]
-            Fo, To = conv_output_size(F, T, kernel_size, stride, padding)
-            return Fo, To, F + pt + pb, To + (kT - 1) // sT + 1
-
-        def phases(x):
-            Fo, To, Fp, Tq = geometry(x.shape)
-            return _conv_phases_np(np.asarray(x, np.float32)[:, 0], pt, pl, sT, Fp, Tq)
-
+        # module-level functions looked up at call time (bench/bench_step.py times them)
         def fwd(x, w):
-            if not _USE_NUMBA:
-                return conv_forward_np(x, w, stride, padding)
-            B = x.shape[0]
-            Fo, To, _, _ = geometry(x.shape)
-            xph = phases(x)
-            w3 = np.ascontiguousarray(np.asarray(w, np.float32)[:, 0])
-            out = np.empty((B, out_channels, Fo, To), np.float32)
-            _run_concurrently(_batch_halves(B), lambda r: _nb_conv1_fwd(xph, w3, sF, sT, out, r[0], r[1]))
-            return out
+            return direct_conv_forward(x, w, stride, padding)
 
         def dw(x, dy):
-            if not _USE_NUMBA:
-                w0 = np.zeros((out_channels, 1, kF, kT), np.float32)
-                return conv_backward_np(x, w0, dy, stride, padding)[1]
-            xph = phases(x)
-            dy = np.ascontiguousarray(dy, dtype=np.float32)
-            groups = _batch_halves(x.shape[0])
-            parts = np.empty((len(groups), out_channels, kF, kT), np.float32)
-            _run_concurrently(list(enumerate(groups)),
-                              lambda ig: _nb_conv1_dw(xph, dy, sF, sT, parts[ig[0]], ig[1][0], ig[1][1]))
-            return parts.sum(axis=0)[:, None]
+            return direct_conv_weight_grad(x, dy, kernel_size, stride, padding)
 
         def fwd_shape(xs, ws):
-            Fo, To, _, _ = geometry(xs)
+            Fo, To, _, _ = _direct_geometry(xs, kernel_size, stride, padding)
             return (xs[0], out_channels, Fo, To)
 
         self.dw_op = ops.Custom(dw, out_shape=lambda xs, ds: (out_channels, 1, kF, kT),
