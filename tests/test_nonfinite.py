@@ -22,12 +22,13 @@ def test_huge_learning_rate_stops_naming_step_and_cause(tmp_path, shared_data_di
     assert 1 <= step < 30
     assert run.data.tags["divergence_cause"] == "lr_or_exploding_gradients"
     d = diagnosis_of(tmp_path)
-    # the grad norm climbs at every step before the failure. How steeply depends on rounding at
-    # saturation once the weights are huge (measured at the diverging step: 39x with the compiled
-    # recurrence, 5.8e5x with the numpy one), so the test asks for a clear climb, not a figure.
+    # the grad norm explodes before the failure. Its path there depends on rounding once the
+    # weights are huge (measured over the good steps: 76 -> 528 -> 3010 with the compiled
+    # recurrence, 76 -> 119 -> 4.4e7 with the numpy one, 76 -> 466 -> 116 -> 4.4e5 with the relu6
+    # hardtanh), so the test asks for the largest norm last and far above the first, not a path.
     trend = [p["grad_norm"] for p in d["grad_norm_trend"]]
     assert d["step"] == step and d["grad_norm_growth"] > 10
-    assert len(trend) >= 2 and trend == sorted(trend) and trend[-1] > 10 * trend[0]
+    assert len(trend) >= 2 and trend[-1] == max(trend) and trend[-1] > 10 * trend[0]
     assert 1 <= len(d["batch"]) <= 4 and {"id", "duration_s", "transcript_chars"} <= set(d["batch"][0])
     text = client.download_artifacts(run.info.run_id, "diagnosis.txt", str(tmp_path))
     assert "grad-norm trend" in open(text).read()
