@@ -10,13 +10,16 @@ Each layer comes in two implementations behind one interface, selected by ``impl
     custom bprop built from large matrix multiplies: numpy pyfunc ops do the data movement
     (im2col over frequency rows only - kF/sF times the input, not kF*kT times; the kT time
     shifts of dy; col2im) and MindSpore's matmul (about 2x OpenBLAS's here) does the two GEMMs.
-    With a single input channel (DS2 conv1) MindSpore's own backward is as fast, so it is kept.
+    With a single input channel and no input gradient needed (DS2 conv1 over the features,
+    ``input_grad=False``), forward and weight gradient are direct numba kernels instead; with one
+    input channel and an input gradient, MindSpore's own backward is as fast, so it is kept.
     *RNN*: the input projection of all time steps and both directions is ONE MindSpore matmul;
     the recurrence - forward and a hand-written backward, both directions, ragged lengths - runs
     in a ``mindspore.ops.Custom(func_type="pyfunc")`` op with a custom bprop, so autodiff works
     through the whole model in PYNATIVE mode, under ``mindspore.value_and_grad`` and under
     ``mindspore.jit``. With numba and at most 32 rows, each direction's whole time loop is one
-    compiled call (the two directions on two threads); otherwise a numpy loop with BLAS per step.
+    compiled call (the two directions on two threads, the product with W_hh register-blocked);
+    otherwise a numpy loop with BLAS per step. The input bias is added inside the recurrence op.
 
 Parameters carry the same names and shapes in both implementations (``weight`` for the conv;
 ``weight_ih_l0``, ``weight_hh_l0``, ``bias_ih_l0``, ``bias_hh_l0`` and the ``_reverse`` ones for the
