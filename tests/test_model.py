@@ -53,6 +53,7 @@ def test_every_model_preset_and_the_quickstart_command_compose():
     cfg = check_overrides(DEFAULT_OVERRIDES)
     assert (cfg.model.name, str(cfg.model.rnn_type.value), cfg.model.rnn_hidden) == ("ds2_tiny_gru", "gru", 256)
     assert cfg.dataset.batch_size == 8 and cfg.trainer.max_minutes == 10
+    assert str(cfg.optimizer.schedule.value) == "warmup_cosine" and cfg.optimizer.lr == 1.5e-3
     assert count_parameters(build_model(cfg.model)) == 1_715_448  # as the training run logged
 
 
