@@ -15,11 +15,11 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-# Build synth_tiny if needed, train ds2_tiny for a fixed budget, evaluate on the held-out test split.
+# Build synth_tiny if needed, train ds2_tiny_gru for 10 minutes (conf/experiment/quickstart.yaml), evaluate on the held-out test split.
 train: install
 	$(PY) -m ds2exp.quickstart $(TRAIN_ARGS)
 
-# Data-parallel training: 2 processes on this machine through MindSpore's msrun (README "Scaling out").
+# Data-parallel training: 2 processes on this machine through MindSpore's msrun (docs/scaling.md).
 train-dp: install
 	$(PY) train.py hardware.num_devices=2 dataset=synth_tiny model=ds2_tiny dataset.batch_size=8 \
 		optimizer.lr=1.5e-3 trainer.max_steps=300 trainer.eval_every=100 trainer.checkpoint_every=100 $(TRAIN_ARGS)

@@ -3,8 +3,8 @@
 `hydra/launcher=joblib` runs each job in a loky worker, and loky sets the worker's global multiprocessing
 start method to "loky". Every process the job starts then inherits that name: the spawned workers of
 the synthetic corpus build (ds2exp/data/synth.py) and the audio checks of the LibriSpeech preparation
-(ds2exp/data/librispeech.py) die at start-up with `ValueError: cannot find context for 'loky'` (a
-context that exists only inside loky's own workers), so the first sweep on a fresh data folder failed.
+(ds2exp/data/librispeech.py) would die at start-up with `ValueError: cannot find context for 'loky'` (a
+context that exists only inside loky's own workers), failing the first sweep on a fresh data folder.
 `MlflowSweepCallback.on_job_start` calls `reset_inherited_start_method()` in the job's process before
 the job runs, which puts back the platform's default, as in a plain run.
 """
