@@ -17,7 +17,7 @@ $(STAMP): setup.cfg pyproject.toml
 
 # Build synth_tiny if needed, train ds2_tiny_gru for 10 minutes (conf/experiment/quickstart.yaml), evaluate on the held-out test split.
 train: install
-	$(PY) -m ds2exp.quickstart $(TRAIN_ARGS)
+	$(PY) -m ds2exp.quickstart experiment=quickstart $(TRAIN_ARGS)
 
 # Data-parallel training: 2 processes on this machine through MindSpore's msrun (docs/scaling.md).
 train-dp: install

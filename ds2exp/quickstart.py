@@ -1,9 +1,11 @@
-"""`make train`: build synth_tiny if needed, train ds2_tiny_gru for a fixed budget, evaluate on the
-held-out synthetic test split - greedy, and beam search with a word 2-gram LM of the training
-transcripts when KenLM is installed - and say where everything is.
+"""`make train`: train the named experiment (conf/experiment/quickstart.yaml: ds2_tiny_gru on synth_tiny,
+built if needed, for 10 minutes), then evaluate its best checkpoint on the held-out synthetic test split
+- greedy, and beam search with a word 2-gram LM of the training transcripts when KenLM is installed -
+and say where everything is.
 
-Extra arguments are passed to train.py as overrides, e.g.
-`python -m ds2exp.quickstart trainer.max_minutes=20`.
+    python -m ds2exp.quickstart experiment=quickstart [overrides...]
+
+Extra arguments are passed to train.py as overrides, e.g. `trainer.max_minutes=20`.
 """
 from __future__ import annotations
 
@@ -19,15 +21,9 @@ from ds2exp.config import PACKAGE_DIR, project_root
 
 SCRIPTS = PACKAGE_DIR.parent  # train.py / evaluate.py sit next to the package in a checkout
 
-# Chosen by measurement (10 minutes on 2 cores, held-out test CER): 800 training utterances, batch
-# 16, LSTM 32.0% (15 min); 4,000 utterances 27.5%; batch 8 with lr 1.5e-3 24.4%; GRU 256 19.9%;
-# with the compiled recurrence kernels 16.5% (7.6% with the LM). With the faster step of session
-# 12 (2,777 steps), a constant lr gave 16.6% (6.6% with the LM; best val checkpoint at step 2,250,
-# val loss 17.7); a cosine from 1.5e-3 to 0 over the 10 minutes 15.1% (6.3%; the last checkpoint
-# was the best, val loss 15.4), so the schedule is that cosine. (At lr 3e-3 it had been 17.4%.)
-DEFAULT_OVERRIDES = ["dataset=synth_tiny", "model=ds2_tiny_gru", "dataset.batch_size=8", "optimizer.lr=1.5e-3",
-                     "optimizer.schedule=warmup_cosine", "trainer.max_minutes=10", "trainer.max_epochs=40",
-                     "trainer.eval_every=250", "trainer.checkpoint_every=250"]
+# The training settings live in conf/experiment/quickstart.yaml (chosen by measurement, see there);
+# an `experiment=...` argument replaces them.
+DEFAULT_OVERRIDES = ["experiment=quickstart"]
 
 
 def _train_language_model(data_overrides) -> Optional[Path]:
@@ -59,7 +55,8 @@ def main(argv=None) -> int:
         argv = [a for a in argv if not a.startswith("hydra.run.dir=")]
     else:
         run_dir = root / "outputs" / "quickstart" / datetime.now().strftime("%Y-%m-%d/%H-%M-%S")
-    overrides = DEFAULT_OVERRIDES + argv + [f"hydra.run.dir={run_dir}"]
+    defaults = [] if any(a.startswith("experiment=") for a in argv) else DEFAULT_OVERRIDES
+    overrides = defaults + argv + [f"hydra.run.dir={run_dir}"]
     print(f"[ds2exp] training: python train.py {' '.join(overrides)}", flush=True)
     t0 = time.time()
     r = subprocess.run([sys.executable, str(SCRIPTS / "train.py"), *overrides], cwd=root)
