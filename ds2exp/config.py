@@ -99,6 +99,16 @@ class ExecutionMode(str, Enum):
     graph = "graph"
 
 
+class FeatureWindow(str, Enum):
+    hamming = "hamming"
+    hamming_symmetric = "hamming_symmetric"
+    hann = "hann"
+    hanning = "hanning"
+    hann_symmetric = "hann_symmetric"
+    blackman = "blackman"
+    bartlett = "bartlett"
+
+
 class DType(str, Enum):
     fp32 = "fp32"
     fp16 = "fp16"
@@ -133,11 +143,16 @@ class FeatureConfig:
     sample_rate: int = 16000
     window_size: float = 0.02  # seconds: n_fft = win = 320 at 16 kHz -> 161 bins
     window_stride: float = 0.01
-    window: str = "hamming"
+    # hamming: periodic, what the zoo's librosa.stft(window="hamming") trains on; hann: the zoo's
+    # evaluation window; hamming_symmetric: np.hamming (ds2exp before features version 2)
+    window: FeatureWindow = FeatureWindow.hamming
     # The reference used librosa < 0.10, whose centred STFT padded by reflection.
     pad_mode: str = "reflect"
     normalize: bool = True
-    cache: bool = True
+    # auto: cache when the training split's features take <= cache_max_gb, else compute them on
+    # the fly (a few percent of a step; docs/storage.md); on / off (true / false) force it
+    cache: str = "auto"
+    cache_max_gb: float = 4.0
 
 
 @dataclass
@@ -382,8 +397,9 @@ def validate(cfg: DictConfig) -> None:
     _check(d.max_utterances is None or d.max_utterances >= 1, "dataset.max_utterances",
            d.max_utterances, "null or an integer >= 1")
     _check(d.feature.sample_rate > 0, "dataset.feature.sample_rate", d.feature.sample_rate, "> 0")
-    _check(d.feature.window in ("hamming", "hann", "hanning", "blackman", "bartlett"),
-           "dataset.feature.window", d.feature.window, "one of hamming, hann, hanning, blackman, bartlett")
+    _check(str(d.feature.cache).lower() in ("auto", "on", "off", "true", "false"), "dataset.feature.cache",
+           d.feature.cache, "auto, on (true) or off (false)")
+    _check(d.feature.cache_max_gb >= 0, "dataset.feature.cache_max_gb", d.feature.cache_max_gb, "a number >= 0")
     _check(d.feature.pad_mode in ("reflect", "constant"), "dataset.feature.pad_mode",
            d.feature.pad_mode, "reflect or constant")
     if d.source == DatasetSource.manifest:

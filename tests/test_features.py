@@ -5,15 +5,92 @@ import scipy.signal
 from ds2exp.data.features import FeatureCache, FeatureSettings, compute_features, spec_augment
 
 
-def reference_features(y, pad_mode="reflect"):
-    """The reference recipe's computation, independently: librosa STFT + numpy normalisation."""
+def reference_features(y, pad_mode="reflect", window=scipy.signal.windows.hamming):
+    """librosa STFT + numpy normalisation with the window given as a function (used as given)."""
     import librosa
 
     d = librosa.stft(y.astype(np.float64), n_fft=320, hop_length=160, win_length=320,
-                     window=scipy.signal.windows.hamming, center=True, pad_mode=pad_mode)
+                     window=window, center=True, pad_mode=pad_mode)
     spect, _ = librosa.magphase(d)
     spect = np.log1p(spect)
     return (spect - spect.mean()) / spect.std()
+
+
+def zoo_parse_audio(audio_path, window="hamming", **stft_extra):
+    """The model zoo's LoadAudioAndTranscript.parse_audio (src/dataset.py), line by line: int16 read
+    scaled by 1/32767, librosa.stft with the window *name* from its SpectConfig, magphase, log1p,
+    (mag - mean) / std."""
+    import librosa
+    import soundfile as sf
+
+    sound, _ = sf.read(str(audio_path), dtype="int16")
+    sound = sound.astype("float32") / 32767
+    sample_rate, window_size, window_stride = 16000, 0.02, 0.01
+    n_fft = int(sample_rate * window_size)
+    win_length = n_fft
+    hop_length = int(sample_rate * window_stride)
+    D = librosa.stft(y=sound, n_fft=n_fft, hop_length=hop_length, win_length=win_length, window=window,
+                     **stft_extra)
+    mag, _ = librosa.magphase(D)
+    mag = np.log1p(mag)
+    mean = mag.mean()
+    std = mag.std()
+    return (mag - mean) / std
+
+
+@pytest.fixture(scope="module")
+def speech_file(tmp_path_factory, say):
+    """About 8 s of real-length speech, written as 16-bit FLAC like LibriSpeech."""
+    from tests.conftest import write_flac
+
+    parts = [say(t) for t in ("she had your dark suit in greasy wash water all year",
+                              "don't ask me to carry an oily rag like that",
+                              "the birch canoe slid on the smooth planks")]
+    y = np.concatenate([np.concatenate([p, np.zeros(1600, np.float32)]) for p in parts])
+    return write_flac(tmp_path_factory.mktemp("speech") / "utt.flac", y)
+
+
+def test_features_equal_zoo_librosa_hamming_call(speech_file):
+    """Default features vs librosa.stft(..., window="hamming") called as the zoo calls it: the
+    installed librosa's own centre padding, and the reflection padding of librosa < 0.10 that the
+    zoo ran (our pad_mode)."""
+    import inspect
+
+    import librosa
+
+    from ds2exp.data.audio import load_audio
+
+    y = load_audio(speech_file)
+    assert len(y) / 16000 > 6.0
+    installed_pad = inspect.signature(librosa.stft).parameters["pad_mode"].default
+    for pad_mode, extra in ((installed_pad, {}), ("reflect", {"pad_mode": "reflect"})):
+        ref = zoo_parse_audio(speech_file, **extra)
+        ours = compute_features(y, FeatureSettings(pad_mode=pad_mode))
+        assert ours.shape == ref.shape == (161, 1 + len(y) // 160)
+        diff = float(np.max(np.abs(ours - ref)))
+        print(f"features vs zoo librosa.stft(window='hamming'), pad_mode={pad_mode}, "
+              f"{len(y) / 16000:.1f} s: max |diff| = {diff:.3g}")
+        assert diff <= 1e-5
+    # the symmetric window the features used before version 2 is visibly different
+    old = compute_features(y, FeatureSettings(window="hamming_symmetric"))
+    assert np.max(np.abs(old - zoo_parse_audio(speech_file, pad_mode="reflect"))) > 1e-2
+
+
+@pytest.mark.parametrize("window,ref_window", [("hamming_symmetric", scipy.signal.windows.hamming),
+                                               ("hann", "hann"), ("hann_symmetric", scipy.signal.windows.hann)])
+def test_window_options_match_librosa(speech_file, window, ref_window):
+    from ds2exp.data.audio import load_audio
+
+    y = load_audio(speech_file)
+    ours = compute_features(y, FeatureSettings(window=window))
+    diff = float(np.max(np.abs(ours - reference_features(y, "reflect", ref_window))))
+    print(f"window={window}: max |diff| vs librosa = {diff:.3g}")
+    assert diff <= 1e-5
+
+
+def test_unknown_window_is_refused():
+    with pytest.raises(ValueError, match="dataset.feature.window"):
+        FeatureSettings(window="kaiser")
 
 
 @pytest.mark.parametrize("pad_mode", ["reflect", "constant"])
@@ -21,7 +98,7 @@ def test_features_match_librosa_reference(say, pad_mode):
     y = say("the quick brown fox")
     settings = FeatureSettings(pad_mode=pad_mode)
     ours = compute_features(y, settings)
-    ref = reference_features(y, pad_mode)
+    ref = reference_features(y, pad_mode, window="hamming")
     assert ours.shape == ref.shape == (161, 1 + len(y) // 160)
     assert np.max(np.abs(ours - ref)) < 1e-5
 

@@ -228,6 +228,9 @@ class BatchLoader:
         self.seed = seed
         self.prefetch = prefetch
         self.failures: Dict[str, str] = {}  # id -> reason, for audio that failed to decode
+        # the first split a cache serves (training's) decides dataset.feature.cache=auto and logs
+        # the cache size and the feature cost per batch
+        cache.plan(split.name, split.examples, sampler.batch_size)
 
     def _features(self, ex: Example) -> Optional[np.ndarray]:
         try:

@@ -1,23 +1,35 @@
 """DeepSpeech2 input features: log1p STFT magnitude, per-utterance mean/std normalisation.
 
-Numerically the reference recipe's (librosa.stft with n_fft = win = 320, hop 160, a symmetric
-scipy Hamming window, centred; then log1p and (x - mean) / std with NumPy's population std),
-computed here with NumPy alone so it is fast and independent of librosa's version. The
-reference ran librosa < 0.10, whose centred STFT padded by reflection (`pad_mode`).
+Numerically the reference recipe's: the model zoo's `src/dataset.py` calls
+`librosa.stft(y, n_fft=320, hop_length=160, win_length=320, window="hamming")`, then log1p and
+(x - mean) / std with NumPy's population std. librosa turns the window *name* into a periodic
+window (`scipy.signal.get_window(name, n, fftbins=True)`), as deepspeech.pytorch V2.1 does, so
+`hamming` here is periodic too; `hamming_symmetric` is `np.hamming(n)` (what ds2exp used before
+features version 2), `hann` the zoo's evaluation window (its eval_config says "hanning").
+Computed with NumPy alone so it is fast and independent of librosa's version. The reference
+ran librosa < 0.10, whose centred STFT padded by reflection (`pad_mode`).
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
 from ds2exp.data.audio import load_audio
+
+log = logging.getLogger(__name__)
+
+# Part of every cache key: bump it whenever the same settings would compute different numbers,
+# so entries of an older computation are never reused. 2: periodic windows (librosa's).
+FEATURES_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -28,6 +40,12 @@ class FeatureSettings:
     window: str = "hamming"
     pad_mode: str = "reflect"
     normalize: bool = True
+
+    def __post_init__(self):
+        name = str(getattr(self.window, "value", self.window))
+        if name not in _WINDOWS:
+            raise ValueError(f"dataset.feature.window={name!r} is not allowed; expected one of {', '.join(_WINDOWS)}")
+        object.__setattr__(self, "window", name)
 
     @classmethod
     def from_config(cls, cfg) -> "FeatureSettings":
@@ -47,22 +65,29 @@ class FeatureSettings:
         return self.n_fft // 2 + 1
 
     def key(self) -> str:
-        """Stable digest of the settings: the feature cache is keyed by it."""
-        blob = json.dumps(asdict(self), sort_keys=True).encode()
+        """Stable digest of the settings and FEATURES_VERSION: the feature cache is keyed by it."""
+        blob = json.dumps({"features_version": FEATURES_VERSION, **asdict(self)}, sort_keys=True).encode()
         return hashlib.sha1(blob).hexdigest()[:12]
 
     def num_frames(self, num_samples: int) -> int:
         return 1 + num_samples // self.hop  # centred STFT
 
 
-_WINDOWS = {"hamming": np.hamming, "hann": np.hanning, "hanning": np.hanning,
-            "blackman": np.blackman, "bartlett": np.bartlett}
+def _periodic(fn):
+    # scipy.signal.get_window(name, n, fftbins=True): the symmetric window of n + 1, last point dropped
+    return lambda n: fn(n + 1)[:-1]
+
+
+_WINDOWS = {"hamming": _periodic(np.hamming), "hamming_symmetric": np.hamming,
+            "hann": _periodic(np.hanning), "hanning": _periodic(np.hanning), "hann_symmetric": np.hanning,
+            "blackman": _periodic(np.blackman), "bartlett": _periodic(np.bartlett)}
+WINDOW_NAMES = tuple(_WINDOWS)
 
 
 def window_array(name: str, length: int) -> np.ndarray:
-    # Symmetric windows, as scipy.signal.hamming(N) that the reference passes to librosa.
+    """The analysis window: periodic unless the name ends in `_symmetric` (librosa's convention)."""
     try:
-        return _WINDOWS[name](length).astype(np.float64)
+        return np.asarray(_WINDOWS[name](length), dtype=np.float64)
     except KeyError:
         raise ValueError(f"unknown window {name!r}; allowed: {', '.join(_WINDOWS)}") from None
 
@@ -91,23 +116,125 @@ def compute_features(y: np.ndarray, settings: FeatureSettings) -> np.ndarray:
     return spect.astype(np.float32)
 
 
-class FeatureCache:
-    """On-disk cache of features, one .npy per utterance, keyed by feature settings and file.
+CACHE_MODES = ("auto", "on", "off")
+_TRUE = {"on", "true", "yes", "1"}
+_FALSE = {"off", "false", "no", "0"}
+# A *.tmp older than this was left by a killed writer (a write takes milliseconds).
+STALE_TMP_SECONDS = 600.0
+NPY_HEADER_BYTES = 128
 
-    The key includes the audio file's absolute path, size and modification time, so a changed
-    file is recomputed. Writes go to a temporary file and are renamed into place, so a crash
-    never leaves a half-written entry.
+
+def cache_mode(value) -> str:
+    """`dataset.feature.cache` as one of auto/on/off (booleans and their spellings accepted)."""
+    text = str(getattr(value, "value", value)).strip().lower()
+    if text in _TRUE:
+        return "on"
+    if text in _FALSE:
+        return "off"
+    if text == "auto":
+        return "auto"
+    raise ValueError(f"dataset.feature.cache={value!r} is not allowed; expected auto, on (true) or off (false)")
+
+
+def cache_bytes(frames: Sequence[int], settings: FeatureSettings) -> int:
+    """Bytes the cache takes for utterances of these frame counts (float32 .npy, one per utterance)."""
+    return int(sum(frames)) * settings.num_bins * 4 + NPY_HEADER_BYTES * len(frames)
+
+
+def librispeech_cache_gb(hours: float, settings: FeatureSettings) -> float:
+    """Cache size for `hours` of audio, as for train-clean-100 (100.6 h) and the 960 h set."""
+    return hours * 3600 * settings.sample_rate / settings.hop * settings.num_bins * 4 / 1e9
+
+
+def measure_feature_seconds(paths: Sequence, settings: FeatureSettings) -> tuple:
+    """(seconds spent, audio seconds) decoding and computing features of these files."""
+    audio_s = spent = 0.0
+    for p in paths:
+        t0 = time.perf_counter()
+        y = load_audio(p, settings.sample_rate, warn=False)
+        compute_features(y, settings)
+        spent += time.perf_counter() - t0
+        audio_s += len(y) / settings.sample_rate
+    return spent, audio_s
+
+
+class FeatureCache:
+    """On-disk cache of features, one float32 .npy per utterance, keyed by feature settings and file.
+
+    `enabled`: on, off, or auto (see `plan`): the cache is kept where it pays, i.e. where the
+    corpus is small (its size at most `max_gb`); above that features are computed on the fly,
+    which costs a few percent of a step at most (docs/storage.md has the measurements).
+    The key includes FEATURES_VERSION and the audio file's absolute path, size and modification
+    time, so a changed file or a changed computation is recomputed. Writes go to a temporary file
+    renamed into place, so a crash never leaves a half-written entry; temporary files left by
+    killed processes are removed when a cache is opened.
     """
 
-    def __init__(self, directory: str | Path, settings: FeatureSettings, enabled: bool = True):
+    def __init__(self, directory: str | Path, settings: FeatureSettings, enabled=True, max_gb: float = 4.0):
         self.settings = settings
-        self.enabled = enabled
+        self.mode = cache_mode(enabled)
+        self.max_gb = float(max_gb)
         self.directory = Path(directory) / settings.key()
-        if enabled:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            meta = self.directory / "settings.json"
-            if not meta.exists():
-                meta.write_text(json.dumps(asdict(settings), indent=2))
+        self.planned = False
+        self.enabled = False
+        if self.mode != "off":
+            self._open()  # auto until planned: cache (the smaller the corpus, the more it pays)
+
+    def _open(self) -> None:
+        if self.enabled:
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        meta = self.directory / "settings.json"
+        if not meta.exists():
+            meta.write_text(json.dumps({"features_version": FEATURES_VERSION, **asdict(self.settings)}, indent=2))
+        self.remove_stale_tmp()
+        self.enabled = True
+
+    def remove_stale_tmp(self, older_than: float = STALE_TMP_SECONDS) -> int:
+        """Delete *.tmp files older than `older_than` seconds (left by killed writers); returns how many."""
+        now = time.time()
+        removed = 0
+        for tmp in self.directory.glob("*/*.tmp"):
+            try:
+                if now - tmp.stat().st_mtime > older_than:
+                    tmp.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                continue  # another process removed or renamed it meanwhile
+        if removed:
+            log.info("feature cache: removed %d temporary files left by interrupted writes in %s",
+                     removed, self.directory)
+        return removed
+
+    def plan(self, split_name: str, examples: Sequence, batch_size: int, sample: int = 3) -> Optional[str]:
+        """Decide `auto` from the first split it sees (training's) and log one line: the cache size
+        this split takes, the same for LibriSpeech, and the measured feature cost per batch.
+        `examples` are ds2exp.data.dataset.Example (utt.audio_path, utt.duration, frames)."""
+        if self.planned or not examples:
+            return None
+        self.planned = True
+        size_gb = cache_bytes([e.frames for e in examples], self.settings) / 1e9
+        hours = sum(e.utt.duration for e in examples) / 3600
+        step = max(1, len(examples) // sample)
+        spent, audio_s = measure_feature_seconds([e.utt.audio_path for e in examples[::step][:sample]],
+                                                 self.settings)
+        mean_dur = hours * 3600 / len(examples)
+        per_batch_ms = 1000 * spent / max(audio_s, 1e-9) * mean_dur * batch_size
+        if self.mode == "auto":
+            decision = "on" if size_gb <= self.max_gb else "off"
+            why = f"auto: {'<=' if decision == 'on' else '>'} dataset.feature.cache_max_gb={self.max_gb:g}"
+        else:
+            decision, why = self.mode, f"dataset.feature.cache={self.mode}"
+        line = (f"feature cache: {split_name} {hours:.2f} h -> {size_gb:.3g} GB float32 "
+                f"(train-clean-100 {librispeech_cache_gb(100.6, self.settings):.0f} GB, 960 h "
+                f"{librispeech_cache_gb(960, self.settings):.0f} GB); features cost {per_batch_ms:.0f} ms per "
+                f"batch of {batch_size} ({audio_s / max(spent, 1e-9):.0f}x real time); cache {decision} ({why})")
+        log.info(line)
+        if decision == "on":
+            self._open()
+        else:
+            self.enabled = False
+        return line
 
     def _entry(self, audio_path: str | Path) -> Path:
         p = Path(audio_path).resolve()

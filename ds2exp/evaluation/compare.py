@@ -75,7 +75,8 @@ def build_eval_loader(cfg, split: str):
 
     d = cfg.dataset
     settings = FeatureSettings.from_config(d.feature)
-    cache = FeatureCache(cfg.paths.cache_dir, settings, enabled=d.feature.cache)
+    cache = FeatureCache(cfg.paths.cache_dir, settings, enabled=d.feature.cache,
+                         max_gb=d.feature.cache_max_gb)
     manifests = resolve_manifests(cfg, progress=cfg.progress)
     if not manifests.get(split):
         raise DatasetError(f"dataset {d.name!r} has no {split!r} split configured")

@@ -81,7 +81,8 @@ def build_data(cfg, run_dir: Optional[Path] = None, need_test: bool = False, ran
 
     d = cfg.dataset
     settings = FeatureSettings.from_config(d.feature)
-    cache = FeatureCache(cfg.paths.cache_dir, settings, enabled=d.feature.cache)
+    cache = FeatureCache(cfg.paths.cache_dir, settings, enabled=d.feature.cache,
+                         max_gb=d.feature.cache_max_gb)
     manifests = resolve_manifests(cfg, progress=cfg.trainer.progress)
     out: Dict[str, Any] = {"settings": settings, "cache": cache, "manifests": manifests}
     for split in ("train", "val", "test"):
