@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ds2exp.data.audio import load_audio
+from ds2exp.data.audio import AudioError, load_audio
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,10 @@ def measure_feature_seconds(paths: Sequence, settings: FeatureSettings) -> tuple
     audio_s = spent = 0.0
     for p in paths:
         t0 = time.perf_counter()
-        y = load_audio(p, settings.sample_rate, warn=False)
+        try:
+            y = load_audio(p, settings.sample_rate, warn=False)
+        except AudioError:
+            continue  # the loader reports broken files where it meets them
         compute_features(y, settings)
         spent += time.perf_counter() - t0
         audio_s += len(y) / settings.sample_rate
