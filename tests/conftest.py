@@ -1,17 +1,11 @@
 """Shared fixtures: real audio made with espeak-ng, a small corpus in LibriSpeech's layout."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
-import soundfile as sf
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import ds2exp  # noqa: E402,F401  (protobuf implementation before mlflow/mindspore)
+import ds2exp  # noqa: F401  (protobuf implementation before mlflow/mindspore)
+from tests.helpers import ROOT, write_flac  # noqa: F401  (imported from here by many tests)
 
 
 @pytest.fixture(scope="session")
@@ -27,12 +21,6 @@ def say(voice):
         return voice.synthesize(text, voice_name, rate, pitch)
 
     return _say
-
-
-def write_flac(path: Path, audio: np.ndarray, sr: int = 16000) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sf.write(str(path), audio, sr, format="FLAC", subtype="PCM_16")
-    return path
 
 
 @pytest.fixture(scope="session")

@@ -56,13 +56,14 @@ def test_launch_command_runs_this_script_under_msrun(tmp_path):
 def test_two_process_step_equals_one_process_step_with_double_batch(tmp_path):
     """One data-parallel step on 2 processes with batch B each == one step on 1 process with batch 2B."""
     single, parallel = tmp_path / "single.npz", tmp_path / "parallel.npz"
-    r = subprocess.run([sys.executable, str(ROOT / "tests" / "dp_step.py"), str(single), "3"], capture_output=True,
-                       text=True, cwd=ROOT, timeout=300)
+    dp_step = str(ROOT / "tests" / "helpers" / "dp_step.py")
+    r = subprocess.run([sys.executable, dp_step, str(single), "3"], capture_output=True, text=True, cwd=ROOT,
+                       timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     from ds2exp.training.distributed import free_port
 
     r = subprocess.run([*MSRUN, "--worker_num=2", "--local_worker_num=2", f"--master_port={free_port()}",
-                        f"--log_dir={tmp_path / 'logs'}", "--join=True", str(ROOT / "tests" / "dp_step.py"),
+                        f"--log_dir={tmp_path / 'logs'}", "--join=True", dp_step,
                         str(parallel), "3", "2"], capture_output=True, text=True, cwd=ROOT, env=_msrun_env(),
                        timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

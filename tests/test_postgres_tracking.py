@@ -22,7 +22,9 @@ from typing import Optional
 import pytest
 
 from tests.conftest import ROOT
-from tests.test_reliability import SMALL, free_port, wait_for
+from tests.helpers import wait_for
+from tests.helpers.processes import SMALL
+from tests.helpers.tracking import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 

@@ -1,6 +1,6 @@
 """One ds2exp training step, data parallel under msrun or in one process (tests/test_data_parallel.py).
 
-    python tests/dp_step.py OUT.npz ROWS_PER_RANK [WORLD]
+    python tests/helpers/dp_step.py OUT.npz ROWS_PER_RANK [WORLD]
 
 Builds ds2_tiny (no BatchNorm: per-rank batch statistics would differ from one batch of 2B by
 design), SGD with lr 1, no momentum, no clipping, so the parameter change of one step is minus the
@@ -13,11 +13,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import ds2exp  # noqa: E402,F401
-
-from ds2exp.training import distributed  # noqa: E402
+import ds2exp  # noqa: F401
+from ds2exp.training import distributed
 
 
 def main() -> int:
