@@ -1,13 +1,25 @@
-"""One MLflow parent run per Hydra sweep (`python train.py -m ...`).
+"""One MLflow parent run per Hydra sweep (`python train.py -m ...`), and the sweep's verdict at its end.
 
-Registered in conf/train.yaml under `hydra.callbacks`. In MULTIRUN mode `on_multirun_start`
-creates a parent run named after the sweep directory (tags `ds2exp.kind=sweep`, the sweep's
-overrides and sweeper params), exports its id as `$DS2EXP_PARENT_RUN_ID` before any job starts
-(`make_tracker` puts it on every job's run as `mlflow.parentRunId`) and writes it to
-`<sweep dir>/mlflow_parent_run_id.txt`. Jobs started by a launcher in other processes that did
-not inherit the variable read that file in `on_job_start`. `on_multirun_end` closes the parent
-as FINISHED; a sweep that dies on the way leaves it FAILED (atexit). Single runs and
-`logger=none` are left alone.
+Registered in conf/train.yaml under `hydra.callbacks`. In MULTIRUN mode:
+
+- `on_multirun_start` finds the swept keys (for the jobs' run names, ds2exp/sweeps/names.py) and opens
+  the parent run (named after the sweep directory, tags `ds2exp.kind=sweep`, the sweep's overrides and
+  sweeper params) through the same spooling `ResilientTracker` as training runs, with its spool in the
+  sweep directory: a store that does not answer costs the sweep one probe, not minutes, and the jobs
+  start at once. As soon as the parent exists its id is exported as `$DS2EXP_PARENT_RUN_ID` (jobs
+  started later put it on their run as `mlflow.parentRunId`) and written to
+  `<sweep dir>/mlflow_parent_run_id.txt` (read in `on_job_start` by launchers whose jobs run in other
+  processes).
+- Before and after every job the parent's spool is retried (when due); once the parent exists, jobs
+  whose runs were created without it are linked to it (`mlflow.parentRunId` set on their runs), and
+  `jobs.csv` (number, name, overrides, status, MLflow run id) is rewritten beside the job folders.
+- `on_multirun_end` sends what jobs left in their spools (store down when they ended), links every
+  job, prints the report (ds2exp/sweep_report.py: table, stability boundary per batch size,
+  recommended setting) with its paths, writes `sweep_report.png`, `sweep_losses.png` and
+  `sweep_report.txt` into the sweep directory and logs them to the parent run (`report/`), then closes
+  the parent as FINISHED. A sweep that dies on the way leaves it FAILED (atexit).
+
+Single runs are left alone; with `logger=none` only the names, `jobs.csv` and the report are made.
 """
 from __future__ import annotations
 
@@ -16,13 +28,14 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 ENV_PARENT = "DS2EXP_PARENT_RUN_ID"
 PARENT_FILE = "mlflow_parent_run_id.txt"
+_SWEEP_FUNCTIONS = ("choice(", "range(", "interval(", "tag(", "glob(")
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +43,20 @@ log = logging.getLogger(__name__)
 def _backend(config: DictConfig) -> str:
     b = OmegaConf.select(config, "logger.backend", default="none")
     return str(getattr(b, "value", b))
+
+
+def is_sweep_value(value: str) -> bool:
+    """`1e-4,1e-3` or `choice(...)`/`range(...)`... sweep; `[1,2]` or `{a:1,b:2}` are one value."""
+    v = value.strip()
+    if v.startswith(_SWEEP_FUNCTIONS):
+        return True
+    depth = 0
+    for ch in v:
+        depth += ch in "[{("
+        depth -= ch in "]})"
+        if ch == "," and depth == 0:
+            return True
+    return False
 
 
 def _sweep_tags(config: DictConfig, sweep_dir: str) -> Dict[str, str]:
@@ -45,61 +72,203 @@ def _sweep_tags(config: DictConfig, sweep_dir: str) -> Dict[str, str]:
     swept: Dict[str, str] = {str(k): str(v) for k, v in (params or {}).items()}
     for o in task:  # the command line wins over the preset's params, as in the sweeper
         key, _, value = o.partition("=")
-        if "," in value or "(" in value:
+        if is_sweep_value(value):
             swept[key.lstrip("+~")] = value
     for key, value in swept.items():
         tags[f"ds2exp.sweep.{key}"] = value
     return tags
 
 
+def _swept_from_tags(tags: Dict[str, str]) -> List[str]:
+    meta = ("ds2exp.sweep.overrides", "ds2exp.sweep.params", "ds2exp.sweep.sweeper")
+    return [k[len("ds2exp.sweep."):] for k in tags if k.startswith("ds2exp.sweep.") and k not in meta]
+
+
+def _job_dirs(sweep_dir: Path) -> List[Path]:
+    dirs = [p for p in sweep_dir.iterdir() if (p / ".hydra" / "overrides.yaml").is_file()] if sweep_dir.is_dir() else []
+    return sorted(dirs, key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0, p.name))
+
+
+def _read_json(path: Path) -> Dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _job_run_id(job_dir: Path) -> Optional[str]:
+    return (_read_json(job_dir / "run_state.json").get("mlflow_run_id")
+            or _read_json(job_dir / "tracking_state.json").get("run_id"))
+
+
+def scan_jobs(sweep_dir: Path) -> List[Dict[str, Any]]:
+    """jobs.csv rows from the job folders' files alone (no store queries; statuses as the runs wrote them)."""
+    from ds2exp.sweeps.names import parse_overrides, run_name, swept_keys
+
+    swept = swept_keys(sweep_dir)
+    rows = []
+    for d in _job_dirs(sweep_dir):
+        overrides = [str(o) for o in (OmegaConf.to_container(OmegaConf.load(d / ".hydra" / "overrides.yaml")) or [])]
+        state = _read_json(d / "run_state.json")
+        summary = _read_json(d / "summary.json")
+        status = summary.get("status") or state.get("status") or ("crashed" if (d / "error.txt").is_file() else "")
+        if summary.get("stop_reason") == "nonfinite":
+            status = "diverged"
+        rows.append({"num": d.name, "name": run_name(parse_overrides(overrides), swept),
+                     "overrides": " ".join(overrides), "status": status or "no result",
+                     "mlflow_run_id": _job_run_id(d) or "", "dir": str(d)})
+    return rows
+
+
 class MlflowSweepCallback(Callback):
     def __init__(self, **_: Any) -> None:
         self.parent_run_id: Optional[str] = None
-        self._client = None
-        self._previous_env: Optional[str] = None
+        self.tracker = None  # the parent run's ResilientTracker, in the sweep process only
+        self.sweep_dir: Optional[Path] = None
+        self.report_files: Dict[str, Path] = {}
+        self._previous_env: Dict[str, Optional[str]] = {}
+        self._linked: set = set()
         self._closed = True
 
     # ------------------------------------------------------------------ sweep process
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if _backend(config) == "none":
-            return
-        from ds2exp.tracking.mlflow_tracker import MlflowTracker
+        from ds2exp.sweeps.names import ENV_SWEPT, publish_swept
 
-        sweep_dir = str(config.hydra.sweep.dir)
-        sweep_abs = Path(sweep_dir).resolve()
-        tracker = MlflowTracker(str(config.logger.tracking_uri), str(config.logger.experiment_name),
-                                run_name=sweep_dir, tags=_sweep_tags(config, str(sweep_abs)))
-        self._client, self.parent_run_id = tracker.client, tracker.run_id
-        self._previous_env = os.environ.get(ENV_PARENT)
-        os.environ[ENV_PARENT] = self.parent_run_id
-        sweep_abs.mkdir(parents=True, exist_ok=True)
-        (sweep_abs / PARENT_FILE).write_text(self.parent_run_id + "\n")
+        self.sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
+        log.info("sweep %s: starting", self.sweep_dir)
+        tags = _sweep_tags(config, str(self.sweep_dir))
+        self._previous_env = {k: os.environ.get(k) for k in (ENV_PARENT, ENV_SWEPT)}
+        publish_swept(_swept_from_tags(tags), self.sweep_dir)
         self._closed = False
         atexit.register(self._close, "FAILED")
-        log.info("MLflow sweep parent run %s (%s)", self.parent_run_id, config.logger.tracking_uri)
+        if _backend(config) == "none":
+            return
+        from ds2exp.tracking.resilient import ResilientTracker
+
+        os.environ.pop(ENV_PARENT, None)  # this sweep's parent, not an outer one
+        self.tracker = ResilientTracker(str(config.logger.tracking_uri), str(config.logger.experiment_name),
+                                        self.sweep_dir, run_name=str(config.hydra.sweep.dir), tags=tags)
+        if self._publish_parent():
+            log.info("MLflow sweep parent run %s (%s)", self.parent_run_id, config.logger.tracking_uri)
+        else:
+            log.warning("MLflow at %s does not answer: the jobs start now; the sweep's parent run is created, "
+                        "and the jobs' runs are linked to it, when it answers", config.logger.tracking_uri)
+
+    def _publish_parent(self) -> bool:
+        """Once the parent run exists: its id in the environment and the sweep dir. True if it exists."""
+        if self.tracker is None or not self.tracker.run_id:
+            return False
+        if self.parent_run_id != self.tracker.run_id:
+            self.parent_run_id = self.tracker.run_id
+            os.environ[ENV_PARENT] = self.parent_run_id
+            (self.sweep_dir / PARENT_FILE).write_text(self.parent_run_id + "\n")
+        return True
+
+    def _sync(self) -> None:
+        """Retry the parent's spool when due; once the parent exists, link the jobs' runs to it."""
+        if self.tracker is None:
+            return
+        self.tracker.retry()
+        if not self._publish_parent():
+            return
+        for d in _job_dirs(self.sweep_dir):
+            rid = _job_run_id(d)
+            if rid and rid != self.parent_run_id and rid not in self._linked:
+                self.tracker.set_tags({"mlflow.parentRunId": self.parent_run_id}, run_id=rid)
+                self._linked.add(rid)
+
+    def _write_jobs_csv(self, rows=None) -> None:
+        from ds2exp.sweeps.names import write_jobs_csv
+
+        try:
+            write_jobs_csv(self.sweep_dir, rows if rows is not None else scan_jobs(self.sweep_dir))
+        except (OSError, ValueError) as exc:
+            log.warning("could not write %s/jobs.csv: %s", self.sweep_dir, exc)
+
+    def _send_job_spools(self) -> None:
+        """Records jobs kept while the store was down (their own end-of-run wait ran out): send them now."""
+        from ds2exp.tracking.resilient import SPOOL_NAME, _Replayer, read_state
+
+        for d in _job_dirs(self.sweep_dir):
+            if not (d / SPOOL_NAME).is_file():
+                continue
+            state = read_state(d)
+            if not state.get("tracking_uri"):
+                continue
+            replay = _Replayer(state["tracking_uri"], state.get("experiment_name") or "ds2exp", d, state.get("run_id"))
+            if replay.drain(10.0):
+                log.info("job %s: %d tracking records sent after the store came back", d.name, replay.sent_from_spool)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if self.sweep_dir is None:
+            return
+        if self.tracker is not None:
+            self._sync()
+            if self.tracker.pending == 0:
+                self._send_job_spools()
+                self._sync()
+        try:
+            self._report(config)
+        except Exception as exc:  # the sweep's jobs are done; a report problem must not hide them
+            log.warning("sweep report failed (%s: %s); run: python -m ds2exp.sweep_report %s",
+                        type(exc).__name__, exc, self.sweep_dir)
+            self._write_jobs_csv()
         self._close("FINISHED")
 
+    def _report(self, config: DictConfig) -> None:
+        from ds2exp import sweep_report
+
+        uri = str(config.logger.tracking_uri) if _backend(config) != "none" else None
+        store_answers = self.tracker is not None and self.tracker.pending == 0
+        sweep = sweep_report.load(str(self.sweep_dir), uri, with_mlflow=store_answers)
+        files = sweep_report.write(sweep)
+        self.report_files = files
+        text = files["text"].read_text()
+        by_num = {j.name: j for j in sweep.jobs}
+        rows = scan_jobs(self.sweep_dir)
+        for row in rows:  # the judged status: a job that finished with an exploded loss is diverged
+            job = by_num.get(row["num"])
+            if job is not None:
+                row["status"] = job.status
+        self._write_jobs_csv(rows)
+        print("\n" + text, end="", flush=True)
+        print(f"sweep report: {files['text']}\nheatmap: {files['heatmap']}"
+              + (f"\nloss curves: {files['losses']}" if "losses" in files else "")
+              + f"\njobs: {self.sweep_dir / 'jobs.csv'}", flush=True)
+        if self.tracker is not None:
+            for kind in ("heatmap", "losses"):
+                if kind in files:
+                    self.tracker.log_artifact(files[kind], "report")
+            self.tracker.log_text(text, "report/sweep_report.txt")
+            self.tracker.log_artifact(self.sweep_dir / "jobs.csv", "report")
+            if self.parent_run_id:
+                print(f"MLflow parent run {self.parent_run_id} (report/)", flush=True)
+
     def _close(self, status: str) -> None:
-        if self._closed or self._client is None:
+        if self._closed:
             return
         self._closed = True
-        try:
-            self._client.set_terminated(self.parent_run_id, status=status)
-        except Exception as exc:  # never hide the sweep's own outcome behind a tracking error
-            log.warning("could not close MLflow parent run %s: %s", self.parent_run_id, exc)
-        if self._previous_env is None:
-            os.environ.pop(ENV_PARENT, None)
-        else:
-            os.environ[ENV_PARENT] = self._previous_env
+        if self.tracker is not None:
+            self.tracker.end(status)  # waits up to DS2EXP_TRACKING_DRAIN_S for a store that is down
+            if self.tracker.pending:
+                print(f"the store did not answer: the sweep's tracking records are kept in {self.sweep_dir}; "
+                      f"send them with: python -m ds2exp.tracking.resilient {self.sweep_dir}", flush=True)
+        for key, value in self._previous_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
     # ------------------------------------------------------------------ job process
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
-        """Launchers that run jobs in fresh processes: take the parent id from the sweep dir."""
+        """Link as early as possible; launchers that run jobs in fresh processes: take the parent id
+        from the sweep dir."""
         from ds2exp.tracking.job_process import reset_inherited_start_method
 
         reset_inherited_start_method()  # joblib's loky workers (see job_process.py)
+        if self.tracker is not None:  # the sweep's own process (basic launcher)
+            self._sync()
+            return
         if os.environ.get(ENV_PARENT) or _backend(config) == "none":
             return
         try:
@@ -114,3 +283,17 @@ class MlflowSweepCallback(Callback):
             return
         if path.is_file():
             os.environ[ENV_PARENT] = path.read_text().strip()
+
+    def on_job_end(self, config: DictConfig, job_return: Any = None, **kwargs: Any) -> None:
+        if self.tracker is not None:
+            self._sync()
+        sweep_dir = self.sweep_dir
+        if sweep_dir is None:
+            try:
+                from hydra.core.hydra_config import HydraConfig
+
+                sweep_dir = Path(HydraConfig.get().sweep.dir).resolve()
+            except (ImportError, ValueError, AttributeError):
+                return
+        self.sweep_dir = sweep_dir
+        self._write_jobs_csv()

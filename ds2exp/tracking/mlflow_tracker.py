@@ -16,6 +16,11 @@ import ds2exp  # noqa: F401  (protobuf implementation set before mlflow loads)
 
 log = logging.getLogger(__name__)
 
+# MLflow 3's UI opens an experiment without this tag in its GenAI (traces) view; this value, from the
+# UI's ExperimentKind enum, opens it in the "Model training" view with the runs table and charts.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
 
 def flatten(d: Mapping, prefix: str = "") -> Dict[str, Any]:
     out: Dict[str, Any] = {}
@@ -70,11 +75,14 @@ class MlflowTracker(Tracker):
                 # keep artifacts beside the SQLite file, not under Hydra's working directory
                 artifact_location = (db.parent / "mlartifacts").resolve().as_uri()
             try:
-                self.experiment_id = self.client.create_experiment(experiment_name, artifact_location=artifact_location)
+                self.experiment_id = self.client.create_experiment(experiment_name, artifact_location=artifact_location,
+                                                                   tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
             except Exception:  # created concurrently by a parallel sweep job
                 self.experiment_id = self.client.get_experiment_by_name(experiment_name).experiment_id
         else:
             self.experiment_id = exp.experiment_id
+            if EXPERIMENT_KIND_TAG not in (exp.tags or {}):  # a kind the user chose is left alone
+                self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         if start:
             self.start_run(run_name, run_id, parent_run_id, tags)
 

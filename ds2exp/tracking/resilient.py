@@ -157,8 +157,9 @@ class ResilientTracker(Tracker):
         if clean:
             self._submit({"op": "metrics", "metrics": clean, "step": int(step), "ts": int(time.time() * 1000)})
 
-    def set_tags(self, tags: Mapping[str, Any]) -> None:
-        self._submit({"op": "tags", "tags": {k: str(v) for k, v in tags.items()}})
+    def set_tags(self, tags: Mapping[str, Any], run_id: Optional[str] = None) -> None:
+        """Tags of this run, or of another run of the store (`run_id`: e.g. a sweep linking its jobs)."""
+        self._submit({"op": "tags", "tags": {k: str(v) for k, v in tags.items()}, "run_id": run_id})
 
     def log_text(self, text: str, artifact_file: str) -> None:
         self._submit({"op": "text", "text": text, "file": artifact_file})
@@ -175,6 +176,12 @@ class ResilientTracker(Tracker):
         if self._fh is not None:
             self._fh.close()
             self._fh = None
+
+    def retry(self) -> bool:
+        """Send the spool now if a retry is due (no waiting); True when nothing is left to send."""
+        if self._pending and self.clock() >= self._next_try:
+            self._flush(self.clock() + max(5.0, self.retry_s))
+        return not self._pending
 
     @property
     def pending(self) -> int:
@@ -208,7 +215,7 @@ class ResilientTracker(Tracker):
 
     def _submit(self, op: Dict[str, Any]) -> None:
         if op["op"] != "start":
-            op["run_id"] = self.run_id  # None until the run exists: then it is this run
+            op["run_id"] = op.get("run_id") or self.run_id  # None until the run exists: then it is this run
         if self._pending:
             self._spool(op)
             if self.clock() >= self._next_try:

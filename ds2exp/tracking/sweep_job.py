@@ -1,10 +1,12 @@
 """What one job of a sweep returns, and what happens when it crashes.
 
-In MULTIRUN mode `train.py` runs `run_sweep_job()`: an exception inside the job is logged, written to
-`<job dir>/error.txt`, its MLflow run is marked FAILED (a FAILED run is created, with the job's
-overrides as params, when the job died before it had one, e.g. an empty data split) and the job
-returns a failure value instead of raising, so the sweep goes on. A job that diverged (summary.json
-`stop_reason: nonfinite`) returns the failure value too, even when an earlier evaluation had a WER.
+In MULTIRUN mode `train.py` runs `run_sweep_job()`. The job's MLflow run is named by its swept
+overrides (`lr=1e-3 bs=8`, ds2exp/sweeps/names.py) unless `logger.run_name` is given. An exception
+inside the job is logged, written to `<job dir>/error.txt`, its MLflow run is marked FAILED (a
+FAILED run is created, with the job's overrides as params, when the job died before it had one, e.g.
+an empty data split) and the job returns a failure value instead of raising, so the sweep goes on.
+A job that diverged (summary.json `status: diverged`, or `stop_reason: nonfinite` from older runs)
+returns the failure value too, even when an earlier evaluation had a WER.
 
 The failure value is NaN, except under the Optuna sweeper: hydra-optuna-sweeper 1.3 crashes the whole
 study on NaN (optuna rejects NaN in `study.tell`, and the plugin then calls `tell(FAIL)` with the NaN
@@ -21,7 +23,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("ds2exp.sweep")
 
@@ -62,7 +64,32 @@ def _diverged(job_dir: Optional[Path]) -> Optional[Any]:
         summary = json.loads((job_dir / "summary.json").read_text())
     except (OSError, ValueError):
         return None
-    return summary.get("step", "?") if summary.get("stop_reason") == "nonfinite" else None
+    if summary.get("status") == "diverged" or summary.get("stop_reason") in ("nonfinite", "diverged", "loss_explosion"):
+        return summary.get("diverged_at_step", summary.get("step", "?"))
+    return None
+
+
+def job_run_name() -> Optional[str]:
+    """The job's readable name from its swept overrides, e.g. `lr=1e-3 bs=8` (ds2exp/sweeps/names.py)."""
+    from ds2exp.sweeps.names import parse_overrides, run_name, swept_keys
+
+    hc = _hydra()
+    if hc is None:
+        return None
+    name = run_name(parse_overrides(hc.overrides.task), swept_keys(Path(hc.sweep.dir)))
+    return name or None
+
+
+def _name_run(cfg: DictConfig) -> None:
+    """Name the job's MLflow run by its overrides unless `logger.run_name` is set."""
+    from omegaconf import open_dict, read_write
+
+    if OmegaConf.select(cfg, "logger.run_name") is not None:
+        return
+    name = job_run_name()
+    if name:
+        with read_write(cfg), open_dict(cfg):
+            cfg.logger.run_name = name
 
 
 def _record_crash(cfg: DictConfig, job_dir: Optional[Path], exc: BaseException) -> None:
@@ -101,14 +128,13 @@ def _record_crash(cfg: DictConfig, job_dir: Optional[Path], exc: BaseException) 
 
 
 def _select(cfg: DictConfig, key: str) -> Any:
-    from omegaconf import OmegaConf
-
     return OmegaConf.select(cfg, key)
 
 
 def run_sweep_job(cfg: DictConfig, fn: Callable[[DictConfig], float]) -> Optional[float]:
     """Run one sweep job; returns its value, or `failure_value()` if it crashed or diverged."""
     job_dir = _job_dir()
+    _name_run(cfg)
     try:
         value = fn(cfg)
     except Exception as exc:  # KeyboardInterrupt still ends the sweep

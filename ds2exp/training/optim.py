@@ -62,3 +62,11 @@ def set_learning_rate(optimizer: nn.Optimizer, lr: float) -> None:
     # optimizer has run, set_data gives the Parameter a new tensor that the optimizer no longer reads,
     # so every later learning rate was silently ignored (tests/test_reliability.py).
     ops.assign(optimizer.learning_rate, ms.Tensor(lr, ms.float32))
+
+
+def range_test_lr(step: int, total: int, min_lr: float, max_lr: float) -> float:
+    """The lr range test's schedule (ds2exp/lr_find.py): exponential rise from `min_lr` at step 0 to
+    `max_lr` at step `total - 1`, the same factor every step, so each decade gets the same number of steps."""
+    if total <= 1:
+        return float(max_lr)
+    return float(min_lr) * (float(max_lr) / float(min_lr)) ** (min(step, total - 1) / (total - 1))

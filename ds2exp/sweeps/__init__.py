@@ -1,0 +1,10 @@
+"""Hydra sweeps: what each job did and what the sweep found.
+
+- `names`: a job's readable name from its swept overrides (`lr=1e-3 bs=8`), the `jobs.csv` index.
+- `jobs`: read a sweep from its directory or from its MLflow parent run (one `Job` per job).
+- `judge`: diverged or not (the run's own tags/summary, else its logged losses) and the verdict:
+  the stability boundary per batch size and the recommended setting.
+- `render`: the report text, the lr x batch-size heatmap and the per-job loss curves.
+
+`python -m ds2exp.sweep_report` and the sweep callback (`ds2exp.tracking.hydra_callback`) use them.
+"""
