@@ -200,6 +200,10 @@ def load_state(model: DeepSpeech2, state: Dict[str, "ms.Parameter"], strict: boo
 
     own = {canonical_name(n): p for n, p in model.parameters_and_names()}
     given = {canonical_name(n): v for n, v in state.items()}
+    # MindSpore <= 1.5 zoo checkpoints: one flat cuDNN-layout vector per LSTM layer (RNN.weightN)
+    from ds2exp.models.zoo_checkpoint import convert_flat_rnn
+
+    given = convert_flat_rnn(given, {n: tuple(p.shape) for n, p in own.items()})
     missing = sorted(n for n in own if n not in given)
     mismatched = []
     for n, p in own.items():
