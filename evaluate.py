@@ -9,15 +9,8 @@ import ds2exp  # noqa: F401  (first: fixes the protobuf implementation before Mi
 import hydra
 from omegaconf import DictConfig
 
-from ds2exp.cli import ConfigValueError, preflight
+from ds2exp.cli import preflight
 from ds2exp.config import config_dir
-
-
-def _check(cfg: DictConfig) -> None:
-    if not cfg.checkpoint and not cfg.checkpoints:
-        raise ConfigValueError("checkpoint", None, "a .ckpt file, a run directory or an MLflow run id")
-    if cfg.split not in ("train", "val", "test"):
-        raise ConfigValueError("split", cfg.split, "one of train, val, test")
 
 
 @hydra.main(config_path=config_dir(), config_name="evaluate", version_base=None)
@@ -44,5 +37,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    preflight(sys.argv[1:], config_name="evaluate", extra_check=_check)
+    preflight(sys.argv[1:], config_name="evaluate")  # values, checkpoint files, output folders
     main()

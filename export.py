@@ -9,15 +9,8 @@ import ds2exp  # noqa: F401  (first: fixes the protobuf implementation before Mi
 import hydra
 from omegaconf import DictConfig
 
-from ds2exp.cli import ConfigValueError, preflight
+from ds2exp.cli import preflight
 from ds2exp.config import config_dir
-
-
-def _check(cfg: DictConfig) -> None:
-    if not cfg.checkpoint:
-        raise ConfigValueError("checkpoint", None, "a .ckpt file or a run directory")
-    if cfg.tolerance <= 0:
-        raise ConfigValueError("tolerance", cfg.tolerance, "a number > 0")
 
 
 @hydra.main(config_path=config_dir(), config_name="export", version_base=None)
@@ -45,5 +38,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    preflight(sys.argv[1:], config_name="export", extra_check=_check)
+    preflight(sys.argv[1:], config_name="export")  # values, checkpoint files, output folders
     main()

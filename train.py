@@ -31,15 +31,14 @@ def main(cfg: DictConfig) -> float:
         sys.exit(1)
 
 
-def _launch_data_parallel(argv) -> None:
+def _launch_data_parallel(argv, cfg) -> None:
     """hardware.num_devices > 1 outside msrun: run this same command under msrun (one worker per
-    device) and exit with its status."""
-    from ds2exp.cli import EXIT_CONFIG_ERROR, check_overrides, split_overrides
+    device) and exit with its status. `cfg`: the config preflight composed."""
+    from ds2exp.cli import EXIT_CONFIG_ERROR
     from ds2exp.training import distributed
 
-    if any(a.split("=", 1)[0] in ("--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help") for a in argv):
+    if cfg is None or any(a.split("=", 1)[0] in ("--cfg", "-c", "--info", "-i") for a in argv):
         return
-    cfg = check_overrides(split_overrides(argv))
     if int(cfg.hardware.num_devices) <= 1:
         return
     if any(a in ("-m", "--multirun") for a in argv):
@@ -55,7 +54,7 @@ if __name__ == "__main__":
     if role() == "MS_SCHED":  # msrun's scheduler process runs this script too: it only serves the cluster
         run_scheduler()
         sys.exit(0)
-    preflight(sys.argv[1:])
+    checked = preflight(sys.argv[1:])
     if role() is None:
-        _launch_data_parallel(sys.argv[1:])
+        _launch_data_parallel(sys.argv[1:], checked)
     main()

@@ -3,24 +3,34 @@
 Hydra reports composition errors over several lines and exits with 1, after which a run
 directory may already exist. `preflight()` composes the same config with Hydra's compose API
 (every value of every sweep is tried, including the sweeper params a `+sweep=<preset>` sets), runs
-`config.validate()`, and on any problem prints ONE line naming the key and what is allowed, then
-exits with status 2. Nothing is created.
+`config.validate()` (values and ranges, ds2exp/validation.py), checks Hydra's run/sweep directory
+and the files the command names (ds2exp/input_checks.py), and on any problem prints ONE line
+naming the key and what is allowed, then exits with status 2. An output location that cannot be
+created (run directory, MLflow store folder, export file) exits with status 3. Nothing is created
+either way. A plain command line is composed once here (and once more by @hydra.main); the
+returned config is for the caller to reuse.
+
+Other entry points (python -m ds2exp.transcribe / average / sweep_report / lr_find) call
+`refuse(key, value, allowed)` or `config_error(message)` for the same one-line, exit-2 contract.
 """
 from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
-from typing import Callable, Iterable, List, Optional
+from typing import Callable, Iterable, List, NoReturn, Optional
 
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from ds2exp.config import ConfigValueError, config_dir, validate
+from ds2exp.input_checks import check_inputs
+from ds2exp.validation import check_hydra_dirs
 
 EXIT_CONFIG_ERROR = 2
 EXIT_OUTPUT_ERROR = 3  # the run directory or the MLflow store folder cannot be created
@@ -148,82 +158,118 @@ def _sweep_variants(overrides: List[str]) -> List[List[str]]:
 
 def compose_config(overrides: List[str], config_name: str = "train", return_hydra_config: bool = False) -> DictConfig:
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=config_dir(), version_base=None):
-        return compose(config_name=config_name, overrides=overrides, return_hydra_config=return_hydra_config)
-
-
-def _sweeper_params(overrides: List[str], config_name: str) -> List[str]:
-    """`hydra.sweeper.params` (e.g. from a `+sweep=<preset>`) as overrides, for keys the command
-    line does not set itself (there, as in the sweeper, the command line wins)."""
     try:
-        cfg = compose_config(_sweep_variants(overrides)[0], config_name, return_hydra_config=True)
-        params = OmegaConf.select(cfg, "hydra.sweeper.params")
-        params = OmegaConf.to_container(params) if params is not None else {}
-    except Exception:  # composition errors are reported by the main check
-        return []
+        with initialize_config_dir(config_dir=config_dir(), version_base=None):
+            return compose(config_name=config_name, overrides=overrides, return_hydra_config=return_hydra_config)
     finally:
         GlobalHydra.instance().clear()
+
+
+def _sweeper_params(cfg: DictConfig, overrides: List[str]) -> List[str]:
+    """`hydra.sweeper.params` (e.g. from a `+sweep=<preset>`) as overrides, for keys the command
+    line does not set itself (there, as in the sweeper, the command line wins)."""
+    params = OmegaConf.select(cfg, "hydra.sweeper.params")
+    params = OmegaConf.to_container(params) if params is not None else {}
     keys = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
     return [f"{k}={v}" for k, v in (params or {}).items() if isinstance(v, (str, int, float)) and k not in keys]
 
 
+def _base(config_name: str) -> Optional[DictConfig]:
+    """The config without overrides: the allowed keys an error message lists."""
+    try:
+        return compose_config([], config_name)
+    except Exception:  # noqa: BLE001 - only used to word an error message
+        return None
+
+
+def _without_hydra(cfg: DictConfig) -> DictConfig:
+    job = cfg.copy()
+    with open_dict(job):
+        job.pop("hydra", None)
+    return job
+
+
+def _check_variant(cfg: DictConfig, config_name: str, extra_check, checked_inputs: set) -> None:
+    OmegaConf.resolve(cfg)
+    check_hydra_dirs(cfg.hydra)
+    job = _without_hydra(cfg)
+    validate(job)
+    if extra_check is not None:
+        extra_check(job)
+    inputs = repr([job.get(k) for k in ("resume", "pretrained", "checkpoint", "checkpoints", "decoder", "model",
+                                        "precision", "dataset")])
+    if inputs not in checked_inputs:  # a sweep over lr need not re-read its checkpoint per value
+        check_inputs(job)
+        checked_inputs.add(inputs)
+
+
 def check_overrides(overrides: List[str], config_name: str = "train",
-                    extra_check: Optional[Callable[[DictConfig], None]] = None) -> DictConfig:
-    """Compose and validate; raises ConfigError with a one-line message."""
-    base: Optional[DictConfig] = None
+                    extra_check: Optional[Callable[[DictConfig], None]] = None,
+                    with_hydra: bool = False) -> DictConfig:
+    """Compose and validate every sweep value (values, Hydra's run/sweep dirs, named input files);
+    raises ConfigError with a one-line message. Returns the first variant's config (with its `hydra`
+    node when `with_hydra`). A plain command line is composed once."""
+    if any(o.startswith("+") for o in overrides):
+        _check_added_keys(overrides, _base(config_name))
     try:
-        base = compose_config([], config_name)
-    except Exception:
-        base = None
-    _check_added_keys(overrides, base)
-    try:
-        variants = _sweep_variants(overrides + _sweeper_params(overrides, config_name))
+        variants = _sweep_variants(overrides)
     except OverrideParseException as exc:
         raise ConfigError(_one_line(str(exc)).split(" See ")[0]) from exc
-    cfg: Optional[DictConfig] = None
-    for variant in variants:
+    checked_inputs: set = set()
+    first: Optional[DictConfig] = None
+    i = 0
+    while i < len(variants):
         try:
-            cfg = compose_config(variant, config_name)
-            OmegaConf.resolve(cfg)
-            validate(cfg) if config_name == "train" else None
-            if extra_check is not None:
-                extra_check(cfg)
+            cfg = compose_config(variants[i], config_name, return_hydra_config=True)
+            if first is None:
+                extra = _sweeper_params(cfg, overrides)
+                if extra:  # a preset's sweep: its values are checked like the command line's
+                    variants = _sweep_variants(overrides + extra)
+                    cfg = compose_config(variants[0], config_name, return_hydra_config=True)
+            _check_variant(cfg, config_name, extra_check, checked_inputs)
         except (HydraException, OmegaConfBaseException, ConfigValueError, ValueError) as exc:
-            raise ConfigError(_describe(exc, base)) from exc
-        finally:
-            GlobalHydra.instance().clear()
-    assert cfg is not None
-    return cfg
+            raise ConfigError(_describe(exc, _base(config_name) if _needs_base(exc) else None)) from exc
+        if first is None:
+            first = cfg
+        i += 1
+    assert first is not None
+    return first if with_hydra else _without_hydra(first)
+
+
+def _needs_base(exc: BaseException) -> bool:
+    inner = exc.__cause__ or exc.__context__
+    return not isinstance(exc, ConfigValueError) and isinstance(inner or exc, OmegaConfBaseException)
 
 
 def _why_not_creatable(path: Path) -> Optional[str]:
-    """None when `path` is, or can be made, a writable folder; otherwise why not."""
+    """None when `path` is, or can be made, a writable folder; otherwise why not. Tried for real: a
+    folder is made in the nearest existing one and removed again."""
     probe = Path(os.path.abspath(path))
     while not probe.exists() and probe.parent != probe:
         probe = probe.parent
     if not probe.is_dir():
         return f"{probe} is a file, not a directory"
-    if not os.access(probe, os.W_OK | os.X_OK):
-        return f"{probe} is not writable"
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".ds2exp-probe-", dir=probe))
+    except OSError as exc:
+        return f"cannot create a folder in {probe} ({exc.strerror or exc})"
     return None
 
 
-def check_outputs(overrides: List[str], multirun: bool, config_name: str = "train") -> None:
-    """Raise OutputError (one line) when the run/sweep directory or the SQLite store's folder cannot be
-    created, before Hydra creates anything."""
-    try:
-        cfg = compose_config(_sweep_variants(overrides)[0], config_name, return_hydra_config=True)
-        key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
-        targets = [(key, str(OmegaConf.select(cfg, key)), "run directory")]
-        uri = OmegaConf.select(cfg, "logger.tracking_uri", default=None)
-        backend = OmegaConf.select(cfg, "logger.backend", default=None)
-        if uri and str(getattr(backend, "value", backend)) == "mlflow" and str(uri).startswith("sqlite:///"):
-            targets.append(("logger.tracking_uri", str(Path(str(uri)[len("sqlite:///"):]).parent),
-                            "MLflow store folder"))
-    except Exception:  # composition problems are reported by check_overrides
-        return
-    finally:
-        GlobalHydra.instance().clear()
+def check_outputs(cfg: DictConfig, multirun: bool) -> None:
+    """Raise OutputError (one line) when the run/sweep directory, the SQLite store's folder or an
+    export's output file cannot be created, before Hydra creates anything. `cfg` has its hydra node."""
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    targets = [(key, str(OmegaConf.select(cfg, key)), "run directory")]
+    uri = OmegaConf.select(cfg, "logger.tracking_uri", default=None)
+    backend = OmegaConf.select(cfg, "logger.backend", default=None)
+    if uri and str(getattr(backend, "value", backend)) == "mlflow" and str(uri).startswith("sqlite:///"):
+        targets.append(("logger.tracking_uri", str(Path(str(uri)[len("sqlite:///"):]).parent), "MLflow store folder"))
+    output = cfg.get("output") if "format" in cfg else None  # export.py
+    if output:
+        if Path(output).is_dir():
+            raise OutputError(f"output={output} is a directory; give the file to write (e.g. {output}/model.mindir)")
+        targets.append(("output", str(Path(output).parent), "folder for output"))
     for key, path, what in targets:
         why = _why_not_creatable(Path(path))
         if why:
@@ -235,22 +281,34 @@ class OutputError(Exception):
     pass
 
 
+def config_error(message: str) -> "NoReturn":
+    """Print `config error: <message>` (one line) on stderr and exit with status 2."""
+    print(f"config error: {_one_line(message)}", file=sys.stderr)
+    sys.exit(EXIT_CONFIG_ERROR)
+
+
+def refuse(key: str, value, allowed: str) -> "NoReturn":
+    """The one-line refusal of a bad argument, worded like the config checks'."""
+    config_error(str(ConfigValueError(key, value, allowed)))
+
+
 def preflight(argv: List[str], config_name: str = "train",
-              extra_check: Optional[Callable[[DictConfig], None]] = None) -> None:
+              extra_check: Optional[Callable[[DictConfig], None]] = None) -> Optional[DictConfig]:
     """Exit with status 2 and one line on stderr if the command line's config is bad, or with status 3
-    if its run directory cannot be created."""
+    if its run directory or another output cannot be created. Returns the composed config (the first
+    sweep value's, without the hydra node) for the caller to reuse."""
     if any(a in ("--help", "-h", "--hydra-help") for a in argv):
-        return
+        return None
     overrides = split_overrides(argv)
     try:
-        check_overrides(overrides, config_name, extra_check)
+        cfg = check_overrides(overrides, config_name, extra_check, with_hydra=True)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         sys.exit(EXIT_CONFIG_ERROR)
-    if any(a.split("=", 1)[0] in ("--cfg", "-c", "--info", "-i") for a in argv):
-        return  # prints the config; creates nothing
-    try:
-        check_outputs(overrides, multirun=any(a in ("-m", "--multirun") for a in argv), config_name=config_name)
-    except OutputError as exc:
-        print(f"output error: {exc}", file=sys.stderr)
-        sys.exit(EXIT_OUTPUT_ERROR)
+    if not any(a.split("=", 1)[0] in ("--cfg", "-c", "--info", "-i") for a in argv):  # those print; create nothing
+        try:
+            check_outputs(cfg, multirun=any(a in ("-m", "--multirun") for a in argv))
+        except OutputError as exc:
+            print(f"output error: {exc}", file=sys.stderr)
+            sys.exit(EXIT_OUTPUT_ERROR)
+    return _without_hydra(cfg)
