@@ -1,8 +1,8 @@
 """Time the plain and fast DeepSpeech2 layers (ds2exp.models.layers) side by side, in one run.
 
-    .venv/bin/python bench/bench_layers.py            # default shapes (a few minutes, plain GRU is slow)
-    .venv/bin/python bench/bench_layers.py --quick    # smaller T, one repeat
-    .venv/bin/python bench/bench_layers.py --only conv --repeats 3
+    .venv/bin/python -m bench.bench_layers            # default shapes (a few minutes, plain GRU is slow)
+    .venv/bin/python -m bench.bench_layers --quick    # smaller T, one repeat
+    .venv/bin/python -m bench.bench_layers --only conv --repeats 3
 
 Prints one table: impl, layer, shape, fwd s, fwd+bwd s, GFLOP/s. Times are the median of
 `--repeats` calls after one warm-up call (which also pays numba's compile time, reported apart),
@@ -18,17 +18,15 @@ The machine is shared: compare rows of one run, not numbers across runs.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn
 
+from ds2exp import kernels
 from ds2exp.models import layers as L
 
 ms.set_context(mode=ms.PYNATIVE_MODE)
@@ -151,7 +149,7 @@ def main(argv=None):
                     help="keep MindSpore's default asynchronous op launch (default: launch_blocking)")
     args = ap.parse_args(argv)
     np.random.seed(0)
-    print(f"mindspore {ms.__version__}, numpy {np.__version__}, numba kernels: {L._USE_NUMBA}, "
+    print(f"mindspore {ms.__version__}, numpy {np.__version__}, numba kernels: {kernels.settings.use_numba}, kernel threads {kernels.settings.threads}, "
           f"cpus {os.cpu_count()}, launch: {'async' if args.async_ else 'blocking'}", file=sys.stderr)
     rep = 1 if args.quick else args.repeats
     if args.only in (None, "conv"):

@@ -6,6 +6,8 @@
    nn.LSTM, default asynchronous launch, padded to 1250 frames, batch 1) and the same architecture
    in PyTorch; GFLOP/s against a GEMM peak, data wait, peak memory, epoch projection, targets.
 3. The layer benchmark (bench/bench_layers.py --quick).
+
+Every table says the machine it ran on and its load.
 """
 from __future__ import annotations
 
@@ -16,25 +18,10 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import ds2exp  # noqa: E402,F401
+import ds2exp  # noqa: F401  (protobuf implementation before mindspore)
+from bench.bench_step import machine, where
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def machine() -> str:
-    import platform
-
-    cpu = "unknown CPU"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
 def feature_speed(data_dir: Path, limit: int = 300) -> list:
@@ -68,7 +55,7 @@ def main() -> int:
     t_start = time.perf_counter()
     print(f"ds2exp bench, {time.strftime('%Y-%m-%d %H:%M')}, {machine()}\n")
     data_dir = Path(os.environ.get("DS2EXP_BENCH_DATA", ROOT / "data"))
-    print("Feature extraction (161-bin log STFT, 16 kHz):")
+    print(f"Feature extraction (161-bin log STFT, 16 kHz) {where()}:")
     print(f"  {'source':40s} {'files':>6s} {'audio s':>8s} {'wall s':>8s} {'x real time':>12s}")
     for name, n, audio, wall in feature_speed(data_dir):
         print(f"  {name:40s} {n:6d} {audio:8.1f} {wall:8.2f} {audio / wall:12.0f}")
@@ -76,8 +63,8 @@ def main() -> int:
     from bench import bench_step
 
     bench_step.run(out=lambda line: print(line, flush=True))
-    print("\nLayers (bench/bench_layers.py --quick):", flush=True)
-    subprocess.run([sys.executable, str(ROOT / "bench" / "bench_layers.py"), "--quick"], check=False)
+    print(f"\nLayers (python -m bench.bench_layers --quick) {where()}:", flush=True)
+    subprocess.run([sys.executable, "-m", "bench.bench_layers", "--quick"], cwd=ROOT, check=False)
     print(f"\n(make bench total wall time {time.perf_counter() - t_start:.0f} s)")
     return 0
 

@@ -34,10 +34,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import ds2exp  # noqa: F401  (protobuf implementation before mlflow/mindspore)
 
-import ds2exp  # noqa: E402,F401  (protobuf implementation before mlflow/mindspore)
+ROOT = Path(__file__).resolve().parents[1]
 
 SMALL = ["model.conv_channels=4", "model.rnn_hidden=32", "model.rnn_layers=1", "dataset.batch_size=4",
          "dataset.max_utterances=48", "trainer.max_eval_utterances=8", "trainer.progress=false",

@@ -1,9 +1,11 @@
-"""bench/bench_step.py: the FLOP counter, the arithmetic around the table, and (if torch is
-installed) the PyTorch baseline model on tiny shapes. No training step runs here; < 20 s."""
+"""The step bench: the FLOP counter (bench/flops.py), the arithmetic around the table and the
+scaling model (bench/bench_step.py), and (if torch is installed) the PyTorch baseline model
+(bench/torch_baseline.py) on tiny shapes. No training step runs here; < 20 s."""
 import numpy as np
 import pytest
 
-from bench import bench_step as bs
+from bench import bench_step as report
+from bench import flops as bs
 
 
 def test_architectures_come_from_the_model_configs():
@@ -81,26 +83,45 @@ def test_epoch_projection_and_checks():
     assert bs.epoch_hours(1.0) == pytest.approx(100.6)
     assert bs.epoch_hours(100.6 * 2) == pytest.approx(0.5)
     assert bs.epoch_hours(None) is None and bs.epoch_hours(0.0) is None
-    assert bs.check("x", 25.0, 20.0, True, ".1f").endswith("PASS")
-    assert bs.check("x", 1.3, 1.2, False, ".2f").endswith("MISS")
-    assert bs.check("x", None, 1.2, False, ".2f").endswith("MISS")
+    assert report.check("x", 25.0, 20.0, True, ".1f").endswith("PASS")
+    assert report.check("x", 1.3, 1.2, False, ".2f").endswith("MISS")
+    assert report.check("x", None, 1.2, False, ".2f").endswith("MISS")
+
+
+def test_scaling_model():
+    # T2 = T1 (1 - p/2): p recovered; p = 0 and p = 1 are the bounds
+    assert report.amdahl(1.0, 0.6) == pytest.approx(0.8)
+    assert report.amdahl(1.0, 1.2) == 0.0 and report.amdahl(1.0, 0.4) == 1.0
+    assert report.projected_speedup(0.8, 2) == pytest.approx(1 / 0.6)
+    assert report.projected_speedup(1.0, 16) == pytest.approx(16.0)
+    # a share that uses at most 2 threads caps the speed-up: p = 1, half of it capped -> 1 / (0.5/16 + 0.5/2)
+    assert report.projected_speedup(1.0, 16, capped=0.5) == pytest.approx(1 / (0.5 / 16 + 0.25))
+    assert report.projected_speedup(0.5, 2, capped=0.5) == pytest.approx(report.projected_speedup(0.5, 2))
+
+
+def test_machine_line_names_the_cpu_and_cores():
+    line = report.where()
+    assert "cores" in line and "load" in line and "Python" in line
 
 
 def test_plan_covers_the_three_paths():
-    rows = bs.plan(quick=False)
+    rows = report.plan(quick=False)
     assert {(r["model"], r["path"]) for r in rows} == {(m, p) for m in ("ds2_tiny", "ds2_reference")
                                                        for p in ("ds2exp", "naive", "pytorch")}
     for r in rows:
         if r["path"] == "naive":
             assert r["batch"] == 1 and r["padded"] == bs.NAIVE_FRAMES
         else:
-            assert (r["batch"], r["frames"]) == bs.SHAPES[r["model"]]
+            assert (r["batch"], r["frames"]) == report.SHAPES[r["model"]]
+            assert r["kw"]["threads"] == report.cores()  # ds2exp and PyTorch on the same threads
 
 
 def test_torch_baseline_model_on_tiny_shapes():
     torch = pytest.importorskip("torch")
+    from bench.torch_baseline import torch_model
+
     arch = dict(bs.model_arch("ds2_tiny"), conv_channels=2, rnn_hidden=8)
-    model = bs._torch_model(arch)
+    model = torch_model(arch)
     assert sum(p.numel() for p in model.parameters()) == bs.parameter_count(arch)
     x, xl, y, yl = (torch.from_numpy(a) for a in bs.synthetic_batch(2, 40))
     xl = torch.tensor([40, 30])

@@ -1,12 +1,20 @@
-"""Fast vs plain DeepSpeech2 layers (ds2exp.models.layers): same outputs, same gradients.
+"""Fast vs plain DeepSpeech2 layers (ds2exp.models.layers over ds2exp.kernels): same outputs, same gradients.
 
 Small shapes; the whole file runs in well under a minute on 2 cores.
 """
+import subprocess
+import sys
+import warnings
+
 import mindspore as ms
 import numpy as np
 import pytest
 from mindspore import Tensor, nn
 
+from ds2exp import kernels as K
+from ds2exp.kernels import compiled
+from ds2exp.kernels import conv as KC
+from ds2exp.kernels import rnn as KR
 from ds2exp.models import layers as L
 
 ms.set_context(mode=ms.PYNATIVE_MODE)
@@ -63,11 +71,11 @@ def assert_same(plain, fast, inputs, seed=0):
 
 @pytest.fixture(params=[True, False], ids=["numba", "numpy"])
 def numba_mode(request):
-    if request.param and not L.HAVE_NUMBA:
+    if request.param and not K.HAVE_NUMBA:
         pytest.skip("numba not installed")
-    old = L.set_numba_enabled(request.param)
+    old = K.set_numba_enabled(request.param)
     yield request.param
-    L.set_numba_enabled(old)
+    K.set_numba_enabled(old)
 
 
 # ------------------------------------------------------------------------------------------ conv
@@ -80,7 +88,7 @@ CONVS = {
 
 
 @pytest.mark.parametrize("name", sorted(CONVS))
-@pytest.mark.parametrize("strategy", ["auto", "ms", "wide", "tap"])
+@pytest.mark.parametrize("strategy", ["auto", "ms", "native"])
 def test_conv_fast_matches_plain(name, strategy, numba_mode):
     C, O, k, s, p, F, T, B = CONVS[name]
     plain = L.make_conv2d(C, O, k, s, p, impl="plain")
@@ -100,6 +108,8 @@ def test_conv_auto_strategy():
         L.FastConv2d(2, 4, (3, 3), (1, 1), (1, 1, 1, 1), strategy="direct", input_grad=False)
     with pytest.raises(ValueError, match="input_grad=False"):
         L.FastConv2d(1, 4, (3, 3), (1, 1), (1, 1, 1, 1), strategy="direct")
+    with pytest.raises(ValueError, match="conv strategy must be one of"):
+        L.FastConv2d(1, 4, (3, 3), (1, 1), (1, 1, 1, 1), strategy="wide")
 
 
 @pytest.mark.parametrize("name", ["ds2_conv1", "odd_one_channel", "stride_3"])
@@ -131,13 +141,12 @@ def test_conv_numpy_reference(name):
     x = np.random.default_rng(2).standard_normal((B, C, F, T)).astype(np.float32)
     w = plain.weight.asnumpy()
     y = plain(Tensor(x)).asnumpy()
-    assert_close(L.conv_forward_np(x, w, s, p), y, "forward")
+    assert_close(KC.conv_forward_np(x, w, s, p), y, "forward")
     dy = np.random.default_rng(3).standard_normal(y.shape).astype(np.float32)
     _, gx, gp = outputs_and_grads(plain, (Tensor(x),), dy)
-    for strategy in ("wide", "tap"):
-        dx, dw = L.conv_backward_np(x, w, dy, s, p, strategy)
-        assert_close(dx, gx, strategy + " dx")
-        assert_close(dw, gp["weight"], strategy + " dw")
+    dx, dw = KC.conv_backward_np(x, w, dy, s, p)
+    assert_close(dx, gx, "dx")
+    assert_close(dw, gp["weight"], "dw")
 
 
 @pytest.mark.parametrize("impl", ["plain", "fast"])
@@ -201,25 +210,25 @@ def test_rnn_fast_matches_plain_at_blocked_shapes(rnn_type, numba_mode):
     assert yp.shape == (6, 7, 2 * H)
 
 
-@pytest.mark.skipif(not L.HAVE_NUMBA, reason="numba not installed")
+@pytest.mark.skipif(not K.HAVE_NUMBA, reason="numba not installed")
 @pytest.mark.parametrize("B,G,H", [(1, 3, 2), (4, 8, 5), (6, 13, 7), (9, 20, 33)])
 def test_recurrent_product_kernels_match_numpy(B, G, H):
     rng = np.random.default_rng(B * G * H)
     h = rng.standard_normal((B, H)).astype(np.float32)
     w = rng.standard_normal((G, H)).astype(np.float32)
     out = np.full((B, G), np.nan, np.float32)
-    L._nb_rows_wT(h, w, out)
+    compiled.rows_wT(h, w, out)
     np.testing.assert_allclose(out, h.astype(np.float64) @ w.T.astype(np.float64), rtol=1e-5, atol=1e-5)
     g = rng.standard_normal((B, G)).astype(np.float32)
     back = np.full((B, H), np.nan, np.float32)
-    L._nb_rows_w(g, w, back)
+    compiled.rows_w(g, w, back)
     np.testing.assert_allclose(back, g.astype(np.float64) @ w.astype(np.float64), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("rnn_type", ["lstm", "gru"])
 def test_rnn_directions_in_separate_loops(rnn_type, monkeypatch):
     """Large W_hh: each direction runs its own time loop (the H=1024 path) - same results."""
-    monkeypatch.setattr(L, "_JOINT_DIRECTIONS_MAX_BYTES", 0)
+    monkeypatch.setattr(K.settings, "joint_directions_max_bytes", 0)
     In, H = 5, 4
     plain = L.make_rnn(rnn_type, In, H, True, impl="plain")
     fast = L.make_rnn(rnn_type, In, H, True, impl="fast")
@@ -231,7 +240,7 @@ def test_rnn_directions_in_separate_loops(rnn_type, monkeypatch):
 def test_rnn_direction_threads_are_bitwise_one_thread(rnn_type, monkeypatch, numba_mode):
     """Separate direction loops (compiled kernels, or numpy loops for a large W_hh) run in two
     threads; each direction's arithmetic is unchanged."""
-    monkeypatch.setattr(L, "_JOINT_DIRECTIONS_MAX_BYTES", 0)
+    monkeypatch.setattr(K.settings, "joint_directions_max_bytes", 0)
     rng = np.random.default_rng(3)
     B, T, H = 3, 9, 6
     G = (4 if rnn_type == "lstm" else 3) * H
@@ -240,16 +249,74 @@ def test_rnn_direction_threads_are_bitwise_one_thread(rnn_type, monkeypatch, num
     b = rng.standard_normal((2, G)).astype(np.float32)
     lengths = np.array([9, 4, 6], np.int32)
     dy = rng.standard_normal((B, T, 2 * H)).astype(np.float32)
-    fwd, bwd = (L.lstm_forward_np, L.lstm_backward_np) if rnn_type == "lstm" else (L.gru_forward_np, L.gru_backward_np)
+    fwd, bwd = KR.KERNELS[rnn_type]
     outs = {}
     for threads in (1, 2):
-        monkeypatch.setattr(L, "_DIRECTION_THREADS", threads)
+        monkeypatch.setattr(K.settings, "threads", threads)
         y, *saved = fwd(xp, lengths, w, b)
         outs[threads] = (y, *bwd(lengths, w, *saved, dy))
     assert len(outs[1]) == 4
     for one, two in zip(outs[1], outs[2]):
         assert one.shape == two.shape and np.array_equal(one, two)
     assert np.abs(outs[1][0]).max() > 0 and np.abs(outs[1][1]).max() > 0
+
+
+def test_conv1_weight_gradient_is_bitwise_the_same_for_any_thread_count(monkeypatch, numba_mode):
+    """The direct conv1 kernels cut the batch into the same chunks whatever the thread count and add
+    the partial weight gradients in chunk order: 1, 2, 3 or 16 threads give the same bits."""
+    rng = np.random.default_rng(11)
+    k, s, p = (41, 11), (2, 2), (20, 20, 5, 5)
+    x = rng.standard_normal((13, 1, 161, 40)).astype(np.float32)
+    w = rng.standard_normal((6, 1) + k).astype(np.float32)
+    dy = rng.standard_normal((13, 6) + KC.conv_output_size(161, 40, k, s, p)).astype(np.float32)
+    outs = {}
+    for threads in (1, 2, 3, 16):
+        monkeypatch.setattr(K.settings, "threads", threads)
+        outs[threads] = (KC.direct_conv_forward(x, w, s, p), KC.direct_conv_weight_grad(x, dy, k, s, p))
+    for threads in (2, 3, 16):
+        for one, many in zip(outs[1], outs[threads]):
+            assert np.array_equal(one, many), threads
+    sizes = [b1 - b0 for b0, b1 in KC.batch_chunks(13)]
+    assert len(sizes) == KC.BATCH_CHUNKS and sum(sizes) == 13 and set(sizes) == {1, 2}
+    assert KC.batch_chunks(1) == [(0, 1)]
+
+
+def test_kernels_import_no_mindspore():
+    code = ("import sys, ds2exp.kernels, ds2exp.kernels.rnn, ds2exp.kernels.conv, ds2exp.kernels.compiled; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'mindspore'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_timing_hook_sees_each_kernel_call(monkeypatch):
+    calls = []
+    monkeypatch.setattr(K.settings, "timing_hook", lambda name, wall, cpu: calls.append((name, wall, cpu)))
+    cell = L.make_rnn("lstm", 5, 4, True, impl="fast")
+    x, lens = rnn_inputs(In=5)
+    outputs_and_grads(cell, (x, lens), np.ones((3, 7, 8), np.float32))
+    names = [c[0] for c in calls]
+    assert "rnn_fwd" in names and "rnn_bwd" in names
+    assert all(wall >= 0 and cpu >= 0 for _, wall, cpu in calls)
+
+
+def test_diverging_values_raise_no_numpy_warning(monkeypatch):
+    """An Inf in W_hh (a diverging run) propagates to NaN/Inf without numpy's 'invalid value
+    encountered in matmul' on the console; the trainer's non-finite policy reports it."""
+    monkeypatch.setattr(K.settings, "use_numba", False)  # the numpy loops use BLAS products
+    monkeypatch.setattr(K.settings, "threads", 2)        # and the pool's threads have their own error state
+    monkeypatch.setattr(K.settings, "joint_directions_max_bytes", 0)
+    rng = np.random.default_rng(0)
+    xp = rng.standard_normal((2, 5, 2 * 12)).astype(np.float32)
+    w = rng.standard_normal((2, 12, 3)).astype(np.float32)
+    w[:, 0, 0] = np.inf
+    b = np.zeros((2, 12), np.float32)
+    lengths = np.array([5, 4], np.int32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y, *saved = KR.lstm_forward(xp, lengths, w, b)
+        grads = KR.lstm_backward(lengths, w, *saved, np.ones((2, 5, 6), np.float32))
+    assert not np.isfinite(y).all() and not np.isfinite(grads[1]).all()
 
 
 @pytest.mark.parametrize("rnn_type", ["lstm", "gru"])

@@ -1,0 +1,223 @@
+"""2-D convolution pieces over (B, C, F, T) inputs, no bias, padding (top, bottom, left, right).
+
+* The GEMM backward's data movement (models/layers.py does the two GEMMs in MindSpore):
+  ``freq_im2col`` (im2col over frequency rows only - kF/sF times the input, not kF*kT times),
+  ``time_shifts`` (the kT time shifts of the output gradient side by side), ``freq_col2im``.
+* Direct kernels for one input channel without an input gradient (DS2 conv1 over the features):
+  ``direct_conv_forward``, ``direct_conv_weight_grad``.
+* numpy references: ``conv_forward_np``, ``conv_backward_np`` (also the fallback without numba).
+"""
+import numpy as np
+from numpy.lib.stride_tricks import as_strided
+
+from ds2exp.kernels import compiled
+from ds2exp.kernels.settings import kernel, run_tasks, settings
+
+
+def pair(v):
+    if isinstance(v, int):
+        return (v, v)
+    v = tuple(int(a) for a in v)
+    if len(v) != 2:
+        raise ValueError(f"expected an int or a pair, got {v!r}")
+    return v
+
+
+def pad4(p):
+    if isinstance(p, int):
+        return (p, p, p, p)
+    p = tuple(int(a) for a in p)
+    if len(p) == 2:
+        return (p[0], p[0], p[1], p[1])
+    if len(p) != 4:
+        raise ValueError(f"padding must be an int, a pair or (top, bottom, left, right), got {p!r}")
+    return p
+
+
+def conv_output_size(F, T, kernel_size, stride, padding):
+    """(F_out, T_out) of a conv with pad_mode="pad" and padding (top, bottom, left, right)."""
+    kF, kT = pair(kernel_size)
+    sF, sT = pair(stride)
+    pt, pb, pl, pr = pad4(padding)
+    return (F + pt + pb - kF) // sF + 1, (T + pl + pr - kT) // sT + 1
+
+
+@kernel("im2col")
+def freq_im2col(x, kF, sF, Fo, pt, pb, pl, Tu):
+    """x (B, C, F, T) -> Xf (B, Tu, Fo, kF*C): Xf[b, t, f, kf*C + c] = xpad[b, c, sF*f + kf, t]."""
+    B, C, F, T = x.shape
+    Fp = F + pt + pb
+    xp = np.zeros((B, Tu, Fp, C), np.float32)
+    tv = max(0, min(T, Tu - pl))
+    if tv > 0:
+        xp[:, pl:pl + tv, pt:pt + F, :] = x[:, :, :, :tv].transpose(0, 3, 2, 1)
+    sb, st, sf, sc = xp.strides
+    v = as_strided(xp, (B, Tu, Fo, kF, C), (sb, st, sf * sF, sf, sc), writeable=False)
+    return np.ascontiguousarray(v).reshape(B, Tu, Fo, kF * C)
+
+
+@kernel("col2im")
+def freq_col2im(dXf, C, kF, sF, F, T, pt, pb, pl):
+    """Adjoint of freq_im2col: dXf (B, Tu, Fo, kF*C) -> dx (B, C, F, T)."""
+    B, Tu, Fo, _ = dXf.shape
+    if settings.use_numba:
+        dx = np.empty((B, C, F, T), np.float32)
+        compiled.freq_col2im(np.ascontiguousarray(dXf, dtype=np.float32), C, kF, sF, pt, pl, dx)
+        return dx
+    Fp = F + pt + pb
+    d5 = dXf.reshape(B, Tu, Fo, kF, C)
+    dxp = np.zeros((B, Tu, Fp, C), np.float32)
+    span = (Fo - 1) * sF + 1
+    for kf in range(kF):
+        dxp[:, :, kf:kf + span:sF, :] += d5[:, :, :, kf, :]
+    dx = np.zeros((B, C, F, T), np.float32)
+    tv = max(0, min(T, Tu - pl))
+    if tv > 0:
+        dx[:, :, :, :tv] = dxp[:, pl:pl + tv, pt:pt + F, :].transpose(0, 3, 2, 1)
+    return dx
+
+
+@kernel("time_shifts")
+def time_shifts(dy, sT, kT):
+    """dy (B, O, Fo, To) -> dZ (B*Tu*Fo, kT*O): dZ[b, u, f, kt, o] = dy[b, o, f, t] where
+    u = t*sT + kt, else 0 (Tu = (To-1)*sT + kT)."""
+    B, O, Fo, To = dy.shape
+    Tu = (To - 1) * sT + kT
+    if settings.use_numba:
+        dZ = np.empty((B, Tu, Fo, kT, O), np.float32)
+        compiled.time_shifts(np.ascontiguousarray(np.asarray(dy, np.float32).transpose(0, 3, 2, 1)), sT, dZ)
+        return dZ.reshape(B * Tu * Fo, kT * O)
+    dZ = np.zeros((B, Tu, Fo, kT, O), np.float32)
+    dY = dy.transpose(0, 3, 2, 1)
+    tspan = (To - 1) * sT + 1
+    for kt in range(kT):
+        dZ[:, kt:kt + tspan:sT, :, kt, :] = dY
+    return dZ.reshape(B * Tu * Fo, kT * O)
+
+
+def conv_backward_np(x, w, dy, stride, padding):
+    """Gradients (dx, dw) of the no-bias conv y = conv2d(x, w, stride, pad=(top, bottom, left, right)),
+    in numpy: the frequency-only im2col Xf (B, Tu, Fo, kF*C), then one pair of GEMMs per time tap."""
+    x = np.asarray(x, np.float32)
+    w = np.asarray(w, np.float32)
+    dy = np.asarray(dy, np.float32)
+    B, C, F, T = x.shape
+    O, _, kF, kT = w.shape
+    sF, sT = stride
+    pt, pb, pl, _ = padding
+    Fo, To = conv_output_size(F, T, (kF, kT), stride, padding)
+    Tu = (To - 1) * sT + kT          # padded time frames the conv reads
+    K = kF * C
+    Xf = freq_im2col(x, kF, sF, Fo, pt, pb, pl, Tu)                   # (B, Tu, Fo, K)
+    dY2 = np.ascontiguousarray(dy.transpose(0, 3, 2, 1)).reshape(B * To * Fo, O)
+    Wr = np.ascontiguousarray(w.transpose(2, 1, 3, 0)).reshape(K, kT, O)   # [kf*C + c, kt, o]
+    tspan = (To - 1) * sT + 1
+    dWr = np.empty((K, kT, O), np.float32)
+    dXf = np.zeros((B, Tu, Fo, K), np.float32)
+    for kt in range(kT):
+        Xk = np.ascontiguousarray(Xf[:, kt:kt + tspan:sT]).reshape(B * To * Fo, K)
+        dWr[:, kt, :] = Xk.T @ dY2
+        dXf[:, kt:kt + tspan:sT] += (dY2 @ Wr[:, kt, :].T).reshape(B, To, Fo, K)
+    dw = np.ascontiguousarray(dWr.reshape(kF, C, kT, O).transpose(3, 1, 0, 2))
+    dx = freq_col2im(dXf, C, kF, sF, F, T, pt, pb, pl)
+    return dx, dw
+
+
+def conv_forward_np(x, w, stride, padding):
+    """numpy reference of the forward (im2col over frequency, one GEMM, shift-add over time taps)."""
+    x = np.asarray(x, np.float32)
+    w = np.asarray(w, np.float32)
+    B, C, F, T = x.shape
+    O, _, kF, kT = w.shape
+    sF, sT = stride
+    pt, pb, pl, _ = padding
+    Fo, To = conv_output_size(F, T, (kF, kT), stride, padding)
+    Tu = (To - 1) * sT + kT
+    K = kF * C
+    Xf = freq_im2col(x, kF, sF, Fo, pt, pb, pl, Tu).reshape(B * Tu * Fo, K)
+    Z = (Xf @ np.ascontiguousarray(w.transpose(2, 1, 3, 0)).reshape(K, kT * O)).reshape(B, Tu, Fo, kT, O)
+    Y = np.zeros((B, To, Fo, O), np.float32)
+    tspan = (To - 1) * sT + 1
+    for kt in range(kT):
+        Y += Z[:, kt:kt + tspan:sT, :, kt, :]
+    return np.ascontiguousarray(Y.transpose(0, 3, 2, 1))
+
+
+# ---- one input channel (DS2 conv1): direct compiled kernels ------------------------------------
+# MindSpore's CPU Conv2D and its filter gradient run DS2 conv1 (1 input channel, 41x11 kernel,
+# stride 2x2) at a small fraction of the machine's speed: measured at B=16, 300 frames, 8 output
+# channels, forward + weight gradient 73-91 ms inside a training step. Written directly - the
+# input split into its sT time phases so that every kernel tap reads a contiguous row, the loop
+# over output frames innermost so that it vectorises - the same takes 44 ms (batch chunks on two
+# cores). The input gradient is not computed: conv1's input is the features, which nothing
+# differentiates (input_grad=False; its gradient is returned as zeros).
+
+# The batch is cut into this many chunks (fewer for a smaller batch) whatever the thread count:
+# the weight gradient is the sum of one partial sum per chunk, added in chunk order, so its bits do
+# not depend on how many threads ran the chunks (OMP_NUM_THREADS, DS2EXP_RNN_THREADS, cores).
+BATCH_CHUNKS = 8
+
+
+def batch_chunks(B):
+    """[(b0, b1), ...]: B rows in min(B, BATCH_CHUNKS) contiguous chunks of (nearly) equal size."""
+    n = max(1, min(B, BATCH_CHUNKS))
+    edges = [round(i * B / n) for i in range(n + 1)]
+    return [(edges[i], edges[i + 1]) for i in range(n)]
+
+
+def _conv_phases_np(x, pt, pl, sT, Fp, Tq):
+    """x (B, F, T) -> (B, sT, Fp, Tq): out[b, p, fp, q] = xpad[b, fp, sT*q + p] (zero padding)."""
+    B, F, T = x.shape
+    out = np.zeros((B, sT, Fp, Tq), np.float32)
+    for p in range(sT):
+        # padded column u = sT*q + p holds input column u - pl
+        q0 = max(0, -((p - pl) // sT))                      # first q with sT*q + p - pl >= 0
+        t0 = sT * q0 + p - pl
+        n = min(Tq - q0, max(0, (T - 1 - t0) // sT + 1)) if t0 < T else 0
+        if n > 0:
+            out[:, p, pt:pt + F, q0:q0 + n] = x[:, :, t0:t0 + sT * (n - 1) + 1:sT]
+    return out
+
+
+def direct_geometry(shape, kernel_size, stride, padding):
+    """Output (Fo, To) and the phase buffer's (Fp, Tq) for an input of shape (B, 1, F, T)."""
+    F, T = shape[2], shape[3]
+    Fo, To = conv_output_size(F, T, kernel_size, stride, padding)
+    return Fo, To, F + padding[0] + padding[1], To + (kernel_size[1] - 1) // stride[1] + 1
+
+
+@kernel("conv1_fwd")
+def direct_conv_forward(x, w, stride, padding):
+    """conv2d of x (B, 1, F, T) with w (O, 1, kF, kT): the direct kernels (numpy reference without numba)."""
+    x = np.asarray(x, np.float32)
+    w = np.asarray(w, np.float32)
+    if not settings.use_numba:
+        return conv_forward_np(x, w, stride, padding)
+    B, O = x.shape[0], w.shape[0]
+    Fo, To, Fp, Tq = direct_geometry(x.shape, w.shape[2:], stride, padding)
+    xph = _conv_phases_np(x[:, 0], padding[0], padding[2], stride[1], Fp, Tq)
+    w3 = np.ascontiguousarray(w[:, 0])
+    out = np.empty((B, O, Fo, To), np.float32)
+    run_tasks(batch_chunks(B), lambda r: compiled.conv1_fwd(xph, w3, stride[0], stride[1], out, r[0], r[1]))
+    return out
+
+
+@kernel("conv1_dw")
+def direct_conv_weight_grad(x, dy, kernel_size, stride, padding):
+    """d w (O, 1, kF, kT) of direct_conv_forward for the output gradient dy (B, O, Fo, To)."""
+    x = np.asarray(x, np.float32)
+    dy = np.ascontiguousarray(dy, dtype=np.float32)
+    O = dy.shape[1]
+    kF, kT = kernel_size
+    if not settings.use_numba:
+        return conv_backward_np(x, np.zeros((O, 1, kF, kT), np.float32), dy, stride, padding)[1]
+    _, _, Fp, Tq = direct_geometry(x.shape, kernel_size, stride, padding)
+    xph = _conv_phases_np(x[:, 0], padding[0], padding[2], stride[1], Fp, Tq)
+    chunks = batch_chunks(x.shape[0])
+    parts = np.empty((len(chunks), O, kF, kT), np.float32)
+    run_tasks(list(enumerate(chunks)),
+              lambda ic: compiled.conv1_dw(xph, dy, stride[0], stride[1], parts[ic[0]], ic[1][0], ic[1][1]))
+    dw = parts[0].copy()
+    for part in parts[1:]:  # fixed order: the same bits for any number of threads
+        dw += part
+    return dw[:, None]
