@@ -17,7 +17,7 @@ from ds2exp.config import config_dir
 @hydra.main(config_path=config_dir(), config_name="train", version_base=None)
 def main(cfg: DictConfig) -> float:
     from ds2exp.tracking.sweep_job import in_multirun, run_sweep_job
-    from ds2exp.training.run import run_training
+    from ds2exp.training.run import run_training, train_command
 
     if in_multirun():  # a crashed or diverged job is recorded as failed; the sweep goes on
         return run_sweep_job(cfg, run_training)
@@ -25,10 +25,12 @@ def main(cfg: DictConfig) -> float:
     from ds2exp.training.recovery import RunDirBusy
 
     try:
-        return run_training(cfg)
+        status = train_command(cfg)  # prints how the run ended
     except (CheckpointError, RunDirBusy) as exc:  # disk full, damaged checkpoint, run dir in use: one line
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)
+    if status:  # 1 diverged, 130 SIGINT, 143 SIGTERM
+        sys.exit(status)
 
 
 def _launch_data_parallel(argv, cfg) -> None:

@@ -8,6 +8,7 @@ import platform
 import random
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -124,9 +125,48 @@ def build_model_for_precision(cfg):
     return model
 
 
+@dataclass
+class RunOutcome:
+    status: str  # finished, diverged (ds2exp.training.summary.STATUSES; interrupted is raised)
+    value: float  # the best validation WER: what Hydra sweepers minimise
+
+    @property
+    def exit_status(self) -> int:
+        """train.py's exit status: 0 finished, 1 diverged or failed (130/143: TrainingInterrupted)."""
+        return 0 if self.status == "finished" else 1
+
+
+def train_command(cfg: DictConfig) -> int:
+    """One `python train.py` run: train, print how it ended, return the exit status (0 finished,
+    1 diverged; 130 SIGINT and 143 SIGTERM after an interrupt; a crash raises)."""
+    from ds2exp.training.signals import TrainingInterrupted
+
+    try:
+        return train_run(cfg).exit_status
+    except TrainingInterrupted as exc:
+        return exc.exit_status
+
+
 def run_training(cfg: DictConfig) -> float:
     """Train; returns the best validation WER (the value Hydra sweepers minimise)."""
+    return train_run(cfg).value
+
+
+def train_run(cfg: DictConfig) -> RunOutcome:
+    """Train and print the end-of-run summary. SIGINT/SIGTERM end the run after the current step
+    (ds2exp.training.signals) and raise TrainingInterrupted once the run is marked interrupted."""
+    from ds2exp.training.signals import StopOnSignal
+
+    interrupt = StopOnSignal().install()  # until MindSpore starts: a signal stops the set-up at once
+    try:
+        return _train_run(cfg, interrupt)
+    finally:
+        interrupt.uninstall()
+
+
+def _train_run(cfg: DictConfig, interrupt) -> RunOutcome:
     from ds2exp.training import distributed, recovery
+    from ds2exp.training.signals import warm_up_runtime
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     resumed, lock, restart_in = None, None, None
@@ -135,6 +175,8 @@ def run_training(cfg: DictConfig) -> float:
         # A data-parallel worker started by msrun: join the group first (rank 0 owns the run dir).
         n = int(cfg.hardware.num_devices)
         setup_mindspore(cfg.hardware, cfg.trainer.seed, threads=distributed.threads_per_rank(cfg.hardware, n))
+        warm_up_runtime()  # MindSpore's runtime installs its SIGINT handler with its first op ...
+        interrupt.reassert()  # ... ours goes back on top
         rank, world = distributed.init_data_parallel(n)
     if not cfg.resume and cfg.trainer.get("auto_resume"):
         claim = recovery.claim_resumable_run(cfg, recovery.search_roots())
@@ -168,7 +210,7 @@ def run_training(cfg: DictConfig) -> float:
         if lock is None and rank == 0:  # data parallel: rank 0 owns the run directory
             lock = recovery.RunLock(run_dir).acquire()  # RunDirBusy when another process trains there
         return _train(cfg, run_dir, resumed, continues=resumed is not None or restart_in is not None,
-                      rank=rank, world=world)
+                      rank=rank, world=world, interrupt=interrupt)
     finally:
         if lock is not None:
             lock.release()
@@ -194,7 +236,8 @@ def _note_continued_elsewhere(new_dir: Path, old_dir: Path) -> None:
         pass
 
 
-def _train(cfg: DictConfig, run_dir: Path, resumed, continues: bool, rank: int = 0, world: int = 1) -> float:
+def _train(cfg: DictConfig, run_dir: Path, resumed, continues: bool, rank: int = 0, world: int = 1,
+           interrupt=None) -> RunOutcome:
     """`continues`: this process carries on the run in `run_dir` (its MLflow run and tracking spool),
     from `resumed` (a checkpoint), or from step 0 when that is None. `rank`/`world`: data parallel
     (see ds2exp.training.distributed); ranks other than 0 write nothing to the run directory."""
@@ -207,19 +250,23 @@ def _train(cfg: DictConfig, run_dir: Path, resumed, continues: bool, rank: int =
     from ds2exp.training.trainer import Trainer, TrainingStopped
     from ds2exp.tracking.mlflow_tracker import flatten, make_tracker
     from ds2exp.tracking.resilient import read_state
+    from ds2exp.training.signals import StopOnSignal, TrainingInterrupted, warm_up_runtime
 
+    interrupt = interrupt or StopOnSignal()
     if rank > 0:
-        return _train_secondary(cfg, run_dir, resumed, rank, world)
+        return _train_secondary(cfg, run_dir, resumed, rank, world, interrupt)
     resumes = 0
     if continues:
         recovery.remove_partial_files(run_dir)
         resumes = int(recovery.read_run_state(run_dir).get("resumes", 0)) + 1
     recovery.write_run_state(run_dir, status="running", config_fingerprint=recovery.config_fingerprint(cfg),
                              pid=os.getpid(), resumes=resumes, started=time.strftime("%Y-%m-%dT%H:%M:%S"))
-    tracker = None
+    tracker = trainer = None
     try:
         if world == 1:
             setup_mindspore(cfg.hardware, cfg.trainer.seed)
+            warm_up_runtime()  # MindSpore's runtime installs its SIGINT handler with its first op ...
+            interrupt.reassert()  # ... ours goes back on top (measured: MindSpore does not install it again)
         data = build_data(cfg, run_dir, rank=rank, world=world)
         model = build_model_for_precision(cfg)
         if cfg.pretrained:
@@ -276,34 +323,92 @@ def _train(cfg: DictConfig, run_dir: Path, resumed, continues: bool, rank: int =
                  f"{count_parameters(model):,}", len(train_loader.split.examples),
                  train_loader.split.total_audio_seconds / 3600, steps_per_epoch)
         status = "FINISHED"
+        interrupt.deferred = True  # from here a signal ends the run after the current step
+        trainer.interrupt = interrupt
         try:
             summary = trainer.fit()
         except TrainingStopped as stop:
             status = "FAILED"
-            summary = {"stop_reason": "nonfinite", **stop.diagnosis}
             from ds2exp.training.diagnosis import format_text
 
-            tracker.set_tags({"diverged_at_step": stop.diagnosis.get("step"),
-                              "divergence_cause": stop.diagnosis.get("cause", "unknown"),
-                              "first_nonfinite_group": stop.diagnosis.get("first_nonfinite_group")})
-            tracker.log_dict(stop.diagnosis, "diagnosis.json")
-            if "cause" in stop.diagnosis:
-                tracker.log_text(format_text(stop.diagnosis), "diagnosis.txt")
-            (run_dir / "diagnosis.json").write_text(json.dumps(stop.diagnosis, indent=1, default=str))
-            log.error("training stopped: %s", stop.diagnosis.get("summary"))
-        _finish(trainer, tracker, cfg, run_dir, summary)
+            d = stop.diagnosis
+            d.setdefault("diverged_at_step", d.get("step"))
+            d.setdefault("first_bad_step", d.get("step"))
+            summary = {"stop_reason": "nonfinite", **d}  # stop_reason: stopped by the divergence policy
+            tracker.set_tags({"diverged_at_step": d["diverged_at_step"], "first_bad_step": d["first_bad_step"],
+                              "divergence_cause": d.get("cause", "unknown"),
+                              "first_nonfinite_group": d.get("first_nonfinite_group")})
+            (run_dir / "diagnosis.json").write_text(json.dumps(d, indent=1, default=str))
+            tracker.log_artifact(run_dir / "diagnosis.json")
+            if "cause" in d:
+                (run_dir / "diagnosis.txt").write_text(format_text(d))
+                tracker.log_artifact(run_dir / "diagnosis.txt")
+            log.error("training stopped: %s", d.get("summary"))
+        outcome = "finished" if status == "FINISHED" else "diverged"
+        if interrupt.requested and outcome == "finished":
+            # data parallel: the ranks stopped together after the signal (fit saved last.ckpt)
+            raise TrainingInterrupted(interrupt.signum, trainer.state.step, trainer.ckpt_dir / "last.ckpt")
+        report = _finish(trainer, tracker, cfg, run_dir, summary, outcome)
         tracker.end(status)
-    except BaseException as exc:
-        interrupted = isinstance(exc, KeyboardInterrupt)
-        recovery.write_run_state(run_dir, status="interrupted" if interrupted else "failed",
-                                 error=f"{type(exc).__name__}: {exc}"[:2000])
-        if tracker is not None:
-            tracker.end("KILLED" if interrupted else "FAILED")
+    except TrainingInterrupted as exc:
+        report = _end_interrupted(exc, trainer, tracker, cfg, run_dir)
+        _print_summary(report, tracker)
         raise
-    recovery.write_run_state(run_dir, status="finished" if status == "FINISHED" else "failed",
-                             mlflow_run_id=tracker.run_id, step=trainer.state.step)
+    except BaseException as exc:
+        error = f"{type(exc).__name__}: {exc}"[:2000]
+        recovery.write_run_state(run_dir, status="failed", error=error)
+        if tracker is not None:
+            tracker.set_tags({"ds2exp.status": "failed", "ds2exp.error": error})
+            tracker.end("FAILED")
+        _print_summary(_report("failed", {"stop_reason": "error", "error": error}, trainer, cfg, run_dir, tracker),
+                       tracker)
+        raise
+    recovery.write_run_state(run_dir, status=outcome, mlflow_run_id=tracker.run_id, step=trainer.state.step)
+    _print_summary(report, tracker)
     best = min((b["wer"] for b in trainer.state.best), default=float("nan"))
-    return float(best)
+    return RunOutcome(outcome, float(best))
+
+
+def _report(outcome: str, base: Dict[str, Any], trainer, cfg, run_dir: Path, tracker,
+            write: bool = True) -> Dict[str, Any]:
+    """summary.json for this outcome (written when `write`; a failing disk only costs a warning)."""
+    from ds2exp.training import summary as run_summary
+
+    report = run_summary.build(outcome, base, trainer.state if trainer is not None else None, cfg, run_dir,
+                               tracker)
+    if write:
+        try:
+            (run_dir / "summary.json").write_text(json.dumps(report, indent=1, default=str))
+        except OSError as exc:
+            log.warning("could not write %s: %s", run_dir / "summary.json", exc)
+    return report
+
+
+def _print_summary(report: Dict[str, Any], tracker) -> None:
+    from ds2exp.training.summary import format_summary
+
+    print("\n" + format_summary(report, getattr(tracker, "pending", 0), getattr(tracker, "spool_path", None)),
+          flush=True)
+
+
+def _end_interrupted(exc, trainer, tracker, cfg, run_dir: Path) -> Dict[str, Any]:
+    """Mark a run a signal stopped: run_state interrupted, summary.json, MLflow KILLED."""
+    from ds2exp.training import recovery
+    from ds2exp.training.signals import signal_name
+
+    base = {"stop_reason": "interrupted", "signal": signal_name(exc.signum)}
+    step = trainer.state.step if trainer is not None else None
+    log.warning("%s: stopped at step %s%s", base["signal"], step,
+                f"; checkpoint {exc.checkpoint}" if exc.checkpoint else "")
+    recovery.write_run_state(run_dir, status="interrupted", step=step, signal=base["signal"],
+                             **({"mlflow_run_id": tracker.run_id} if tracker is not None and tracker.run_id else {}))
+    if trainer is not None:
+        report = _finish(trainer, tracker, cfg, run_dir, base, "interrupted")
+    else:
+        report = _report("interrupted", {**base, "step": None}, None, cfg, run_dir, tracker)
+    if tracker is not None:
+        tracker.end("KILLED")
+    return report
 
 
 def _join_data_parallel(trainer, world: int) -> None:
@@ -317,7 +422,7 @@ def _join_data_parallel(trainer, world: int) -> None:
     trainer.reducer.broadcast_from_rank0(list(trainer.model.get_parameters()))
 
 
-def _train_secondary(cfg: DictConfig, run_dir: Path, resumed, rank: int, world: int) -> float:
+def _train_secondary(cfg: DictConfig, run_dir: Path, resumed, rank: int, world: int, interrupt) -> RunOutcome:
     """Ranks 1..N-1: train on their shard, in step with rank 0; no MLflow, no files."""
     from ds2exp.models.deepspeech2 import load_state
     from ds2exp.training.checkpoint import load_checkpoint, prime_optimizer
@@ -337,11 +442,18 @@ def _train_secondary(cfg: DictConfig, run_dir: Path, resumed, rank: int, world: 
         prime_optimizer(optimizer)
         trainer.restore(resumed)
     log.info("data-parallel rank %d/%d: %d batches per epoch", rank, world, len(data["train"].sampler))
+    interrupt.deferred = True
+    trainer.interrupt = interrupt
     try:
         trainer.fit()
     except TrainingStopped as stop:
         log.error("rank %d: training stopped: %s", rank, stop.diagnosis.get("summary"))
-    return float("nan")
+        return RunOutcome("diverged", float("nan"))
+    if interrupt.requested:
+        from ds2exp.training.signals import TrainingInterrupted
+
+        raise TrainingInterrupted(interrupt.signum, trainer.state.step)
+    return RunOutcome("finished", float("nan"))
 
 
 def resume_config(cfg: DictConfig, saved: Optional[Dict[str, Any]], overrides) -> DictConfig:
@@ -370,13 +482,18 @@ def _hydra_overrides():
         return []
 
 
-def _finish(trainer, tracker, cfg, run_dir: Path, summary: Dict[str, Any]) -> None:
+def _finish(trainer, tracker, cfg, run_dir: Path, summary: Dict[str, Any], outcome: str) -> Dict[str, Any]:
+    """summary.json, curves, artifacts and the ds2exp.status tag of a run that ended with `outcome`;
+    returns the summary."""
     from ds2exp.tracking.plots import plot_curves
 
     s = trainer.state
-    summary = {**summary, "best": s.best, "run_dir": str(run_dir), "mlflow_run_id": tracker.run_id}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-    png = plot_curves(s.history, run_dir / "curves.png")
+    summary = _report(outcome, summary, trainer, cfg, run_dir, tracker)
+    tags = {"ds2exp.status": outcome}
+    if summary.get("first_bad_step") is not None:
+        tags["first_bad_step"] = summary["first_bad_step"]
+    tracker.set_tags(tags)
+    png = plot_curves(s.history, run_dir / "curves.png", s.first_bad_step, summary.get("diverged_at_step"))
     if png is not None:
         tracker.log_artifact(png, "plots")
     failures = trainer.train_loader.failures
@@ -385,5 +502,7 @@ def _finish(trainer, tracker, cfg, run_dir: Path, summary: Dict[str, Any]) -> No
         tracker.log_dict(failures, "data/load_failures_train.json")
         tracker.log_metrics({"data/load_failures": len(failures)}, s.step)
     tracker.log_artifact(run_dir / "summary.json")
-    if s.best and cfg.logger.log_checkpoint and Path(s.best[0]["path"]).exists():
+    # an interrupted run uploads its best checkpoint when it is resumed and ends
+    if outcome != "interrupted" and s.best and cfg.logger.log_checkpoint and Path(s.best[0]["path"]).exists():
         tracker.log_artifact(s.best[0]["path"], "checkpoints")
+    return summary

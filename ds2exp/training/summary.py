@@ -1,0 +1,184 @@
+"""How a training run ended: the fields summary.json gains, and the lines train.py prints last.
+
+Every outcome ends the same way (finished, diverged, interrupted, failed): status, steps, best
+checkpoint with its step and validation CER/WER, run directory, MLflow run id with a link for the
+UI, and how to open the UI; an interrupted run adds the exact command that resumes it, and a run
+whose MLflow records could not all be sent says where they are kept and how to send them.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import shlex
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+log = logging.getLogger(__name__)
+
+STATUSES = ("finished", "diverged", "interrupted", "failed")
+MLFLOW_STATUS = {"finished": "FINISHED", "diverged": "FAILED", "failed": "FAILED", "interrupted": "KILLED"}
+UI_ADDRESS = "http://127.0.0.1:5000"  # where `make ui` serves the project's store
+
+
+def _value(x) -> str:
+    return str(x.value if hasattr(x, "value") else x)
+
+
+def best_checkpoint(state, cfg) -> Optional[Dict[str, Any]]:
+    """The run's best checkpoint (trainer.monitor decides): path, step, monitor, value, val CER/WER."""
+    if not state.best:
+        return None
+    b = state.best[0]
+    step = b.get("step")
+    h = state.history
+    at = [i for i, s in enumerate(h.get("val_step", [])) if s == step]
+    val = {k: (h[f"val_{k}"][at[-1]] if at and len(h.get(f"val_{k}", [])) > at[-1] else None)
+           for k in ("cer", "wer", "loss")}
+    monitor = b.get("monitor") or str(cfg.trainer.get("monitor") or "val/wer")
+    value = b.get("value", b.get(monitor.split("/")[-1], b.get("wer")))
+    return {"path": b.get("path"), "step": step, "monitor": monitor, "value": value,
+            "val_cer": b.get("val_cer", val["cer"]), "val_wer": b.get("val_wer", val["wer"]),
+            "val_loss": b.get("val_loss", val["loss"])}
+
+
+def experiment_id(tracker) -> Optional[str]:
+    """The MLflow experiment of the tracker's run (None without MLflow or while the store is down)."""
+    exp = getattr(tracker, "experiment_id", None)
+    if exp is not None:
+        return str(exp)
+    uri, run_id = getattr(tracker, "tracking_uri", None), getattr(tracker, "run_id", None)
+    if not uri or not run_id or getattr(tracker, "pending", 0):
+        return None
+    try:
+        from mlflow.tracking import MlflowClient
+
+        return str(MlflowClient(tracking_uri=str(uri)).get_run(run_id).info.experiment_id)
+    except Exception as exc:  # noqa: BLE001 - the summary must not fail on a tracking hiccup
+        log.info("could not look up the MLflow experiment of run %s: %s", run_id, exc)
+        return None
+
+
+def ui_base(tracking_uri: Optional[str]) -> str:
+    """The UI that shows this store: the server itself for an http(s) store, else `make ui`'s."""
+    uri = str(tracking_uri or "")
+    if uri.startswith(("http://", "https://")):
+        return uri.rstrip("/")
+    return UI_ADDRESS
+
+
+def run_link(tracking_uri: Optional[str], exp_id: Optional[str], run_id: Optional[str]) -> Optional[str]:
+    if not exp_id or not run_id:
+        return None
+    return f"{ui_base(tracking_uri)}/#/experiments/{exp_id}/runs/{run_id}"
+
+
+def ui_hint(tracking_uri: Optional[str]) -> str:
+    uri = str(tracking_uri or "")
+    if uri.startswith(("http://", "https://")):
+        return f"the MLflow server at {uri.rstrip('/')} shows it"
+    from ds2exp.config import PACKAGE_DIR
+
+    checkout = PACKAGE_DIR.parent  # `make ui` serves the checkout's own store
+    if uri == f"sqlite:///{checkout / 'mlflow.db'}" and (checkout / "Makefile").is_file():
+        return "open the UI with: make ui"
+    return f"open the UI with: mlflow ui --backend-store-uri {shlex.quote(uri)} --port 5000"
+
+
+def resume_command(run_dir: Path) -> str:
+    return f"python train.py resume={shlex.quote(str(run_dir))}"
+
+
+def build(outcome: str, base: Dict[str, Any], state, cfg, run_dir: Path, tracker) -> Dict[str, Any]:
+    """summary.json for a run that ended with `outcome` (one of STATUSES); `base` carries what the
+    trainer or the divergence diagnosis returned (stop_reason, cause, first_bad_step, ...)."""
+    assert outcome in STATUSES, outcome
+    backend = _value(cfg.logger.backend)
+    uri = str(cfg.logger.tracking_uri) if backend != "none" else None
+    run_id = getattr(tracker, "run_id", None)
+    exp_id = experiment_id(tracker) if uri else None
+    first_bad = base.get("first_bad_step", getattr(state, "first_bad_step", None) if state is not None else None)
+    diverged_at = base.get("diverged_at_step", base.get("step")) if outcome == "diverged" else None
+    out = {**base, "status": outcome, "step": state.step if state is not None else base.get("step"),
+           "first_bad_step": first_bad, "diverged_at_step": diverged_at,
+           "cause": base.get("cause") if outcome == "diverged" else None,
+           "best_checkpoint": best_checkpoint(state, cfg) if state is not None else None,
+           "best": list(state.best) if state is not None else [], "run_dir": str(run_dir),
+           "mlflow_run_id": run_id, "mlflow_experiment_id": exp_id, "tracking_uri": uri,
+           "mlflow_url": run_link(uri, exp_id, run_id), "max_steps": int(cfg.trainer.max_steps)}
+    if outcome == "interrupted":
+        out["resume_command"] = resume_command(run_dir) if _has_checkpoint(run_dir) else None
+    return out
+
+
+def _has_checkpoint(run_dir: Path) -> bool:
+    d = Path(run_dir) / "checkpoints"
+    return (d / "last.ckpt").is_file() or (d / "last.prev.ckpt").is_file()
+
+
+def _pct(x) -> str:
+    return f"{x:.2f}%" if isinstance(x, (int, float)) and math.isfinite(x) else "-"
+
+
+def _status_line(s: Dict[str, Any]) -> str:
+    st, step = s["status"], s.get("step")
+    if st == "finished":
+        why = {"max_steps": "trainer.max_steps", "max_minutes": "trainer.max_minutes",
+               "max_epochs": "trainer.max_epochs"}.get(s.get("stop_reason"), s.get("stop_reason") or "")
+        text = f"finished at step {step}" + (f" ({why} reached)" if why else "")
+        if s.get("first_bad_step") is not None:
+            text += f"; anomalous steps skipped, the first at step {s['first_bad_step']}"
+        return text
+    if st == "diverged":
+        text = f"diverged at step {s.get('diverged_at_step')}: {s.get('cause') or 'unknown cause'}"
+        if s.get("first_bad_step") is not None:
+            text += f", first bad step {s['first_bad_step']}"
+        return text
+    if st == "interrupted":
+        return f"interrupted at step {step} ({s.get('signal', 'signal')})"
+    return f"failed at step {step}: {s.get('error', 'error')}"
+
+
+def format_summary(s: Dict[str, Any], pending_records: int = 0, spool: Optional[Path] = None) -> str:
+    """The end-of-run lines (`s` as `build` returns it)."""
+    rows = [("status", _status_line(s))]
+    if s["status"] == "diverged" and s.get("summary"):
+        rows.append(("", str(s["summary"])))
+        diag = Path(s["run_dir"]) / "diagnosis.txt"
+        if diag.exists() or (Path(s["run_dir"]) / "diagnosis.json").exists():
+            rows.append(("", f"diagnosis: {diag if diag.exists() else diag.with_suffix('.json')}"))
+    max_steps = s.get("max_steps")
+    rows.append(("steps", f"{s.get('step')}" + (f" of {max_steps}" if max_steps and max_steps > 0 else "")))
+    b = s.get("best_checkpoint")
+    if b:
+        rows.append(("best checkpoint", str(b["path"])))
+        value = b.get("value")
+        shown = _pct(value) if str(b.get("monitor")) in ("val/cer", "val/wer") else (
+            f"{value:.4g}" if isinstance(value, (int, float)) else "-")
+        rows.append(("", f"step {b.get('step')}: {b.get('monitor')} {shown} "
+                         f"(val CER {_pct(b.get('val_cer'))}, WER {_pct(b.get('val_wer'))})"))
+    else:
+        rows.append(("best checkpoint", "none (no validation has run yet)"))
+    rows.append(("run directory", str(s["run_dir"])))
+    if s.get("tracking_uri") is None:
+        rows.append(("MLflow", "not recorded (logger=none)"))
+    elif s.get("mlflow_run_id"):
+        rows.append(("MLflow run", str(s["mlflow_run_id"]) + (f" (experiment {s['mlflow_experiment_id']})"
+                                                               if s.get("mlflow_experiment_id") else "")))
+        if s.get("mlflow_url"):
+            rows.append(("", s["mlflow_url"]))
+        rows.append(("", ui_hint(s.get("tracking_uri"))))
+    else:
+        rows.append(("MLflow run", f"not created yet ({s.get('tracking_uri')} did not answer)"))
+    if s["status"] == "interrupted":
+        cmd = s.get("resume_command")
+        rows.append(("resume", cmd + "  (continues the same MLflow run)" if cmd else
+                     "no checkpoint was written yet: start the run again (or use trainer.auto_resume=true)"))
+    width = max(len(k) for k, _ in rows) + 2
+    lines = [f"==== ds2exp training: {s['status']} " + "=" * 40]
+    lines += [f"{(k + ':') if k else '':<{width}}{v}" for k, v in rows]
+    if pending_records:
+        where = spool or Path(s["run_dir"]) / "tracking_spool.jsonl"
+        lines.append(f"MLflow records spooled: {pending_records} could not be sent to {s.get('tracking_uri')} "
+                     f"and are kept in {where}; a resumed run sends them first, or run: "
+                     f"python -m ds2exp.tracking.resilient {shlex.quote(str(s['run_dir']))}")
+    return "\n".join(lines)
