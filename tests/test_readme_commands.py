@@ -1,0 +1,239 @@
+"""Every command in README.md runs as written.
+
+Every train.py/evaluate.py/export.py command passes the checks its script makes before it runs (every
+key, every sweep value, every file it names); the first of each also runs as a process with `--cfg job`
+(Hydra composes and prints the config, nothing runs). `python -m ds2exp.*` commands must answer
+`--help` and know every option the README gives them, and every `make` target must exist. A README
+transcript (`$ command` followed by its output) must print exactly that output. The files a command
+names (checkpoints, run directories, manifests) are created first, under a scratch project root.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import ROOT
+
+README = ROOT / "README.md"
+ENTRY_POINTS = ("train.py", "evaluate.py", "export.py")
+CHECKPOINT_KEYS = ("checkpoint", "resume")
+
+
+def fenced_blocks(text: str):
+    """(language, [(line number, line)]) of each fenced block."""
+    blocks, current = [], None
+    for no, line in enumerate(text.splitlines(), 1):
+        if line.startswith("```"):
+            if current is None:
+                current = (line[3:].strip(), [])
+            else:
+                blocks.append(current)
+                current = None
+        elif current is not None:
+            current[1].append((no, line))
+    return blocks
+
+
+def bash_commands(text: str):
+    """(line number, argv) of each command in the ```bash blocks: continuation lines joined,
+    comments dropped."""
+    out = []
+    for lang, lines in fenced_blocks(text):
+        if lang != "bash":
+            continue
+        buf, start = "", 0
+        for no, line in lines:
+            if not buf:
+                start = no
+            if line.rstrip().endswith("\\"):
+                buf += line.rstrip()[:-1] + " "
+                continue
+            argv = shlex.split(buf + line, comments=True)
+            buf = ""
+            if argv:
+                out.append((start, argv))
+    return out
+
+
+def transcripts(text: str):
+    """(line number, argv, expected output lines) of each `$ command` in a plain ``` block."""
+    out = []
+    for lang, lines in fenced_blocks(text):
+        if lang:
+            continue
+        current = None
+        for no, line in lines:
+            if line.startswith("$ "):
+                current = (no, shlex.split(line[2:]), [])
+                out.append(current)
+            elif current is not None and line.strip():
+                current[2].append(line)
+    return out
+
+
+COMMANDS = bash_commands(README.read_text())
+TRANSCRIPTS = transcripts(README.read_text())
+
+
+def _make_checkpoint(path: Path, cfg_container) -> None:
+    from ds2exp.models.deepspeech2 import DeepSpeech2
+    from ds2exp.training.checkpoint import save_checkpoint
+
+    model = DeepSpeech2(conv_channels=2, rnn_layers=1, rnn_hidden=8, conv_impl="plain", rnn_impl="plain")
+    save_checkpoint(path, model, meta={"step": 1, "epoch": 0, "config": cfg_container})
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A scratch project root holding every file the README's commands name."""
+    from omegaconf import OmegaConf
+
+    from ds2exp.cli import check_overrides
+
+    root = tmp_path_factory.mktemp("readme-project")
+    cfg = OmegaConf.to_container(check_overrides([f"paths.root_dir={root}"]), resolve=True, enum_to_str=True)
+    (root / "data" / "librispeech").mkdir(parents=True)  # dataset=librispeech: the prepared corpus folder
+    template = root / "template.ckpt"
+    _make_checkpoint(template, cfg)
+    for _, argv in COMMANDS:
+        for arg in argv:
+            key, _, value = arg.partition("=")
+            values = []
+            if key in CHECKPOINT_KEYS:
+                values = [value]
+            elif key == "checkpoints":
+                values = [v.strip() for v in value.strip("[]").split(",")]
+            for v in values:
+                target = root / v
+                if target.suffix == ".ckpt":
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.write_bytes(template.read_bytes())
+                else:
+                    (target / "checkpoints").mkdir(parents=True, exist_ok=True)
+                    (target / "checkpoints" / "last.ckpt").write_bytes(template.read_bytes())
+            if key.endswith("_manifest"):
+                (root / value).parent.mkdir(parents=True, exist_ok=True)
+                (root / value).write_text(json.dumps({"id": "a", "audio_path": "a.flac", "transcript": "A",
+                                                      "duration": 1.0}) + "\n")
+    template.unlink()
+    return root
+
+
+def _listing(root: Path):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def _preflight(argv, capsys):
+    """What the entry point checks before it runs: every key, every sweep value, every named file
+    (in this process: the same code the script calls first, without starting an interpreter)."""
+    from ds2exp.cli import preflight
+
+    try:
+        preflight([*argv[2:], "--cfg", "job"], config_name=Path(argv[1]).stem)
+    except SystemExit as exc:
+        return exc.code, capsys.readouterr().err.strip()
+    return 0, ""
+
+
+def test_readme_has_commands_and_no_placeholders():
+    assert len(COMMANDS) >= 20 and TRANSCRIPTS
+    for no, argv in COMMANDS:
+        assert not any("<" in a or ">" in a for a in argv), f"README.md:{no}: a placeholder is not runnable: {argv}"
+        assert argv[0] in ("python", "make"), f"README.md:{no}: not a python or make command: {argv}"
+        if argv[0] == "python":
+            assert argv[1] in ENTRY_POINTS or (argv[1] == "-m" and argv[2].startswith("ds2exp.")), (no, argv)
+
+
+def test_every_make_target_in_the_readme_exists():
+    targets = set(re.findall(r"^([a-z][\w-]*):", (ROOT / "Makefile").read_text(), re.M))
+    named = {argv[1] for _, argv in COMMANDS if argv[0] == "make"}
+    named |= set(re.findall(r"`make ([a-z][\w-]*)", README.read_text()))
+    assert named and named <= targets, named - targets
+
+
+def test_every_entry_point_command_in_the_readme_composes(project, monkeypatch, capsys):
+    """Each train.py/evaluate.py/export.py command of the README passes the script's own checks (keys,
+    values, every sweep value, the files it names) and creates nothing."""
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("DS2EXP_ROOT", str(project))
+    before = _listing(project)
+    failures = []
+    for no, argv in COMMANDS:
+        if argv[0] == "python" and argv[1] in ENTRY_POINTS:
+            code, err = _preflight(argv, capsys)
+            if code:
+                failures.append(f"README.md:{no}: {' '.join(argv)}\n  exit {code}: {err[-800:]}")
+    assert not failures, "\n".join(failures)
+    assert _listing(project) == before
+
+
+def test_readme_commands_run_as_written_with_cfg_job(project):
+    """The first README command of each entry point, run as a process with `--cfg job` (Hydra composes
+    and prints the config, nothing runs), and every `python -m ds2exp...` command's `--help`, which
+    must name each option the README gives it. All at once, each in its own process."""
+    env = {**os.environ, "DS2EXP_ROOT": str(project)}
+    before = _listing(project)
+    chosen, seen = [], set()
+    for no, argv in COMMANDS:
+        if argv[0] != "python":
+            continue
+        if argv[1] in ENTRY_POINTS and argv[1] not in seen and "-m" not in argv:
+            seen.add(argv[1])
+            chosen.append((no, argv, [sys.executable, str(ROOT / argv[1]), *argv[2:], "--cfg", "job"]))
+        elif argv[1] == "-m":
+            chosen.append((no, argv, [sys.executable, "-m", argv[2], "--help"]))
+    assert seen == set(ENTRY_POINTS)
+    procs = [(no, argv, subprocess.Popen(cmd, cwd=project, env=env, stdout=subprocess.PIPE,
+                                         stderr=subprocess.PIPE, text=True)) for no, argv, cmd in chosen]
+    failures = []
+    for no, argv, proc in procs:
+        out, err = proc.communicate(timeout=600)
+        if proc.returncode != 0:
+            failures.append(f"README.md:{no}: {' '.join(argv)}\n  exit {proc.returncode}: {err.strip()[-800:]}")
+        elif argv[1] == "-m":
+            unknown = [a.split("=")[0] for a in argv[3:] if a.startswith("--") and a.split("=")[0] not in out]
+            if unknown:
+                failures.append(f"README.md:{no}: {' '.join(argv)}\n  not in its --help: {unknown}")
+        else:
+            assert "model:" in out and "dataset:" in out, out[:500]
+    assert not failures, "\n".join(failures)
+    assert _listing(project) == before
+
+
+@pytest.mark.parametrize("no, argv, expected", TRANSCRIPTS, ids=[str(t[0]) for t in TRANSCRIPTS])
+def test_readme_transcripts_print_what_the_readme_shows(tmp_path, no, argv, expected):
+    assert argv[0] == "python" and argv[1] in ENTRY_POINTS, (no, argv)
+    r = subprocess.run([sys.executable, str(ROOT / argv[1]), *argv[2:]], cwd=tmp_path, capture_output=True,
+                       text=True, env={**os.environ, "DS2EXP_ROOT": str(tmp_path)}, timeout=300)
+    assert (r.stdout + r.stderr).strip().splitlines() == expected, f"README.md:{no}"
+
+
+@pytest.mark.parametrize("script, groups", [
+    ("train.py", ["experiment", "dataset", "model", "optimizer", "hardware", "precision", "logger", "trainer",
+                  "sweep"]),
+    ("evaluate.py", ["dataset", "model", "hardware", "logger", "decoder"]),
+])
+def test_help_starts_with_examples_and_lists_exactly_the_groups_the_command_uses(script, groups):
+    r = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True, cwd=ROOT,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    text = r.stdout
+    head = text.split("Config groups", 1)[0]
+    assert "Examples:" in head and f"python {script} " in head, text[:1000]
+    listed = dict(re.findall(r"^  (\w+):\s+(.*)$", text.split("Config groups", 1)[1], re.M))
+    assert list(listed) == groups, listed
+    conf = ROOT / "conf"
+    for group in groups:
+        options = sorted(p.stem for p in (conf / group).glob("*.yaml"))
+        shown = re.findall(r"[\w]+", listed[group].split("(")[0])
+        if group == "experiment":  # a folder of named runs that grows: each named one must exist
+            assert "quickstart" in shown and "quickstart" in options
+        else:
+            assert sorted(shown) == options, (group, shown, options)
