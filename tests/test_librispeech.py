@@ -141,3 +141,44 @@ def test_empty_manifest_is_a_clear_error(tmp_path):
     m.write_text("")
     with pytest.raises(ManifestError, match="empty"):
         read_manifest(m)
+
+
+def test_unsafe_ids_folders_and_durations_are_reported_and_nothing_leaves_out(tmp_path, say):
+    """A `../` id, a folder named like a transcript, a 1-sample and a 61 s file: each one report entry;
+    no audio read from outside the corpus, no file written outside --out."""
+    corpus = tmp_path / "corpus"
+    subset = corpus / "LibriSpeech" / "dev-clean"
+    chapter = subset / "84" / "121123"
+    write_flac(chapter / "84-121123-0000.flac", say("hello world"))
+    write_flac(chapter / "84-121123-0001.flac", np.zeros(1, np.float32))  # one sample
+    write_flac(chapter / "84-121123-0002.flac", np.zeros(16000 * 61, np.float32))  # 61 s
+    # what the `../../../../outside` id points at, from the chapter folder: tmp_path/outside.flac
+    write_flac(tmp_path / "outside.flac", say("secret words"))
+    (chapter / "84-121123.trans.txt").write_text(
+        "84-121123-0000 HELLO WORLD\n84-121123-0001 ONE SAMPLE\n84-121123-0002 TOO LONG\n"
+        "../../../../outside SECRET WORDS\n84/../../x EVEN MORE\n")
+    (subset / "84" / "999" / "84-999.trans.txt").mkdir(parents=True)  # a folder, not a file
+    out = tmp_path / "work" / "out"
+    before = sorted(p for p in tmp_path.rglob("*") if out not in p.parents)
+    r = subprocess.run([sys.executable, "-m", "ds2exp.data.librispeech", str(subset), "--out", str(out), "--csv",
+                        "--json", "--workers", "1", "--no-progress"], capture_output=True, text=True, cwd=ROOT,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "dev-clean: 1 utterances" in r.stdout, r.stdout
+    after = sorted(p for p in tmp_path.rglob("*") if out not in p.parents and p != out)
+    assert after == before + [tmp_path / "work"], set(after) ^ set(before)  # only --out (and its parent) appear
+    report = json.loads((out / "dev-clean.report.json").read_text())
+    reasons = {e["id"]: e["reason"] for e in report["entries"]}
+    assert "not a plain <speaker>-<chapter>-<n> name" in reasons["../../../../outside"]
+    assert "not a plain" in reasons["84/../../x"]
+    assert "a folder where a transcript file belongs" in reasons["84-999.trans.txt"]
+    assert "shorter than 0.1 s" in reasons["84-121123-0001"]
+    assert "longer than 60.0 s (it is 61 s)" in reasons["84-121123-0002"]
+    rows = [json.loads(x) for x in (out / "dev-clean.jsonl").read_text().splitlines()]
+    assert [x["id"] for x in rows] == ["84-121123-0000"]
+    assert sorted(p.name for p in (out / "txt" / "dev-clean").iterdir()) == ["84-121123-0000.txt"]
+    # no limits: --max-duration 0 keeps the long file
+    r = subprocess.run([sys.executable, "-m", "ds2exp.data.librispeech", str(subset), "--out", str(tmp_path / "work" / "all"),
+                        "--max-duration", "0", "--min-duration", "0", "--workers", "1", "--no-progress"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0 and "dev-clean: 3 utterances" in r.stdout, r.stdout + r.stderr

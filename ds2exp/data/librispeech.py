@@ -12,13 +12,20 @@ deepspeech.pytorch JSON (`--json`) and the model zoo CSV (`--csv`).
 Rules for bad input (one bad file never stops preparation):
   skipped:  missing file, unreadable/corrupt/truncated/empty audio, empty transcript,
             transcript not UTF-8, characters outside the label set, duplicate id,
-            duration outside [--min-duration, --max-duration]
+            an id that is not a plain name (LibriSpeech's `<speaker>-<chapter>-<n>`: letters, digits,
+            `-` and `_`; never a path separator or `..`), a folder where a transcript or audio
+            file belongs, a file that resolves outside its input folder (symlink),
+            duration outside [--min-duration, --max-duration] (defaults 0.1 s and 60 s: LibriSpeech's
+            longest utterance is 35 s; 0 turns a limit off)
   repaired: sample rate other than 16 kHz (resampled when loaded), more than one channel (mixed)
+Nothing is read outside the inputs and nothing is written outside --out.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import re
 import sys
 import tarfile
 from collections import Counter
@@ -35,6 +42,10 @@ from ds2exp.data.manifest import (Utterance, atomic_write_text, write_deepspeech
                                   write_zoo_csv)
 
 TARGET_RATE = 16000
+DEFAULT_MIN_DURATION = 0.1  # seconds; shorter is not speech (a 1-sample file)
+DEFAULT_MAX_DURATION = 60.0  # seconds; LibriSpeech's longest utterance is 35 s
+# LibriSpeech ids are <speaker>-<chapter>-<n>; any plain name is accepted, nothing that could be a path
+_SAFE_ID = re.compile(r"^[A-Za-z0-9_]+(-[A-Za-z0-9_]+)*$")
 
 
 @dataclass
@@ -91,17 +102,40 @@ def find_subsets(path: Path, extract_dir: Path) -> List[Tuple[str, Path]]:
     return subsets
 
 
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        path.resolve().relative_to(folder.resolve())
+        return True
+    except (ValueError, OSError):
+        return False
+
+
 def _scan_subset(folder: Path, report: SubsetReport) -> List[Tuple[str, Path, str]]:
     """(id, flac path, transcript) for every transcript line; bad lines go to the report."""
     items: List[Tuple[str, Path, str]] = []
     seen: set = set()
     listed: set = set()
     for trans in sorted(folder.glob("*/*/*.trans.txt")):
-        for raw in trans.read_bytes().splitlines():
+        if trans.is_dir():
+            report.add(trans.name, str(trans), "a folder where a transcript file belongs", "skipped")
+            continue
+        if not _inside(trans, folder):
+            report.add(trans.name, str(trans), "transcript outside the input folder (symlink)", "skipped")
+            continue
+        try:
+            raw_lines = trans.read_bytes().splitlines()
+        except OSError as exc:
+            report.add(trans.name, str(trans), f"transcript unreadable ({exc.strerror or exc})", "skipped")
+            continue
+        for raw in raw_lines:
             if not raw.strip():
                 continue
             parts = raw.split(None, 1)
             uid = parts[0].decode("ascii", errors="replace")
+            if not _SAFE_ID.match(uid):
+                report.add(uid, str(trans), "id is not a plain <speaker>-<chapter>-<n> name "
+                                            "(path separator, '..' or other characters)", "skipped")
+                continue
             audio = trans.parent / f"{uid}.flac"
             listed.add(audio.name)
             try:
@@ -113,6 +147,12 @@ def _scan_subset(folder: Path, report: SubsetReport) -> List[Tuple[str, Path, st
                 report.add(uid, str(audio), "duplicate id", "skipped")
                 continue
             seen.add(uid)
+            if audio.is_dir():
+                report.add(uid, str(audio), "a folder where an audio file belongs", "skipped")
+                continue
+            if audio.exists() and not _inside(audio, folder):
+                report.add(uid, str(audio), "audio outside the input folder (symlink)", "skipped")
+                continue
             items.append((uid, audio, text))
     for flac in sorted(folder.glob("*/*/*.flac")):
         if flac.name not in listed:
@@ -131,8 +171,8 @@ def _check_audio(args: Tuple[str, str]) -> Tuple[str, Optional[str], float, int,
     return uid, None, info.duration, info.sample_rate, info.channels
 
 
-def prepare_subset(name: str, folder: Path, out_dir: Path, min_duration: float = 0.0,
-                   max_duration: float = float("inf"), workers: int = 2, progress: bool = True,
+def prepare_subset(name: str, folder: Path, out_dir: Path, min_duration: float = DEFAULT_MIN_DURATION,
+                   max_duration: float = DEFAULT_MAX_DURATION, workers: int = 2, progress: bool = True,
                    write_csv: bool = False, write_json: bool = False) -> Tuple[Path, SubsetReport]:
     report = SubsetReport(name)
     items = _scan_subset(folder, report)
@@ -167,10 +207,10 @@ def prepare_subset(name: str, folder: Path, out_dir: Path, min_duration: float =
             report.add(uid, str(audio), reason, "skipped")
             continue
         if duration < min_duration:
-            report.add(uid, str(audio), f"shorter than {min_duration} s", "skipped")
+            report.add(uid, str(audio), f"shorter than {min_duration} s (it is {duration:.4g} s)", "skipped")
             continue
         if duration > max_duration:
-            report.add(uid, str(audio), f"longer than {max_duration} s", "skipped")
+            report.add(uid, str(audio), f"longer than {max_duration} s (it is {duration:.4g} s)", "skipped")
             continue
         if rate != TARGET_RATE:
             report.add(uid, str(audio), f"sample rate {rate} Hz (resampled to {TARGET_RATE} Hz when loaded)",
@@ -191,8 +231,8 @@ def prepare_subset(name: str, folder: Path, out_dir: Path, min_duration: float =
     return manifest, report
 
 
-def prepare(inputs: Iterable[str | Path], out_dir: str | Path, min_duration: float = 0.0,
-            max_duration: float = float("inf"), workers: int = 2, progress: bool = True,
+def prepare(inputs: Iterable[str | Path], out_dir: str | Path, min_duration: float = DEFAULT_MIN_DURATION,
+            max_duration: float = DEFAULT_MAX_DURATION, workers: int = 2, progress: bool = True,
             write_csv: bool = False, write_json: bool = False,
             extract_dir: Optional[Path] = None) -> Dict[str, Tuple[Path, SubsetReport]]:
     out = Path(out_dir)
@@ -209,17 +249,28 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m ds2exp.data.librispeech", description=__doc__.split("\n\n")[0])
     ap.add_argument("inputs", nargs="+", help="subset folders, folders holding LibriSpeech/, or .tar.gz archives")
     ap.add_argument("--out", required=True, help="output folder for manifests and reports")
-    ap.add_argument("--min-duration", type=float, default=0.0, help="seconds (default 0)")
-    ap.add_argument("--max-duration", type=float, default=float("inf"), help="seconds (default: no limit)")
+    ap.add_argument("--min-duration", type=float, default=DEFAULT_MIN_DURATION,
+                    help=f"seconds; shorter files are dropped (default {DEFAULT_MIN_DURATION}; 0: no limit)")
+    ap.add_argument("--max-duration", type=float, default=DEFAULT_MAX_DURATION,
+                    help=f"seconds; longer files are dropped (default {DEFAULT_MAX_DURATION:g}; 0: no limit)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--csv", action="store_true", help="also write the model zoo's wav_path,txt_path CSV")
     ap.add_argument("--json", action="store_true", help="also write deepspeech.pytorch's JSON manifest")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
+    for flag, value in (("--min-duration", args.min_duration), ("--max-duration", args.max_duration)):
+        if not (math.isfinite(value) and value >= 0):
+            print(f"config error: {flag}={value} is not allowed; expected seconds >= 0 (0: no limit)", file=sys.stderr)
+            return 2
+    max_duration = args.max_duration if args.max_duration > 0 else float("inf")
+    if args.min_duration >= max_duration:
+        print(f"config error: --min-duration={args.min_duration} is not allowed; expected less than --max-duration "
+              f"({args.max_duration})", file=sys.stderr)
+        return 2
     if args.workers < 1:
         ap.error("--workers must be >= 1")
     try:
-        results = prepare(args.inputs, args.out, args.min_duration, args.max_duration, args.workers,
+        results = prepare(args.inputs, args.out, args.min_duration, max_duration, args.workers,
                           not args.no_progress, args.csv, args.json)
     except (FileNotFoundError, ValueError, tarfile.TarError) as exc:
         print(f"error: {exc}", file=sys.stderr)
