@@ -12,9 +12,28 @@ def _value(x) -> str:
     return str(x.value if hasattr(x, "value") else x)
 
 
+class _NoSparseAdamDeprecation:
+    """nn.Adam always builds a FusedSparseAdam for sparse gradients, and MindSpore 2.8 logs that this
+    primitive is deprecated when it is built. ds2exp has no sparse gradients and the user cannot act
+    on the line, so it is dropped from MindSpore's logger (nothing else is)."""
+
+    @staticmethod
+    def filter(record) -> bool:
+        return "'FusedSparseAdam' is deprecated" not in record.getMessage()
+
+
+def _quiet_sparse_adam_deprecation() -> None:
+    from mindspore import log as ms_log
+
+    logger = ms_log._get_logger()
+    if not any(isinstance(f, _NoSparseAdamDeprecation) for f in logger.filters):
+        logger.addFilter(_NoSparseAdamDeprecation())
+
+
 def build_optimizer(params, cfg) -> nn.Optimizer:
     """Adam, AdamW (decoupled decay) or SGD with (Nesterov) momentum; the lr is set every step."""
     name = _value(cfg.name)
+    _quiet_sparse_adam_deprecation()
     lr = float(cfg.lr)
     b1, b2 = float(cfg.betas[0]), float(cfg.betas[1])
     if name == "adam":
