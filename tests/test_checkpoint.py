@@ -105,3 +105,56 @@ def test_mismatched_architecture_lists_every_mismatch(tmp_path):
     msg = str(err.value)
     assert "RNN.lstms.0.weight_hh_l0: checkpoint (64, 16) vs model (32, 8)" in msg
     assert "not in model: RNN.lstms.1." in msg
+
+
+def _record_ends(path):
+    from ds2exp.training.checkpoint import _fields
+
+    data = path.read_bytes()
+    return data, [stop for _, _, stop in _fields(data, 0, len(data))]
+
+
+def test_truncation_at_a_record_boundary_and_a_flipped_byte_are_detected(tmp_path):
+    """MindSpore loads a file cut between two records; the SHA-256 record catches it."""
+    from ds2exp.training.checkpoint import verify_checkpoint
+
+    good = save_checkpoint(tmp_path / "good.ckpt", tiny_model(), meta={"step": 9})
+    info = verify_checkpoint(good)
+    assert info.checksum is True and info.step == 9 and info.shapes["fc.module.weight"] == (29, 8)
+    data, ends = _record_ends(good)
+    for cut in (ends[0], ends[len(ends) // 2], ends[-2]):  # after the meta, mid-way, just before the checksum
+        p = tmp_path / f"cut{cut}.ckpt"
+        p.write_bytes(data[:cut])
+        ms.load_checkpoint(str(p))  # MindSpore alone does not notice
+        with pytest.raises(CheckpointError, match=r"truncated checkpoint \(its SHA-256 record is missing\)"):
+            load_checkpoint(p)
+    flipped = bytearray(data)
+    flipped[ends[3] - 5] ^= 0xFF  # inside a tensor's bytes
+    (tmp_path / "flipped.ckpt").write_bytes(bytes(flipped))
+    with pytest.raises(CheckpointError, match="SHA-256 does not match"):
+        load_checkpoint(tmp_path / "flipped.ckpt")
+    # a checkpoint without the record (MindSpore's own, the model zoo's) is read as before
+    plain = tmp_path / "plain.ckpt"
+    ms.save_checkpoint(tiny_model(), str(plain))
+    assert verify_checkpoint(plain).checksum is None and load_checkpoint(plain).model_state
+
+
+def test_run_directory_falls_back_to_the_newest_intact_checkpoint_and_says_which(tmp_path, caplog):
+    """Disk full mid-write: last.ckpt gone or cut at a record boundary; last.prev.ckpt is older than a
+    complete best-*: resume takes the best-* (newest intact by step), not last.prev blindly."""
+    d = tmp_path / "run" / "checkpoints"
+    m = tiny_model()
+    save_checkpoint(d / "last.prev.ckpt", m, meta={"step": 5})
+    save_checkpoint(d / "best-step0000010-cer58.12.ckpt", m, meta={"step": 10})
+    save_checkpoint(d / "best-step0000004-cer70.00.ckpt", m, meta={"step": 4})
+    assert load_checkpoint(tmp_path / "run").meta["step"] == 10  # last.ckpt missing (the write failed)
+    last = save_checkpoint(d / "last.ckpt", m, meta={"step": 12})
+    assert load_checkpoint(tmp_path / "run").path == last
+    data, ends = _record_ends(last)
+    last.write_bytes(data[:ends[len(ends) // 2]])
+    caplog.set_level("WARNING", logger="ds2exp.training.checkpoint")
+    loaded = load_checkpoint(tmp_path / "run")
+    assert loaded.meta["step"] == 10 and loaded.path.name == "best-step0000010-cer58.12.ckpt"
+    text = caplog.text
+    assert f"skipping damaged checkpoint {last}: truncated checkpoint" in text
+    assert "using " + str(d / "best-step0000010-cer58.12.ckpt") + " (step 10), the newest intact checkpoint" in text

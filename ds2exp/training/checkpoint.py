@@ -63,11 +63,15 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class _CutShort(ValueError):
+    pass
+
+
 def _varint(buf, pos: int, end: int) -> Tuple[int, int]:
     value = shift = 0
     while True:
         if pos >= end or shift > 63:
-            raise ValueError("record cut inside a length")
+            raise _CutShort(f"ends inside a record header at byte {end}")
         b = buf[pos]
         pos += 1
         value |= (b & 0x7F) << shift
@@ -88,7 +92,7 @@ def _fields(buf, pos: int, end: int):
             raise ValueError(f"unexpected protobuf wire type {wire} at byte {pos}")
         size, pos = _varint(buf, pos, end)
         if pos + size > end:
-            raise ValueError(f"record cut short at byte {end} (needs {pos + size})")
+            raise _CutShort(f"ends at byte {end} inside a record that needs {pos + size}")
         yield key >> 3, pos, pos + size
         pos += size
 
@@ -188,6 +192,8 @@ def verify_checkpoint(path: str | Path) -> CheckpointInfo:
                     info.checksum = hashlib.sha256(buf[:digest_at[0]]).hexdigest() == digest_at[1]
     except CheckpointError:
         raise
+    except _CutShort as exc:
+        raise CheckpointError(f"{path}: truncated checkpoint ({exc})") from exc
     except (ValueError, UnicodeDecodeError, OSError) as exc:
         raise CheckpointError(f"{path}: not a readable MindSpore checkpoint ({str(exc).splitlines()[0][:160]})") \
             from exc
