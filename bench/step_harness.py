@@ -241,7 +241,7 @@ def _data_wait(cfg, trainer, steps: int) -> Dict[str, Any]:
 def child_naive(args) -> Dict[str, Any]:
     import mindspore as ms
 
-    from ds2exp.evaluation.runner import ctc_losses
+    from ds2exp.models.ctc import ctc_losses
     from ds2exp.models.deepspeech2 import DeepSpeech2
 
     ms.set_device("CPU")

@@ -19,7 +19,7 @@ from ds2exp.evaluation.decoding import (
     prefix_beam_search,
     prefix_beam_search_nbest,
 )
-from ds2exp.evaluation.metrics import ErrorRateAccumulator, char_errors, word_errors
+from ds2exp.training.metrics import ErrorRateAccumulator, char_errors, word_errors
 
 HAVE_PYCTCDECODE = importlib.util.find_spec("pyctcdecode") is not None
 needs_pyctcdecode = pytest.mark.skipif(not HAVE_PYCTCDECODE, reason="pyctcdecode not installed")

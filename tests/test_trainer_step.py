@@ -9,7 +9,7 @@ from ds2exp.cli import check_overrides
 from ds2exp.data.dataset import BatchLoader, BucketBatchSampler, load_split
 from ds2exp.data.features import FeatureCache, FeatureSettings
 from ds2exp.data.manifest import Utterance, write_jsonl
-from ds2exp.evaluation.runner import ctc_losses
+from ds2exp.models.ctc import ctc_losses
 from ds2exp.models.deepspeech2 import build_model
 from ds2exp.tracking.mlflow_tracker import NullTracker
 from ds2exp.training.optim import build_optimizer, set_learning_rate

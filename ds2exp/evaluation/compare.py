@@ -98,7 +98,7 @@ def make_decoder(dec_cfg):
 
 
 def score_checkpoint(path: Path, cfg, loader) -> CheckpointScore:
-    from ds2exp.evaluation.runner import evaluate_model
+    from ds2exp.training.validate import evaluate_model
     from ds2exp.models.deepspeech2 import build_model, count_parameters, load_state
 
     loaded = load_checkpoint(path)

@@ -5,7 +5,7 @@ helpers) over the label set ``ds2exp.data.labels.LABELS``, whose CTC blank is th
 index (``BLANK_INDEX == 28``) and whose word separator is ``" "``.  ``length`` (valid
 frame count) trims padding frames; ``None`` means all ``T`` frames.
 
-* ``greedy_decode`` – argmax per frame, collapse repeats, drop blanks.  The output is
+* ``greedy_decode`` (from ``ds2exp.models.ctc``) – argmax per frame, collapse repeats, drop blanks.  The output is
   the raw collapsed label string (no whitespace normalisation) so that
   ``greedy_decode_with_offsets`` can return one frame offset per output character.
 * ``BeamSearchDecoder`` – CTC prefix beam search through ``pyctcdecode`` (optionally
@@ -25,6 +25,8 @@ from typing import Sequence
 import numpy as np
 
 from ds2exp.data.labels import BLANK_INDEX, LABELS
+from ds2exp.models.ctc import (  # noqa: F401  (greedy decoding is part of this module's API)
+    batch_greedy_decode, check_scores, greedy_decode, greedy_decode_with_offsets)
 
 __all__ = [
     "BeamSearchDecoder",
@@ -40,21 +42,6 @@ __all__ = [
 _NEG_INF = float("-inf")
 
 
-# --------------------------------------------------------------------------- helpers
-def _check_2d(log_probs: np.ndarray, labels: Sequence[str], length: int | None) -> np.ndarray:
-    arr = np.asarray(log_probs)
-    if arr.ndim != 2:
-        raise ValueError(f"expected scores of shape (T, C), got shape {arr.shape}")
-    if arr.shape[1] != len(labels):
-        raise ValueError(f"scores have {arr.shape[1]} classes but the label set has {len(labels)}")
-    if length is not None:
-        length = int(length)
-        if not 0 <= length <= arr.shape[0]:
-            raise ValueError(f"length {length} outside [0, {arr.shape[0]}]")
-        arr = arr[:length]
-    return arr
-
-
 def log_softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     """Numerically stable log-softmax (idempotent on log-probabilities)."""
     x = np.asarray(x, dtype=np.float64)
@@ -62,73 +49,6 @@ def log_softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     m = np.where(np.isfinite(m), m, 0.0)
     with np.errstate(divide="ignore"):
         return x - m - np.log(np.sum(np.exp(x - m), axis=axis, keepdims=True))
-
-
-def _collapse(best: np.ndarray, blank: int, labels: Sequence[str]) -> tuple[str, list[int]]:
-    chars: list[str] = []
-    offsets: list[int] = []
-    prev = -1
-    for t, k in enumerate(best.tolist()):
-        if k != prev and k != blank:
-            chars.append(labels[k])
-            offsets.append(t)
-        prev = k
-    return "".join(chars), offsets
-
-
-# ---------------------------------------------------------------------------- greedy
-def greedy_decode_with_offsets(
-    log_probs: np.ndarray,
-    length: int | None = None,
-    blank: int = BLANK_INDEX,
-    labels: Sequence[str] = LABELS,
-) -> tuple[str, list[int]]:
-    """Best-path decoding; returns (text, frame index where each output character starts).
-
-    A label repeated over consecutive frames is emitted once; a blank between two equal
-    labels separates them (``A A _ A`` -> ``"AA"``).  Works on log-probabilities,
-    probabilities or raw logits alike (only the per-frame argmax matters).
-    """
-    arr = _check_2d(log_probs, labels, length)
-    if arr.shape[0] == 0:
-        return "", []
-    return _collapse(np.argmax(arr, axis=1), blank, labels)
-
-
-def greedy_decode(
-    log_probs: np.ndarray,
-    length: int | None = None,
-    blank: int = BLANK_INDEX,
-    labels: Sequence[str] = LABELS,
-) -> str:
-    """Best-path decoding of a ``(T, C)`` score matrix (see greedy_decode_with_offsets)."""
-    return greedy_decode_with_offsets(log_probs, length, blank, labels)[0]
-
-
-def batch_greedy_decode(
-    log_probs: np.ndarray,
-    lengths: Sequence[int] | np.ndarray | None = None,
-    blank: int = BLANK_INDEX,
-    labels: Sequence[str] = LABELS,
-) -> list[str]:
-    """Greedy-decode a ``(B, T, C)`` batch; ``lengths`` (B,) gives valid frames per item."""
-    arr = np.asarray(log_probs)
-    if arr.ndim != 3:
-        raise ValueError(f"expected scores of shape (B, T, C), got shape {arr.shape}")
-    if arr.shape[2] != len(labels):
-        raise ValueError(f"scores have {arr.shape[2]} classes but the label set has {len(labels)}")
-    b, t, _ = arr.shape
-    if lengths is None:
-        lens = [t] * b
-    else:
-        lens = [int(n) for n in np.asarray(lengths).reshape(-1)]
-        if len(lens) != b:
-            raise ValueError(f"{len(lens)} lengths for a batch of {b}")
-        for n in lens:
-            if not 0 <= n <= t:
-                raise ValueError(f"length {n} outside [0, {t}]")
-    best = np.argmax(arr, axis=2) if t > 0 else np.zeros((b, 0), dtype=np.int64)
-    return [_collapse(best[i, : lens[i]], blank, labels)[0] for i in range(b)]
 
 
 # -------------------------------------------------------- pure-python prefix search
@@ -168,7 +88,7 @@ def prefix_beam_search_nbest(
     """
     if beam_width < 1:
         raise ValueError("beam_width must be >= 1")
-    arr = log_softmax(_check_2d(log_probs, labels, length), axis=1)
+    arr = log_softmax(check_scores(log_probs, labels, length), axis=1)
     space = labels.index(" ") if " " in labels else None
     # prefix (tuple of label ids) -> [logp ending in blank, logp ending in last label]
     beams: dict[tuple[int, ...], list[float]] = {(): [0.0, _NEG_INF]}
@@ -341,7 +261,7 @@ class BeamSearchDecoder:
 
     def decode(self, log_probs: np.ndarray, length: int | None = None) -> str:
         """Decode one ``(T, C)`` matrix of log-probabilities (or logits); returns the text."""
-        arr = log_softmax(_check_2d(log_probs, self.labels, length), axis=1)
+        arr = log_softmax(check_scores(log_probs, self.labels, length), axis=1)
         if arr.shape[0] == 0:
             return ""
         if self._decoder is None:

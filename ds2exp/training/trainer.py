@@ -25,7 +25,8 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from ds2exp.data.dataset import Batch, BatchLoader
-from ds2exp.evaluation.runner import EvalResult, ctc_losses, evaluate_model, infeasible_rows
+from ds2exp.models.ctc import ctc_losses, infeasible_rows
+from ds2exp.training.validate import EvalResult, evaluate_model
 from ds2exp.models.deepspeech2 import parameter_groups
 from ds2exp.training.checkpoint import restore_optimizer, save_checkpoint
 from ds2exp.training.optim import learning_rate, set_learning_rate

@@ -7,7 +7,7 @@ import numpy as np
 def _tiny_training():
     import mindspore as ms
 
-    from ds2exp.evaluation.runner import ctc_losses
+    from ds2exp.models.ctc import ctc_losses
     from ds2exp.models.deepspeech2 import DeepSpeech2
     from ds2exp.training.optim import build_optimizer
     from omegaconf import OmegaConf

@@ -1,4 +1,7 @@
-"""Run a model over a data split: CTC loss, greedy (or beam) transcripts, WER/CER."""
+"""The validation pass: run a model over a data split for its CTC loss, transcripts and WER/CER.
+
+Used by the trainer at every validation and by `evaluate.py` (with a beam decoder) alike.
+"""
 from __future__ import annotations
 
 import time
@@ -7,28 +10,10 @@ from typing import Callable, Dict, List, Optional
 
 import mindspore as ms
 import numpy as np
-from mindspore import ops
 
 from ds2exp.data.dataset import BatchLoader
-from ds2exp.data.labels import BLANK_INDEX
-from ds2exp.evaluation.decoding import batch_greedy_decode
-from ds2exp.evaluation.metrics import ErrorRateAccumulator
-
-
-def ctc_losses(logits, out_lengths, labels, label_lengths):
-    """Per-utterance CTC negative log-likelihood (fp32), blank = last label."""
-    log_probs = ops.log_softmax(logits.astype(ms.float32), -1).transpose(1, 0, 2)
-    out = ops.ctc_loss(log_probs, labels, out_lengths, label_lengths, blank=BLANK_INDEX, reduction="none",
-                       zero_infinity=False)
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
-def infeasible_rows(batch) -> np.ndarray:
-    """Rows whose transcript needs more CTC frames than the model outputs (loss = +inf)."""
-    from ds2exp.data.dataset import ctc_min_frames, output_frames
-
-    return np.array([ctc_min_frames(list(lab[: int(n)])) > output_frames(int(f))
-                     for lab, n, f in zip(batch.labels, batch.label_lengths, batch.feature_lengths)], dtype=bool)
+from ds2exp.models.ctc import batch_greedy_decode, ctc_losses, infeasible_rows
+from ds2exp.training.metrics import ErrorRateAccumulator
 
 
 @dataclass
