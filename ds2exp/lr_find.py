@@ -144,7 +144,8 @@ def plot(lrs: List[float], losses: List[float], result: Dict[str, Any], path: Pa
 def run_range_test(cfg: DictConfig, run_dir: Path) -> Dict[str, Any]:
     from tqdm import tqdm
 
-    from ds2exp.tracking.mlflow_tracker import flatten, make_tracker
+    from ds2exp.tracking import make_tracker
+    from ds2exp.tracking.mlflow_tracker import flatten
     from ds2exp.training.optim import build_optimizer, range_test_lr, set_learning_rate
     from ds2exp.training.run import build_data, build_model_for_precision, setup_mindspore
     from ds2exp.training.trainer import Trainer

@@ -156,7 +156,7 @@ def bar_chart(scores: List[CheckpointScore], path: Path) -> Path:
 
 
 def run_evaluation(cfg, out_dir: Path) -> List[CheckpointScore]:
-    from ds2exp.tracking.mlflow_tracker import make_tracker
+    from ds2exp.tracking import make_tracker
 
     refs = list(cfg.checkpoints) or ([cfg.checkpoint] if cfg.checkpoint else [])
     if not refs:

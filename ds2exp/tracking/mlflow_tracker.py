@@ -1,6 +1,7 @@
 """Experiment tracking: MLflow (SQLite store by default, a server when given) or nothing.
 
 The trainer talks to a `Tracker`; `NullTracker` keeps `logger=none` runs free of MLflow.
+`ds2exp.tracking.make_tracker` picks the tracker for a config.
 Runs are driven through `MlflowClient` with explicit run ids (not the fluent API's global
 active run) so that sweep parents, resumed runs and evaluation runs are all explicit.
 """
@@ -8,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
 
@@ -136,21 +136,3 @@ class MlflowTracker(Tracker):
 
     def end(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
-
-
-def make_tracker(logger_cfg, run_name: Optional[str] = None, run_id: Optional[str] = None,
-                 parent_run_id: Optional[str] = None, tags: Optional[Mapping[str, Any]] = None,
-                 spool_dir: Optional[str | Path] = None, adopt_spool: bool = False) -> Tracker:
-    """The tracker for `logger_cfg`. With `spool_dir` (a training run's directory) MLflow calls go
-    through `ResilientTracker`: an unavailable store never stops training and nothing is lost."""
-    backend = str(getattr(logger_cfg.backend, "value", logger_cfg.backend))
-    if backend == "none":
-        return NullTracker()
-    parent = parent_run_id or os.environ.get("DS2EXP_PARENT_RUN_ID")
-    if spool_dir is not None:
-        from ds2exp.tracking.resilient import ResilientTracker
-
-        return ResilientTracker(logger_cfg.tracking_uri, logger_cfg.experiment_name, spool_dir, run_name=run_name,
-                                run_id=run_id, parent_run_id=parent, tags=tags, adopt_spool=adopt_spool)
-    return MlflowTracker(logger_cfg.tracking_uri, logger_cfg.experiment_name, run_name=run_name, run_id=run_id,
-                         parent_run_id=parent, tags=tags)

@@ -248,7 +248,8 @@ def _train(cfg: DictConfig, run_dir: Path, resumed, continues: bool, rank: int =
     from ds2exp.training.checkpoint import load_checkpoint, prime_optimizer
     from ds2exp.training.optim import build_optimizer
     from ds2exp.training.trainer import Trainer, TrainingStopped
-    from ds2exp.tracking.mlflow_tracker import flatten, make_tracker
+    from ds2exp.tracking import make_tracker
+    from ds2exp.tracking.mlflow_tracker import flatten
     from ds2exp.tracking.resilient import read_state
     from ds2exp.training.signals import StopOnSignal, TrainingInterrupted, warm_up_runtime
 
