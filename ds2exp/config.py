@@ -49,6 +49,11 @@ if not OmegaConf.has_resolver("ds2exp_root"):
     OmegaConf.register_new_resolver("ds2exp_root", project_root)
 
 
+def enum_value(x) -> str:
+    """The string of a config value that is an Enum member in a structured config or a plain string."""
+    return str(x.value if hasattr(x, "value") else x)
+
+
 class DatasetSource(str, Enum):
     synth = "synth"
     librispeech = "librispeech"

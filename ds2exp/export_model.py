@@ -18,13 +18,11 @@ from mindspore import nn
 from omegaconf import OmegaConf
 
 from ds2exp.training.checkpoint import load_checkpoint
+from ds2exp.config import enum_value
 
 log = logging.getLogger("ds2exp.export")
 SUFFIX = {"MINDIR": ".mindir", "ONNX": ".onnx", "AIR": ".air"}
 
-
-def _value(x) -> str:
-    return str(x.value if hasattr(x, "value") else x)
 
 
 class ExportError(Exception):
@@ -85,7 +83,7 @@ def export_checkpoint(cfg) -> ExportResult:
 
     path = resolve_checkpoint(cfg.checkpoint)
     loaded = load_checkpoint(path)
-    fmt = _value(cfg.format)
+    fmt = enum_value(cfg.format)
     out = Path(cfg.output) if cfg.output else path.with_suffix(SUFFIX[fmt])
     feats = verification_inputs(cfg, max(1, int(cfg.verify_utterances)))
     frames = int(cfg.frames) or max(f.shape[1] for f in feats)

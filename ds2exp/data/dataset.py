@@ -16,6 +16,7 @@ from ds2exp.data.audio import AudioError
 from ds2exp.data.features import FeatureCache, FeatureSettings, spec_augment
 from ds2exp.data.labels import TranscriptError, encode
 from ds2exp.data.manifest import ManifestError, Utterance, atomic_write_text, read_manifest
+from ds2exp.config import enum_value
 
 
 class DatasetError(Exception):
@@ -57,7 +58,7 @@ class SplitData:
 def resolve_manifests(cfg, progress: bool = True) -> Dict[str, List[Path]]:
     """Manifests for train/val/test from the dataset config, building/preparing as needed."""
     d = cfg.dataset
-    source = str(d.source.value if hasattr(d.source, "value") else d.source)
+    source = enum_value(d.source)
     if source == "manifest":
         out = {"train": [Path(d.train_manifest)]}
         out["val"] = [Path(d.val_manifest)] if d.val_manifest else []

@@ -12,12 +12,10 @@ from typing import Dict, List, Optional
 from omegaconf import OmegaConf
 
 from ds2exp.training.checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint
+from ds2exp.config import enum_value
 
 log = logging.getLogger("ds2exp.evaluate")
 
-
-def _value(x) -> str:
-    return str(x.value if hasattr(x, "value") else x)
 
 
 def resolve_checkpoint(ref: str, tracking_uri: Optional[str] = None) -> Path:
@@ -88,7 +86,7 @@ def build_eval_loader(cfg, split: str):
 
 
 def make_decoder(dec_cfg):
-    if _value(dec_cfg.name) == "greedy":
+    if enum_value(dec_cfg.name) == "greedy":
         return None
     from ds2exp.evaluation.decoding import BeamSearchDecoder
 
@@ -104,7 +102,7 @@ def score_checkpoint(path: Path, cfg, loader) -> CheckpointScore:
     loaded = load_checkpoint(path)
     model = build_model(model_config_for(loaded, cfg.model))
     load_state(model, loaded.model_state)
-    res = evaluate_model(model, loader, _value(cfg.metric), cfg.max_utterances, make_decoder(cfg.decoder))
+    res = evaluate_model(model, loader, enum_value(cfg.metric), cfg.max_utterances, make_decoder(cfg.decoder))
     m = loaded.meta
     return CheckpointScore(path.stem if path.parent.name != "checkpoints" else f"{path.parent.parent.name}/{path.stem}",
                            str(path), res.wer, res.cer, count_parameters(model), m.get("step"), m.get("val_loss"),
@@ -161,7 +159,7 @@ def run_evaluation(cfg, out_dir: Path) -> List[CheckpointScore]:
     refs = list(cfg.checkpoints) or ([cfg.checkpoint] if cfg.checkpoint else [])
     if not refs:
         raise CheckpointError("give checkpoint=PATH or checkpoints='[a,b]'")
-    uri = cfg.logger.tracking_uri if _value(cfg.logger.backend) == "mlflow" else None
+    uri = cfg.logger.tracking_uri if enum_value(cfg.logger.backend) == "mlflow" else None
     paths = [resolve_checkpoint(r, uri) for r in refs]
     loader = build_eval_loader(cfg, cfg.split)
     scores = []
@@ -176,7 +174,7 @@ def run_evaluation(cfg, out_dir: Path) -> List[CheckpointScore]:
     files = [write_records(s, out_dir) for s in scores]
     chart = bar_chart(scores, out_dir / "comparison.png")
     tags = {"ds2exp.kind": "evaluation", "ds2exp.split": cfg.split, "ds2exp.dataset": cfg.dataset.name,
-            "ds2exp.decoder": _value(cfg.decoder.name)}
+            "ds2exp.decoder": enum_value(cfg.decoder.name)}
     if len(scores) == 1 and scores[0].training_run_id:
         tags["ds2exp.training_run_id"] = scores[0].training_run_id
     tracker = make_tracker(cfg.logger, run_name=f"eval-{cfg.dataset.name}-{cfg.split}", tags=tags)
@@ -185,8 +183,8 @@ def run_evaluation(cfg, out_dir: Path) -> List[CheckpointScore]:
         tracker.log_metrics({f"{prefix}/wer": s.wer, f"{prefix}/cer": s.cer}, step=s.step or 0)
         for f in files[i].values():
             tracker.log_artifact(f, "utterances")
-    tracker.log_params({"checkpoints": json.dumps([s.path for s in scores]), "metric": _value(cfg.metric),
-                        "decoder": _value(cfg.decoder.name)})
+    tracker.log_params({"checkpoints": json.dumps([s.path for s in scores]), "metric": enum_value(cfg.metric),
+                        "decoder": enum_value(cfg.decoder.name)})
     tracker.log_text(table + "\n", "comparison.txt")
     tracker.log_artifact(chart, "plots")
     tracker.end()

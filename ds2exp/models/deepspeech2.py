@@ -15,12 +15,10 @@ from mindspore import nn, ops
 
 from ds2exp.data.labels import NUM_CLASSES
 from ds2exp.models.layers import make_conv2d, make_rnn
+from ds2exp.config import enum_value
 
 NUM_BINS = 161  # 20 ms window at 16 kHz
 
-
-def _value(x) -> str:
-    return str(x.value if hasattr(x, "value") else x)
 
 
 def conv_output_bins(bins: int = NUM_BINS) -> int:
@@ -155,10 +153,10 @@ class DeepSpeech2(nn.Cell):
 
 def build_model(model_cfg) -> DeepSpeech2:
     m = model_cfg
-    return DeepSpeech2(conv_channels=m.conv_channels, activation=_value(m.activation), batch_norm=m.batch_norm,
-                       rnn_type=_value(m.rnn_type), rnn_layers=m.rnn_layers, rnn_hidden=m.rnn_hidden,
-                       bidirectional=m.bidirectional, merge=_value(m.merge), conv_impl=_value(m.conv_impl),
-                       rnn_impl=_value(m.rnn_impl), rnn_block_name=m.rnn_block_name)
+    return DeepSpeech2(conv_channels=m.conv_channels, activation=enum_value(m.activation), batch_norm=m.batch_norm,
+                       rnn_type=enum_value(m.rnn_type), rnn_layers=m.rnn_layers, rnn_hidden=m.rnn_hidden,
+                       bidirectional=m.bidirectional, merge=enum_value(m.merge), conv_impl=enum_value(m.conv_impl),
+                       rnn_impl=enum_value(m.rnn_impl), rnn_block_name=m.rnn_block_name)
 
 
 def count_parameters(model: nn.Cell, trainable_only: bool = True) -> int:

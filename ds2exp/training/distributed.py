@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
+from ds2exp.config import enum_value
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +49,6 @@ def role() -> Optional[str]:
 def in_msrun_worker() -> bool:
     return role() == "MS_WORKER"
 
-
-def _value(x) -> str:
-    return str(x.value if hasattr(x, "value") else x)
 
 
 def run_scheduler(device_target: str = "CPU") -> None:
@@ -177,7 +175,7 @@ def launch(script: Path, argv: Sequence[str], cfg) -> int:
     # msrun's cluster set-up logs hundreds of retry warnings while the ranks connect; errors only,
     # unless the user chose a level (GLOG_v).
     env.setdefault("GLOG_v", "3")
-    if _value(cfg.hardware.device_target) == "CPU" and "OMP_NUM_THREADS" not in os.environ:
+    if enum_value(cfg.hardware.device_target) == "CPU" and "OMP_NUM_THREADS" not in os.environ:
         env["OMP_NUM_THREADS"] = str(_cores_per_rank(n))
     # Build the data set (synthetic corpus, manifests) once, here, before N ranks would race to.
     from ds2exp.data.dataset import resolve_manifests
@@ -199,7 +197,7 @@ def threads_per_rank(hw_cfg, world: int) -> Optional[int]:
     """CPU threads for one rank: the configured number, else the cores shared out between the ranks."""
     if hw_cfg.threads:
         return int(hw_cfg.threads)
-    if world > 1 and _value(hw_cfg.device_target) == "CPU":
+    if world > 1 and enum_value(hw_cfg.device_target) == "CPU":
         return _cores_per_rank(world)
     return None
 

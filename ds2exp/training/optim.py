@@ -6,10 +6,8 @@ from typing import Optional
 
 import mindspore as ms
 from mindspore import nn, ops
+from ds2exp.config import enum_value
 
-
-def _value(x) -> str:
-    return str(x.value if hasattr(x, "value") else x)
 
 
 class _NoSparseAdamDeprecation:
@@ -32,7 +30,7 @@ def _quiet_sparse_adam_deprecation() -> None:
 
 def build_optimizer(params, cfg) -> nn.Optimizer:
     """Adam, AdamW (decoupled decay) or SGD with (Nesterov) momentum; the lr is set every step."""
-    name = _value(cfg.name)
+    name = enum_value(cfg.name)
     _quiet_sparse_adam_deprecation()
     lr = float(cfg.lr)
     b1, b2 = float(cfg.betas[0]), float(cfg.betas[1])
@@ -57,7 +55,7 @@ def learning_rate(cfg, step: int, epoch: int, total_steps: int, time_progress: O
     reaches the low end of its schedule when its time runs out, not at a step count it never
     gets to."""
     base = float(cfg.lr)
-    schedule = _value(cfg.schedule)
+    schedule = enum_value(cfg.schedule)
     warm = int(cfg.warmup_steps)
     if warm > 0 and step < warm:
         return base * (step + 1) / warm

@@ -17,20 +17,18 @@ from omegaconf import DictConfig, OmegaConf
 
 import ds2exp
 from ds2exp.config import project_root
+from ds2exp.config import enum_value
 
 log = logging.getLogger("ds2exp.train")
 
-
-def _value(x) -> str:
-    return str(x.value if hasattr(x, "value") else x)
 
 
 def setup_mindspore(hw_cfg, seed: int, threads: Optional[int] = None) -> None:
     """Device, execution mode, launch mode, threads (`threads` overrides hardware.threads) and seeds."""
     import mindspore as ms
 
-    target = _value(hw_cfg.device_target)
-    mode = ms.GRAPH_MODE if _value(hw_cfg.mode) == "graph" else ms.PYNATIVE_MODE
+    target = enum_value(hw_cfg.device_target)
+    mode = ms.GRAPH_MODE if enum_value(hw_cfg.mode) == "graph" else ms.PYNATIVE_MODE
     if hasattr(ms, "set_device"):
         ms.set_device(target)
         ms.set_context(mode=mode)
@@ -113,7 +111,7 @@ def build_model_for_precision(cfg):
 
     from ds2exp.models.deepspeech2 import build_model
 
-    dtype = _value(cfg.precision.dtype)
+    dtype = enum_value(cfg.precision.dtype)
     if dtype == "fp32":
         return build_model(cfg.model)
     mcfg = OmegaConf.create(OmegaConf.to_container(cfg.model, enum_to_str=True))
@@ -303,7 +301,7 @@ def _train(cfg: DictConfig, run_dir: Path, resumed, continues: bool, rank: int =
             resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
             params = flatten(resolved)
             params.update({"git_commit": git_commit(), "mindspore_version": ms.__version__,
-                           "ds2exp_version": ds2exp.__version__, "device": _value(cfg.hardware.device_target),
+                           "ds2exp_version": ds2exp.__version__, "device": enum_value(cfg.hardware.device_target),
                            "platform": platform.platform(), "model_parameters": count_parameters(model),
                            "train_utterances": len(train_loader.split.examples),
                            "train_audio_hours": round(train_loader.split.total_audio_seconds / 3600, 4)})

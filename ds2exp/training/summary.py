@@ -12,6 +12,7 @@ import math
 import shlex
 from pathlib import Path
 from typing import Any, Dict, Optional
+from ds2exp.config import enum_value
 
 log = logging.getLogger(__name__)
 
@@ -19,9 +20,6 @@ STATUSES = ("finished", "diverged", "interrupted", "failed")
 MLFLOW_STATUS = {"finished": "FINISHED", "diverged": "FAILED", "failed": "FAILED", "interrupted": "KILLED"}
 UI_ADDRESS = "http://127.0.0.1:5000"  # where `make ui` serves the project's store
 
-
-def _value(x) -> str:
-    return str(x.value if hasattr(x, "value") else x)
 
 
 def best_checkpoint(state, cfg) -> Optional[Dict[str, Any]]:
@@ -92,7 +90,7 @@ def build(outcome: str, base: Dict[str, Any], state, cfg, run_dir: Path, tracker
     """summary.json for a run that ended with `outcome` (one of STATUSES); `base` carries what the
     trainer or the divergence diagnosis returned (stop_reason, cause, first_bad_step, ...)."""
     assert outcome in STATUSES, outcome
-    backend = _value(cfg.logger.backend)
+    backend = enum_value(cfg.logger.backend)
     uri = str(cfg.logger.tracking_uri) if backend != "none" else None
     run_id = getattr(tracker, "run_id", None)
     exp_id = experiment_id(tracker) if uri else None

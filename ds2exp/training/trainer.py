@@ -31,12 +31,10 @@ from ds2exp.models.deepspeech2 import parameter_groups
 from ds2exp.training.checkpoint import restore_optimizer, save_checkpoint
 from ds2exp.training.optim import learning_rate, set_learning_rate
 from ds2exp.tracking.mlflow_tracker import Tracker
+from ds2exp.config import enum_value
 
 log = logging.getLogger(__name__)
 
-
-def _value(x) -> str:
-    return str(x.value if hasattr(x, "value") else x)
 
 
 class _RolledBack(Exception):
@@ -264,7 +262,7 @@ class Trainer:
     def validate(self) -> Optional[EvalResult]:
         if self.val_loader is None or not self.is_primary:
             return None
-        res = evaluate_model(self.model, self.val_loader, _value(self.cfg.trainer.metric),
+        res = evaluate_model(self.model, self.val_loader, enum_value(self.cfg.trainer.metric),
                              self.cfg.trainer.max_eval_utterances)
         h = self.state.history
         h["val_step"].append(self.state.step)
@@ -291,7 +289,7 @@ class Trainer:
         # MindSpore cells start in inference mode; BatchNorm must use batch statistics here.
         self.model.set_train(True)
         done = s.step >= self.max_steps
-        if _value(t.nonfinite) == "rollback" and not (self.ckpt_dir / "last.ckpt").exists():
+        if enum_value(t.nonfinite) == "rollback" and not (self.ckpt_dir / "last.ckpt").exists():
             self.save_last()  # a good state to roll back to, even before the first interval
         while not done:
             try:
@@ -407,9 +405,9 @@ class Trainer:
 
         s = self.state
         t = self.cfg.trainer
-        policy = _value(t.nonfinite)
+        policy = enum_value(t.nonfinite)
         d = diagnosis(s.step, lr, res.loss_scale, batch, res, self.recent, policy, s.consecutive_nonfinite,
-                      _value(self.cfg.precision.dtype))
+                      enum_value(self.cfg.precision.dtype))
         d["nonfinite_steps"] = s.nonfinite_steps
         log.warning("step %d skipped: %s", s.step, d["summary"])
         if len(self.diagnoses) < 50:
