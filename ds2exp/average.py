@@ -79,13 +79,18 @@ def main(argv=None) -> int:
     ap.add_argument("--k", type=int, default=3)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
+    from ds2exp.cli import refuse
+    from ds2exp.training.checkpoint import CheckpointError
+
     if args.k < 1:
-        ap.error("--k must be >= 1")
+        refuse("--k", args.k, "an integer >= 1")
+    if not args.run_dir.is_dir():
+        refuse("run_dir", str(args.run_dir), "an existing run directory (or its checkpoints/ folder)")
     try:
         paths = select(args.run_dir, args.mode, args.k)
         out = args.out or (args.run_dir / "checkpoints" / f"averaged-{args.mode}{len(paths)}.ckpt")
         average(paths, out)
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"averaged {len(paths)} checkpoints -> {out}")

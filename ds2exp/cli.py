@@ -287,6 +287,24 @@ def config_error(message: str) -> "NoReturn":
     sys.exit(EXIT_CONFIG_ERROR)
 
 
+def check_argument_outputs(tracking_uri: Optional[str] = None, out_file: Optional[str] = None,
+                           tracking_key: str = "--tracking-uri", out_key: str = "--out") -> None:
+    """For argparse commands: a tracking URI of a supported scheme (else exit 2) and an output file
+    whose folder can be created (else exit 3), each refused in one line."""
+    from ds2exp.validation import check_tracking_uri
+
+    if tracking_uri is not None:
+        try:
+            check_tracking_uri(tracking_uri, tracking_key)
+        except ConfigValueError as exc:
+            config_error(str(exc))
+    if out_file is not None:
+        why = "it is a directory" if Path(out_file).is_dir() else _why_not_creatable(Path(out_file).parent)
+        if why:
+            print(f"output error: cannot write {out_key} {os.path.abspath(out_file)}: {why}", file=sys.stderr)
+            sys.exit(EXIT_OUTPUT_ERROR)
+
+
 def refuse(key: str, value, allowed: str) -> "NoReturn":
     """The one-line refusal of a bad argument, worded like the config checks'."""
     config_error(str(ConfigValueError(key, value, allowed)))

@@ -101,6 +101,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not Path(args.target).is_dir() and not _RUN_ID.match(args.target):
         print(f"sweep_report: {args.target} is neither a directory nor an MLflow run id", file=sys.stderr)
         return 2
+    from ds2exp.cli import check_argument_outputs
+
+    check_argument_outputs(tracking_uri=args.tracking_uri, out_file=args.out)
     sweep = load(args.target, args.tracking_uri)
     files = write(sweep, Path(args.out) if args.out else None)
     text = files["text"].read_text()

@@ -1,0 +1,304 @@
+"""Every malformed command line is refused before any work: exit 2 (or 3 for an output location that
+cannot be created), one line naming the key, no traceback, nothing created.
+
+A table keeps each case found by probing train.py / evaluate.py / export.py; a property-based test
+generates malformed values per key from the structured configs. Both go through `preflight`, the
+function the commands call first, in-process; a sample of each command runs as a real subprocess.
+`pytest tests/test_cli_fuzz.py -s` prints the counts.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import os
+import pickle
+import subprocess
+import sys
+import typing
+from collections import Counter
+from enum import Enum
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ds2exp.cli import preflight
+from ds2exp.config import EvaluateConfig, ExportConfig, TrainConfig
+from tests.conftest import ROOT
+
+COUNTS: Counter = Counter()
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    """Checkpoint-shaped inputs: good, damaged in each way the probes found, and not checkpoints at all."""
+    import ds2exp  # noqa: F401
+    from ds2exp.models.deepspeech2 import DeepSpeech2
+    from ds2exp.training.checkpoint import _fields, save_checkpoint
+
+    d = tmp_path_factory.mktemp("ckpts")
+    misfit = DeepSpeech2(conv_channels=2, rnn_layers=1, rnn_hidden=8, conv_impl="plain", rnn_impl="plain")
+    good = save_checkpoint(d / "run" / "checkpoints" / "last.ckpt", misfit, meta={"step": 4, "config": {}})
+    data = good.read_bytes()
+    boundaries = [stop for _, _, stop in _fields(data, 0, len(data))]
+    (d / "boundary.ckpt").write_bytes(data[:boundaries[len(boundaries) // 2]])  # loads in MindSpore; no 'step'
+    (d / "truncated.ckpt").write_bytes(data[: len(data) // 2 + 3])
+    (d / "text.ckpt").write_text("this is not a checkpoint\n")
+    (d / "pickle.ckpt").write_bytes(pickle.dumps({"step": 1, "weights": [1.0, 2.0]}))
+    (d / "empty_dir").mkdir()
+    lm = d / "lm.arpa"
+    lm.write_text("\\data\\\n")
+    return {"good": str(good), "run": str(d / "run"), "boundary": str(d / "boundary.ckpt"),
+            "truncated": str(d / "truncated.ckpt"), "text": str(d / "text.ckpt"), "pickle": str(d / "pickle.ckpt"),
+            "empty_dir": str(d / "empty_dir"), "lm": str(lm)}
+
+
+@pytest.fixture()
+def workdir(tmp_path, monkeypatch):
+    """An empty working folder that is also the project root for paths.* and the MLflow store."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DS2EXP_ROOT", str(tmp_path))
+    return tmp_path
+
+
+def _listing(folder: Path):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def run_main(fn, *args, **kwargs):
+    """(exit status, non-empty stderr lines) of an entry point's function, in-process."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            code = fn(*args, **kwargs) or 0
+        except SystemExit as exc:
+            code = exc.code
+    return code, [ln for ln in err.getvalue().splitlines() if ln.strip()]
+
+
+def run_preflight(argv, config_name):
+    extra = None
+    if config_name == "lr_find":
+        from ds2exp.lr_find import check as extra
+    return run_main(lambda: preflight(list(argv), config_name=config_name, extra_check=extra) and 0)
+
+
+def assert_refused(code, lines, key, expected_code=2):
+    assert code == expected_code, (code, lines)
+    assert len(lines) == 1, lines
+    prefix = "config error: " if expected_code == 2 else "output error: "
+    assert lines[0].startswith(prefix) and "Traceback" not in lines[0], lines
+    assert key in lines[0], (key, lines[0])
+
+
+# (command, overrides, key named in the message, exit status); {name} is a file from `ckpts`
+CASES = [
+    ("train", ["dataset.feature.window_size=0"], "dataset.feature.window_size", 2),
+    ("train", ["dataset.feature.window_stride=-0.01"], "dataset.feature.window_stride", 2),
+    ("train", ["trainer.seed=-1"], "trainer.seed", 2),
+    ("train", ["trainer.seed=99999999999999999999"], "trainer.seed", 2),
+    ("train", ["optimizer.lr=inf"], "optimizer.lr", 2),
+    ("train", ["optimizer.eps=inf"], "optimizer.eps", 2),
+    ("train", ["dataset.name="], "dataset.name", 2),
+    ("train", ["dataset=manifest", "dataset.train_manifest=/nonexistent.jsonl"], "dataset.train_manifest", 2),
+    ("train", ["hydra.run.dir=/proc/x"], "hydra.run.dir", 3),
+    ("train", ["resume={boundary}"], "resume", 2),
+    ("train", ["pretrained={good}"], "pretrained", 2),  # ds2_tiny's shapes differ from the file's
+    ("train", ["resume={text}"], "resume", 2),
+    ("train", ["resume={truncated}"], "resume", 2),
+    ("train", ["resume={empty_dir}"], "resume", 2),
+    ("train", ["resume={pickle}"], "resume", 2),
+    ("train", ["pretrained={text}"], "pretrained", 2),
+    ("train", ["pretrained={truncated}"], "pretrained", 2),
+    ("train", ["pretrained={empty_dir}"], "pretrained", 2),
+    ("train", ["pretrained={pickle}"], "pretrained", 2),
+    ("train", ["pretrained={boundary}"], "pretrained", 2),
+    ("train", ["optimizer.min_lr_ratio=-1"], "optimizer.min_lr_ratio", 2),
+    ("train", ["optimizer.min_lr_ratio=5"], "optimizer.min_lr_ratio", 2),
+    ("train", ["optimizer.min_lr_ratio=nan"], "optimizer.min_lr_ratio", 2),
+    ("train", ["precision.loss_scale=inf"], "precision.loss_scale", 2),
+    ("train", ["precision.scale_factor=0"], "precision.scale_factor", 2),
+    ("train", ["precision.scale_window=0"], "precision.scale_window", 2),
+    ("train", ["optimizer.anneal=inf"], "optimizer.anneal", 2),
+    ("train", ["dataset.spec_augment.freq_width=-3"], "dataset.spec_augment.freq_width", 2),
+    ("train", ["trainer.inject_nan_grad_steps=[-1]"], "trainer.inject_nan_grad_steps", 2),
+    ("train", ["trainer.max_eval_utterances=0"], "trainer.max_eval_utterances", 2),
+    ("train", ["hydra.run.dir="], "hydra.run.dir", 2),
+    ("train", ["hydra.run.dir=."], "hydra.run.dir", 2),
+    ("train", ["-m", "hydra.sweep.dir=", "optimizer.lr=1e-4,1e-3"], "hydra.sweep.dir", 2),
+    ("train", ["logger.tracking_uri="], "logger.tracking_uri", 2),
+    ("train", ["logger.tracking_uri=foo://bar"], "logger.tracking_uri", 2),
+    ("train", ["logger.tracking_uri=mlruns"], "logger.tracking_uri", 2),
+    ("train", ["optimizer.lr=1e-3,nan"], "optimizer.lr", 2),
+    ("evaluate", ["checkpoint={good}", "decoder.lm_path=/nonexistent"], "decoder.lm_path", 2),
+    ("evaluate", ["checkpoint={good}", "decoder.lm_path={empty_dir}"], "decoder.lm_path", 2),
+    ("evaluate", ["checkpoint=/nonexistent"], "checkpoint", 2),
+    ("evaluate", ["checkpoint={text}"], "checkpoint", 2),
+    ("evaluate", ["checkpoint={truncated}"], "checkpoint", 2),
+    ("evaluate", ["checkpoint={boundary}"], "checkpoint", 2),
+    ("evaluate", ["checkpoint={empty_dir}"], "checkpoint", 2),
+    ("evaluate", ["checkpoint={pickle}"], "checkpoint", 2),
+    ("evaluate", ["checkpoints=[{good},/nonexistent]"], "checkpoints[1]", 2),
+    ("evaluate", ["checkpoint={good}", "max_utterances=0"], "max_utterances", 2),
+    ("evaluate", ["checkpoint={good}", "max_utterances=-3"], "max_utterances", 2),
+    ("evaluate", [], "checkpoint", 2),
+    ("export", ["checkpoint=/nonexistent"], "checkpoint", 2),
+    ("export", ["checkpoint={text}"], "checkpoint", 2),
+    ("export", ["checkpoint={truncated}"], "checkpoint", 2),
+    ("export", ["checkpoint={boundary}"], "checkpoint", 2),
+    ("export", ["checkpoint={empty_dir}"], "checkpoint", 2),
+    ("export", ["checkpoint={pickle}"], "checkpoint", 2),
+    ("export", ["checkpoint={good}", "output=/proc/nope/x.mindir"], "output", 3),
+    ("export", ["checkpoint={good}", "verify_utterances=-1"], "verify_utterances", 2),
+    ("export", ["checkpoint={good}", "tolerance=nan"], "tolerance", 2),
+    ("lr_find", ["optimizer.lr=nan"], "optimizer.lr", 2),
+    ("lr_find", ["hydra.run.dir="], "hydra.run.dir", 2),
+    ("lr_find", ["trainer.seed=-1"], "trainer.seed", 2),
+    ("lr_find", ["logger.tracking_uri=foo://bar"], "logger.tracking_uri", 2),
+]
+
+
+@pytest.mark.parametrize("command, overrides, key, status", CASES,
+                         ids=[f"{c}:{' '.join(o)}" for c, o, _, _ in CASES])
+def test_probed_case_is_refused_before_any_work(command, overrides, key, status, ckpts, workdir):
+    argv = [o.format(**ckpts) for o in overrides]
+    code, lines = run_preflight(argv, command)
+    COUNTS[f"table exit {code}"] += 1
+    assert_refused(code, lines, key, status)
+    assert _listing(workdir) == []
+
+
+def test_good_inputs_pass(ckpts, workdir):
+    """The same files where they are fine: a run directory and its intact checkpoint."""
+    for argv, command in ((["resume=" + ckpts["run"]], "train"), (["checkpoint=" + ckpts["run"]], "evaluate"),
+                          (["checkpoint=" + ckpts["good"], "decoder.lm_path=" + ckpts["lm"]], "evaluate"),
+                          (["checkpoint=" + ckpts["good"], f"output={workdir}/m.mindir"], "export"),
+                          (["logger.tracking_uri=file:///tmp/mlruns"], "train"),
+                          (["logger.tracking_uri=http://127.0.0.1:5000"], "train")):
+        code, lines = run_preflight(argv, command)
+        assert (code, lines) == (0, []), (argv, lines)
+    assert _listing(workdir) == []
+
+
+def test_truncation_names_the_newest_intact_neighbour(ckpts, workdir, tmp_path_factory):
+    import shutil
+
+    run = tmp_path_factory.mktemp("neighbour") / "checkpoints"
+    shutil.copytree(Path(ckpts["run"]) / "checkpoints", run)
+    (run / "last.prev.ckpt").write_bytes(Path(ckpts["truncated"]).read_bytes())
+    code, lines = run_preflight([f"resume={run / 'last.prev.ckpt'}"], "train")
+    assert_refused(code, lines, "resume")
+    assert "truncated" in lines[0] and "newest intact one beside it is last.ckpt (step 4)" in lines[0], lines
+
+
+def test_argparse_commands_refuse_in_one_line(tmp_path, workdir):
+    """python -m ds2exp.average / ds2exp.sweep_report: the same contract through the shared helpers."""
+    from ds2exp import average, sweep_report
+
+    sweep_dir = tmp_path / "sweep"
+    sweep_dir.mkdir()
+    for fn, argv, key, status in (
+            (average.main, [str(sweep_dir), "--k", "0"], "--k", 2),
+            (average.main, [str(tmp_path / "missing"), "--k", "2"], "run_dir", 2),
+            (sweep_report.main, [str(sweep_dir), "--tracking-uri", "foo://bar"], "--tracking-uri", 2),
+            (sweep_report.main, [str(sweep_dir), "--tracking-uri", ""], "--tracking-uri", 2),
+            (sweep_report.main, [str(sweep_dir), "--out", "/proc/nope/x.png"], "--out", 3)):
+        code, lines = run_main(fn, argv)
+        COUNTS[f"argparse exit {code}"] += 1
+        assert_refused(code, lines, key, status)
+    assert _listing(workdir) == ["sweep"]  # (workdir is tmp_path) nothing beside it, nothing in it
+
+
+SUBPROCESS_SAMPLE = [
+    ("train.py", ["optimizer.min_lr_ratio=nan"], "optimizer.min_lr_ratio", 2),
+    ("train.py", ["resume={boundary}"], "resume", 2),
+    ("evaluate.py", ["checkpoint=/nonexistent"], "checkpoint", 2),
+    ("export.py", ["checkpoint={good}", "output=/proc/nope/x.mindir"], "output", 3),
+]
+
+
+@pytest.mark.parametrize("script, overrides, key, status", SUBPROCESS_SAMPLE,
+                         ids=[f"{s}:{' '.join(o)}" for s, o, _, _ in SUBPROCESS_SAMPLE])
+def test_real_command_refuses_in_one_line_and_creates_nothing(script, overrides, key, status, ckpts, workdir):
+    env = dict(os.environ, DS2EXP_ROOT=str(workdir))
+    r = subprocess.run([sys.executable, str(ROOT / script), *[o.format(**ckpts) for o in overrides]],
+                       capture_output=True, text=True, cwd=workdir, env=env, timeout=300)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    COUNTS[f"subprocess exit {r.returncode}"] += 1
+    assert_refused(r.returncode, lines, key, status)
+    assert r.stdout.strip() == ""
+    assert _listing(workdir) == []
+
+
+# ------------------------------------------------------------------ generated from the schema
+
+def _schema_keys(cls, prefix=""):
+    """(key, kind) for every scalar field of a structured config, kind in float/int/str/enum/bool."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name == "defaults":
+            continue
+        tp = hints[f.name]
+        optional = typing.get_origin(tp) is typing.Union and type(None) in typing.get_args(tp)
+        if optional:
+            tp = next(a for a in typing.get_args(tp) if a is not type(None))
+        key = prefix + f.name
+        if dataclasses.is_dataclass(tp):
+            yield from _schema_keys(tp, key + ".")
+        elif isinstance(tp, type) and issubclass(tp, Enum):
+            yield key, "enum"
+        elif tp in (float, int, str, bool):
+            yield key, tp.__name__
+        elif typing.get_origin(tp) in (list, typing.List) and typing.get_args(tp)[0] in (int, float):
+            yield key, "list"
+
+
+KEYS = sorted({(name, key, kind) for name, cls in (("train", TrainConfig), ("evaluate", EvaluateConfig),
+                                                     ("export", ExportConfig))
+               for key, kind in _schema_keys(cls)})
+# values that no key allows, and values that only some keys allow (negative, huge)
+ALWAYS_BAD = {"float": ["nan", "inf", "-inf", "1e400"], "int": ["99999999999999999999", "1.5"], "str": [""],
+              "enum": ["not_an_option"], "bool": ["maybe"], "list": ["[nan]", "[1e400]"]}
+SOMETIMES_BAD = {"float": ["-1", "-1e300", "1e300", "0"], "int": ["-1", "-99999", "0", "2147483648"],
+                 "str": ["/nonexistent/x"], "enum": [], "bool": [], "list": ["[-1]"]}
+
+
+@st.composite
+def malformed(draw):
+    name, key, kind = draw(st.sampled_from(KEYS))
+    always = draw(st.booleans()) or not SOMETIMES_BAD[kind]
+    value = draw(st.sampled_from(ALWAYS_BAD[kind] if always else SOMETIMES_BAD[kind]))
+    return name, key, value, always
+
+
+@settings(max_examples=int(os.environ.get("DS2EXP_FUZZ_EXAMPLES", "40")), deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(case=malformed())
+def test_generated_malformed_values_keep_the_contract(case, workdir, ckpts):
+    name, key, value, always_bad = case
+    base = {"train": [], "evaluate": [f"checkpoint={ckpts['good']}"], "export": [f"checkpoint={ckpts['good']}"]}
+    code, lines = run_preflight(base[name] + [f"{key}={value}"], name)
+    COUNTS[f"generated {'always-bad' if always_bad else 'maybe-bad'} exit {code}"] += 1
+    if always_bad:
+        assert code == 2, (name, key, value, lines)
+    assert code in (0, 2, 3), (name, key, value, code, lines)
+    if code:
+        assert len(lines) == 1 and "Traceback" not in lines[0], lines
+        assert key.split(".")[-1] in lines[0] or key in lines[0], (key, lines[0])
+    else:
+        assert lines == []
+    assert _listing(workdir) == []
+
+
+def test_print_counts():
+    """Runs last in this file: the tally for the report (`-s` shows it)."""
+    total = sum(COUNTS.values())
+    refused = sum(v for k, v in COUNTS.items() if k.endswith(("exit 2", "exit 3")))
+    print(f"\npreflight fuzz: {total} command lines, {refused} refused "
+          f"({sum(v for k, v in COUNTS.items() if k.endswith('exit 2'))} exit 2, "
+          f"{sum(v for k, v in COUNTS.items() if k.endswith('exit 3'))} exit 3), "
+          f"{sum(v for k, v in COUNTS.items() if k.endswith('exit 0'))} accepted (valid values)")
+    for k in sorted(COUNTS):
+        print(f"  {k}: {COUNTS[k]}")
