@@ -15,7 +15,8 @@ import numpy as np
 from ds2exp.data.audio import AudioError
 from ds2exp.data.features import FeatureCache, FeatureSettings, spec_augment
 from ds2exp.data.labels import TranscriptError, encode
-from ds2exp.data.manifest import ManifestError, Utterance, atomic_write_text, read_manifest
+from ds2exp.atomic import atomic_write_text
+from ds2exp.data.manifest import ManifestError, Utterance, read_manifest
 from ds2exp.config import enum_value
 
 

@@ -14,8 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,6 +21,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from ds2exp.atomic import atomic_open
 from ds2exp.data.audio import AudioError, load_audio
 
 log = logging.getLogger(__name__)
@@ -255,15 +254,8 @@ class FeatureCache:
             except (ValueError, OSError, EOFError):
                 entry.unlink(missing_ok=True)  # damaged entry: recompute below
         feats = compute_features(load_audio(audio_path, self.settings.sample_rate), self.settings)
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=entry.parent, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.save(fh, feats, allow_pickle=False)
-            os.replace(tmp, entry)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_open(entry, "wb", fsync=False) as fh:  # a lost entry is recomputed: no fsync
+            np.save(fh, feats, allow_pickle=False)
         return feats
 
 

@@ -38,8 +38,8 @@ from tqdm import tqdm
 
 from ds2exp.data.audio import AudioError, load_audio, probe
 from ds2exp.data.labels import invalid_characters, normalise_transcript
-from ds2exp.data.manifest import (Utterance, atomic_write_text, write_deepspeech_json, write_jsonl,
-                                  write_zoo_csv)
+from ds2exp.atomic import atomic_write_text
+from ds2exp.data.manifest import Utterance, write_deepspeech_json, write_jsonl, write_zoo_csv
 
 TARGET_RATE = 16000
 DEFAULT_MIN_DURATION = 0.1  # seconds; shorter is not speech (a 1-sample file)

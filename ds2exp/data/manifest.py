@@ -10,11 +10,11 @@ from __future__ import annotations
 import csv
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, List, Optional, Tuple
 
+from ds2exp.atomic import atomic_write_text
 from ds2exp.data.audio import AudioError, probe
 
 
@@ -29,22 +29,6 @@ class Utterance:
 
 class ManifestError(Exception):
     pass
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write via a temporary file + fsync + rename: readers never see a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_jsonl(utterances: Iterable[Utterance], path: str | Path) -> None:

@@ -59,6 +59,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from ds2exp.atomic import atomic_write_text
+
 log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16000
@@ -583,12 +585,6 @@ def _run_jobs(jobs: list[tuple[str, str, int, int, str]], workers: int, bar) -> 
     return results
 
 
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def build_corpus(spec: SynthSpec, root: Path, workers: int = 2, progress: bool = True) -> Path:
     """Build (or reuse) the corpus; returns root/"LibriSpeech"."""
     from tqdm import tqdm
@@ -669,7 +665,7 @@ def build_corpus(spec: SynthSpec, root: Path, workers: int = 2, progress: bool =
             "build_seconds": round(time.time() - t0, 2),
             "workers": workers,
         })
-        _write_json_atomic(root / MARKER_NAME, info)
+        atomic_write_text(root / MARKER_NAME, json.dumps(info, indent=2, sort_keys=True) + "\n")
     log.info("built synthetic corpus %s in %s (%.1fs)", spec.name, dest, info["build_seconds"])
     return dest
 

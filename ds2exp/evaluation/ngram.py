@@ -25,7 +25,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Dict, Iterable, List, Sequence, Tuple
 
-from ds2exp.data.manifest import ManifestError, atomic_write_text, read_manifest
+from ds2exp.atomic import atomic_write_text
+from ds2exp.data.manifest import ManifestError, read_manifest
 
 BOS, EOS, UNK = "<s>", "</s>", "<unk>"
 

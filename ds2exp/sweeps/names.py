@@ -93,7 +93,7 @@ def swept_keys(sweep_dir: Optional[Path] = None) -> List[str]:
 
 def write_jobs_csv(sweep_dir: Path, rows: Iterable[Mapping[str, object]]) -> Path:
     """`<sweep dir>/jobs.csv`: one row per job folder, written whole (readers never see half a file)."""
-    from ds2exp.data.manifest import atomic_write_text
+    from ds2exp.atomic import atomic_write_text
 
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=JOBS_COLUMNS, extrasaction="ignore", lineterminator="\n")

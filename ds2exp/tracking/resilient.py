@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional
 from urllib.parse import urlparse
 
-from ds2exp.data.manifest import atomic_write_text
+from ds2exp.atomic import atomic_write_text
 from ds2exp.tracking.mlflow_tracker import MlflowTracker, Tracker
 
 log = logging.getLogger(__name__)

@@ -23,13 +23,14 @@ import json
 import logging
 import mmap
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import mindspore as ms
 import numpy as np
+
+from ds2exp.atomic import atomic_path
 
 META_KEY = "ds2exp_meta"
 OPT_PREFIX = "optimizer."
@@ -50,17 +51,6 @@ class LoadedCheckpoint:
     model_state: Dict[str, np.ndarray]
     optimizer_state: Dict[str, np.ndarray]
     meta: Dict[str, Any]
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(str(path), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class _CutShort(ValueError):
@@ -225,25 +215,23 @@ def save_checkpoint(path: str | Path, model, optimizer=None, meta: Optional[Dict
             if name in model_names:
                 continue  # the optimizer holds the model's own parameters too
             entries.append({"name": OPT_PREFIX + name, "data": ms.Tensor(p.asnumpy())})
-    # The temporary name must end in .ckpt: MindSpore appends the suffix otherwise.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp.ckpt")
-    os.close(fd)
+    staged: List[Path] = []
     try:
-        ms.save_checkpoint(entries, tmp)
-        os.chmod(tmp, 0o644)  # MindSpore leaves it read-only for the owner
-        with open(tmp, "rb+") as fh:
-            digest = hashlib.sha256()
-            for chunk in iter(lambda: fh.read(1 << 22), b""):
-                digest.update(chunk)
-            fh.write(_checksum_record(digest.hexdigest()))  # the read left the position at the end
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        # The temporary name must end in .ckpt: MindSpore appends the suffix otherwise.
+        with atomic_path(path, suffix=".tmp.ckpt") as tmp:
+            staged.append(tmp)
+            ms.save_checkpoint(entries, str(tmp))
+            os.chmod(tmp, 0o644)  # MindSpore leaves it read-only for the owner
+            with open(tmp, "rb+") as fh:
+                digest = hashlib.sha256()
+                for chunk in iter(lambda: fh.read(1 << 22), b""):
+                    digest.update(chunk)
+                fh.write(_checksum_record(digest.hexdigest()))  # the read left the position at the end
     except BaseException as exc:
-        # MindSpore stages its write in `<name>.tmp`; remove ours and its leftovers.
-        for leftover in path.parent.glob(Path(tmp).name[: -len(".ckpt")] + "*"):
-            leftover.unlink(missing_ok=True)
+        # MindSpore stages its write in `<name>.tmp`: remove its leftovers (atomic_path removed ours).
+        for tmp in staged:
+            for leftover in tmp.parent.glob(tmp.name[: -len(".ckpt")] + "*"):
+                leftover.unlink(missing_ok=True)
         if isinstance(exc, (OSError, RuntimeError, ValueError)):  # MindSpore wraps I/O errors
             why = getattr(exc, "strerror", None) or str(exc).strip().splitlines()[0][:200]
             raise CheckpointError(f"could not write checkpoint {path}: {why}") from exc

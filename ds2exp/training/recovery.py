@@ -79,7 +79,7 @@ def read_run_state(run_dir: str | Path) -> Dict[str, Any]:
 
 def write_run_state(run_dir: str | Path, **fields: Any) -> Dict[str, Any]:
     """Merge `fields` into run_state.json (atomically); returns the new state."""
-    from ds2exp.data.manifest import atomic_write_text
+    from ds2exp.atomic import atomic_write_text
 
     state = read_run_state(run_dir)
     state.update(fields)
