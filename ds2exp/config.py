@@ -258,6 +258,30 @@ class LoggerConfig:
     log_checkpoint: bool = True  # upload the best checkpoint as an artifact at the end
 
 
+MONITORS = ("val/cer", "val/wer", "val/loss")
+
+
+class MonitorMode(str, Enum):
+    min = "min"
+    max = "max"
+
+
+@dataclass
+class DivergenceConfig:
+    # A finite step is "exploded" when its loss is over `factor` x the median loss of the last `window`
+    # good steps (after `min_history` of them), its global grad norm over `factor` x their median grad
+    # norm, or its loss over `max_loss`. Exploded steps are skipped like non-finite ones; `patience` in a
+    # row are a divergence (cause loss_explosion) under trainer.nonfinite=stop. Defaults measured on
+    # synth_tiny: docs/diagnosis.md.
+    enabled: bool = True
+    factor: float = 20.0
+    window: int = 20
+    min_history: int = 1
+    patience: int = 3
+    max_loss: float = 1e5
+    check_grad_norm: bool = True
+
+
 @dataclass
 class TrainerConfig:
     max_steps: int = -1  # -1: no step limit, max_epochs decides
@@ -267,6 +291,10 @@ class TrainerConfig:
     checkpoint_every: int = 200
     log_every: int = 10
     keep_best: int = 3
+    # The validation metric that picks the best checkpoints: val/cer (moves from the first evaluations
+    # on, while WER sits at >= 100%: docs/diagnosis.md), val/wer or val/loss.
+    monitor: str = "val/cer"
+    monitor_mode: MonitorMode = MonitorMode.min
     seed: int = 1234
     # skip: a non-finite step is skipped; `nonfinite_patience` in a row stop the run with a diagnosis.
     # stop: the first non-finite step stops the run with a diagnosis.
@@ -274,6 +302,7 @@ class TrainerConfig:
     #           learning rate by `rollback_lr_factor`, at most `max_rollbacks` times, then stop.
     nonfinite: NonFinitePolicy = NonFinitePolicy.skip
     nonfinite_patience: int = 20
+    divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
     rollback_lr_factor: float = 0.5
     max_rollbacks: int = 3
     # Fault injection: 0-based steps whose gradients are replaced by NaN (each fires once).
@@ -397,6 +426,14 @@ def validate(cfg: DictConfig) -> None:
                d.feature.cache, "auto, on (true) or off (false)")
         _check(d.feature.cache_max_gb >= 0, "dataset.feature.cache_max_gb", d.feature.cache_max_gb,
                "a number >= 0")
-
+    t = cfg.get("trainer")
+    if t is None:
+        return
+    _check(t.monitor in MONITORS, "trainer.monitor", t.monitor, ", ".join(MONITORS))
+    dv = t.divergence
+    _check(dv.factor > 1, "trainer.divergence.factor", dv.factor, "a number > 1")
+    for key in ("window", "min_history", "patience"):
+        _check(dv[key] >= 1, f"trainer.divergence.{key}", dv[key], "an integer >= 1")
+    _check(dv.max_loss > 0, "trainer.divergence.max_loss", dv.max_loss, "a number > 0")
 
 register_configs()

@@ -96,7 +96,7 @@ def main(argv=None) -> int:
     from ds2exp.training.checkpoint import CheckpointError, load_checkpoint
 
     try:
-        loaded = load_checkpoint(resolve_checkpoint(ckpt))
+        loaded = load_checkpoint(resolve_checkpoint(ckpt, announce=lambda line: print(line, file=sys.stderr)))
     except CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

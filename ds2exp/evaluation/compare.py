@@ -7,7 +7,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 from omegaconf import OmegaConf
 
@@ -18,18 +18,26 @@ log = logging.getLogger("ds2exp.evaluate")
 
 
 
-def resolve_checkpoint(ref: str, tracking_uri: Optional[str] = None) -> Path:
-    """A .ckpt path, a run directory (its best checkpoint, else last) or an MLflow run id."""
+def resolve_checkpoint(ref: str, tracking_uri: Optional[str] = None,
+                       announce: Optional[Callable[[str], None]] = None) -> Path:
+    """A .ckpt path, a run directory (its best checkpoint by the run's trainer.monitor, else last) or
+    an MLflow run id. `announce` gets one line saying which checkpoint of a run was taken and why."""
+    from ds2exp.training.best import choose_best
+
     p = Path(ref)
     if p.is_file():
         return p
     if p.is_dir():
         ckpt_dir = p / "checkpoints" if (p / "checkpoints").is_dir() else p
-        best = sorted(ckpt_dir.glob("best-*.ckpt"), key=lambda c: float(c.stem.rsplit("wer", 1)[-1]))
-        if best:
-            return best[0]
+        best = choose_best(ckpt_dir)
+        if best is not None:
+            if announce:
+                announce(best.describe())
+            return best.path
         for name in ("last.ckpt", "last.prev.ckpt"):
             if (ckpt_dir / name).is_file():
+                if announce:
+                    announce(f"using {name} (the run has no best checkpoint: no validation ran)")
                 return ckpt_dir / name
         raise CheckpointError(f"no checkpoint in run directory {p}")
     if tracking_uri and len(ref) >= 16 and ref.isalnum():
@@ -42,7 +50,7 @@ def resolve_checkpoint(ref: str, tracking_uri: Optional[str] = None) -> Path:
         run_dir = run.data.tags.get("ds2exp.run_dir")
         if not run_dir:
             raise CheckpointError(f"MLflow run {ref} has no ds2exp.run_dir tag")
-        return resolve_checkpoint(run_dir)
+        return resolve_checkpoint(run_dir, announce=announce)
     raise CheckpointError(f"checkpoint not found: {ref} (expected a .ckpt file, a run directory or an MLflow run id)")
 
 
@@ -160,7 +168,7 @@ def run_evaluation(cfg, out_dir: Path) -> List[CheckpointScore]:
     if not refs:
         raise CheckpointError("give checkpoint=PATH or checkpoints='[a,b]'")
     uri = cfg.logger.tracking_uri if enum_value(cfg.logger.backend) == "mlflow" else None
-    paths = [resolve_checkpoint(r, uri) for r in refs]
+    paths = [resolve_checkpoint(r, uri, announce=log.info) for r in refs]
     loader = build_eval_loader(cfg, cfg.split)
     scores = []
     for p in paths:

@@ -2,9 +2,10 @@
 
 Each step: forward + CTC loss + gradients (MindSpore `value_and_grad`), then the checks that
 decide whether the step may touch the weights: loss and every gradient finite (after undoing
-loss scaling), then global-norm clipping and the optimizer update. A non-finite step never
-updates the weights; it is counted, and `trainer.nonfinite` decides what happens after
-`trainer.nonfinite_patience` of them in a row (ESPnet-style skipping, or stop, or rollback).
+loss scaling), loss and gradient norm not exploded (ds2exp.training.divergence), then global-norm
+clipping and the optimizer update. An anomalous step (non-finite or exploded) never updates the
+weights; it is counted, and `trainer.nonfinite` decides in one place (`_on_anomaly`) what happens
+after enough of them in a row (ESPnet-style skipping, or stop, or rollback).
 """
 from __future__ import annotations
 
@@ -28,7 +29,9 @@ from ds2exp.data.dataset import Batch, BatchLoader
 from ds2exp.models.ctc import ctc_losses, infeasible_rows
 from ds2exp.training.validate import EvalResult, evaluate_model
 from ds2exp.models.deepspeech2 import parameter_groups
+from ds2exp.training.best import best_filename
 from ds2exp.training.checkpoint import restore_optimizer, save_checkpoint
+from ds2exp.training.divergence import ExplosionDetector
 from ds2exp.training.optim import learning_rate, set_learning_rate
 from ds2exp.tracking.mlflow_tracker import Tracker
 from ds2exp.config import enum_value
@@ -42,7 +45,8 @@ class _RolledBack(Exception):
 
 
 class TrainingStopped(Exception):
-    """Raised when the non-finite policy gives up; carries the diagnosis."""
+    """Raised when the divergence policy gives up (non-finite steps or a loss/grad-norm explosion);
+    carries the diagnosis (cause, first_bad_step, diverged_at_step, summary, evidence)."""
 
     def __init__(self, diagnosis: Dict[str, Any]):
         super().__init__(diagnosis.get("summary", "training stopped"))
@@ -60,6 +64,12 @@ class StepResult:
     first_bad_group: Optional[str] = None
     loss_scale: float = 1.0  # the scale this step ran with
     peer_flags: Optional[Dict[str, float]] = None  # data parallel: ranks that raised each flag
+    explosion: Optional[Dict[str, Any]] = None  # finite but exploded: the detector's evidence
+
+    @property
+    def good(self) -> bool:
+        """The step updated the weights."""
+        return self.finite and self.explosion is None
 
 
 @dataclass
@@ -68,12 +78,17 @@ class TrainState:
     epoch: int = 0
     batch_in_epoch: int = 0
     nonfinite_steps: int = 0
-    consecutive_nonfinite: int = 0
+    exploded_steps: int = 0  # finite steps skipped as a loss/grad-norm explosion
+    anomalous_steps: int = 0  # nonfinite_steps + exploded_steps
+    first_bad_step: Optional[int] = None  # the run's first anomalous step
+    consecutive_bad: int = 0  # anomalous steps in a row
     rollbacks: int = 0
     loss_scale: float = 1.0
     good_since_scale: int = 0
-    best: List[Dict[str, Any]] = field(default_factory=list)  # [{"wer", "step", "path"}]
-    history: Dict[str, List] = field(default_factory=lambda: {"step": [], "loss": [], "val_step": [],
+    # [{"monitor", "value", "step", "path", "val_cer", "val_wer", "val_loss", "wer"}], best first
+    best: List[Dict[str, Any]] = field(default_factory=list)
+    # every step's loss and grad norm (non-finite and exploded steps too), and every validation
+    history: Dict[str, List] = field(default_factory=lambda: {"step": [], "loss": [], "grad_norm": [], "val_step": [],
                                                               "val_wer": [], "val_cer": [], "val_loss": []})
     lr_factor: float = 1.0
 
@@ -106,6 +121,7 @@ class Trainer:
         self.inject_nan_at: set = set(int(x) for x in (cfg.trainer.get("inject_nan_grad_steps") or []))
         self.started = time.time()
         self.recent: collections.deque = collections.deque(maxlen=20)  # (step, loss, grad_norm) of good steps
+        self.detector = ExplosionDetector(t.divergence)
         self.diagnoses: List[Dict[str, Any]] = []
         # Data parallel (ds2exp.training.distributed): the gradient averager, and whether this is
         # rank 0, the one that validates, checkpoints and logs.
@@ -113,6 +129,7 @@ class Trainer:
         self.is_primary = True
         self.rank = 0
         self.deadline: Optional[float] = None
+        self.interrupt = None  # ds2exp.training.signals.StopOnSignal: checked after every step
 
     # ------------------------------------------------------------------ one step
     def _forward(self, x, x_len, y, y_len, scale):
@@ -163,7 +180,15 @@ class Trainer:
         result = StepResult(loss, grad_norm, finite, {k: math.sqrt(v) if math.isfinite(v) else v
                                                       for k, v in group_sq.items()},
                             float(absmax.asnumpy()), losses.asnumpy(), first_bad, scale, peer_flags)
-        if not finite:
+        if finite:
+            # An exploded step is skipped like a non-finite one. Clipping would bound its update, but
+            # its direction comes from weights that already produce a loss far off the recent median
+            # (measured at lr 1e3: 1e4-1e9 against ~300); applying it moves the weights further from
+            # the last good state, and a rollback or a lower lr can only start from what is left.
+            # Skipping keeps the weights at the last good step, as ESPnet does for non-finite steps.
+            # Data parallel: loss and grad norm are the reduced ones, so every rank decides alike.
+            result.explosion = self.detector.check(loss, grad_norm)
+        if not result.good:
             for p, value in stats:
                 ops.assign(p, ms.Tensor(value))
             return result
@@ -209,14 +234,17 @@ class Trainer:
     def checkpoint_meta(self) -> Dict[str, Any]:
         s = self.state
         return {"step": s.step, "epoch": s.epoch, "batch_in_epoch": s.batch_in_epoch,
-                "nonfinite_steps": s.nonfinite_steps, "loss_scale": s.loss_scale,
+                "nonfinite_steps": s.nonfinite_steps, "exploded_steps": s.exploded_steps,
+                "anomalous_steps": s.anomalous_steps, "first_bad_step": s.first_bad_step,
+                "divergence_window": self.detector.state(), "loss_scale": s.loss_scale,
                 "good_since_scale": s.good_since_scale, "best": s.best, "history": s.history,
                 "rollbacks": s.rollbacks, "lr_factor": s.lr_factor,
                 "mlflow_run_id": self.tracker.run_id, "run_dir": str(self.run_dir),
                 "rng": {"numpy_seed": int(self.cfg.trainer.seed)},
                 "config": OmegaConf.to_container(self.cfg, resolve=True, enum_to_str=True),
                 "val_loss": s.history["val_loss"][-1] if s.history["val_loss"] else None,
-                "val_wer": s.history["val_wer"][-1] if s.history["val_wer"] else None}
+                "val_wer": s.history["val_wer"][-1] if s.history["val_wer"] else None,
+                "val_cer": s.history["val_cer"][-1] if s.history["val_cer"] else None}
 
     def save_last(self) -> Optional[Path]:
         if not self.is_primary:
@@ -227,17 +255,31 @@ class Trainer:
             os.replace(last, self.ckpt_dir / "last.prev.ckpt")  # kept until the new one is complete
         return save_checkpoint(last, self.model, self.optimizer, self.checkpoint_meta())
 
-    def save_best(self, wer: float) -> None:
+    def _rank_key(self, entry: Dict[str, Any]):
+        """Best first: by the monitored value in its mode, the later step on a tie."""
+        sign = 1.0 if enum_value(self.cfg.trainer.monitor_mode) == "min" else -1.0
+        value = entry["value"]
+        return (sign * value if math.isfinite(value) else math.inf, -entry["step"])
+
+    def save_best(self, res: EvalResult) -> None:
+        """Keep this step's weights when they rank among the `trainer.keep_best` best by `trainer.monitor`."""
         if not self.is_primary:
             return
-        k = int(self.cfg.trainer.keep_best)
+        t = self.cfg.trainer
+        monitor = str(t.monitor)
+        value = {"val/cer": res.cer, "val/wer": res.wer, "val/loss": res.loss}[monitor]
+        k = int(t.keep_best)
         best = self.state.best
-        if len(best) >= k and wer >= max(b["wer"] for b in best):
+        path = self.ckpt_dir / best_filename(self.state.step, monitor, value)
+        entry = {"monitor": monitor, "value": value, "step": self.state.step, "path": str(path),
+                 "val_cer": res.cer, "val_wer": res.wer, "val_loss": res.loss, "wer": res.wer}
+        if len(best) >= k and self._rank_key(entry) >= max(self._rank_key(b) for b in best):
             return
-        path = self.ckpt_dir / f"best-step{self.state.step:07d}-wer{wer:.2f}.ckpt"
-        best.append({"wer": wer, "step": self.state.step, "path": str(path)})
-        best.sort(key=lambda b: (b["wer"], b["step"]))
-        save_checkpoint(path, self.model, self.optimizer, self.checkpoint_meta())
+        best.append(entry)
+        best.sort(key=self._rank_key)
+        meta = {**self.checkpoint_meta(), "monitor": monitor, "monitor_mode": enum_value(t.monitor_mode),
+                "monitor_value": value}
+        save_checkpoint(path, self.model, self.optimizer, meta)
         for b in best[k:]:
             Path(b["path"]).unlink(missing_ok=True)
         del best[k:]
@@ -251,10 +293,18 @@ class Trainer:
         s = self.state
         s.step, s.epoch, s.batch_in_epoch = int(m["step"]), int(m["epoch"]), int(m["batch_in_epoch"])
         s.nonfinite_steps = int(m.get("nonfinite_steps", 0))
+        s.exploded_steps = int(m.get("exploded_steps", 0))
+        s.anomalous_steps = int(m.get("anomalous_steps", s.nonfinite_steps))
+        s.first_bad_step = m.get("first_bad_step")
+        self.detector.load(m.get("divergence_window"))
         s.loss_scale = float(m.get("loss_scale", s.loss_scale))
         s.good_since_scale = int(m.get("good_since_scale", 0))
-        s.best = list(m.get("best", []))
-        s.history = m.get("history", s.history)
+        # entries written before trainer.monitor were ranked by WER; those ranked by another monitor
+        # than this run's stay on disk but out of the ranking
+        monitor = str(self.cfg.trainer.monitor)
+        s.best = [b for b in ({"monitor": "val/wer", "value": b.get("wer"), **b} for b in m.get("best", []))
+                  if b["monitor"] == monitor and b["value"] is not None]
+        s.history = {**TrainState().history, **m.get("history", {})}
         s.rollbacks = int(m.get("rollbacks", 0))
         s.lr_factor = float(m.get("lr_factor", 1.0))
 
@@ -284,6 +334,8 @@ class Trainer:
         self.deadline = deadline
         bar = tqdm(total=self.max_steps, initial=s.step, desc="train", unit="step", disable=not t.progress,
                    file=sys.stderr, dynamic_ncols=True)
+        self._bar_origin = (s.step, time.time())
+        self._window = _new_window()
         last_result: Optional[StepResult] = None
         stop_reason = "max_steps"
         # MindSpore cells start in inference mode; BatchNorm must use batch statistics here.
@@ -297,13 +349,16 @@ class Trainer:
             except _RolledBack:
                 bar.reset(total=self.max_steps)
                 bar.update(s.step)
+                self._bar_origin = (s.step, time.time())
                 continue
         bar.close()
         if s.step % t.eval_every != 0 or not s.history["val_step"] or s.history["val_step"][-1] != s.step:
             self._evaluate_and_checkpoint(None)
         return {"stop_reason": stop_reason, "step": s.step, "epoch": s.epoch,
                 "last_loss": last_result.loss if last_result else float("nan"),
-                "nonfinite_steps": s.nonfinite_steps, "rollbacks": s.rollbacks}
+                "nonfinite_steps": s.nonfinite_steps, "exploded_steps": s.exploded_steps,
+                "anomalous_steps": s.anomalous_steps, "first_bad_step": s.first_bad_step,
+                "rollbacks": s.rollbacks}
 
     def _time_progress(self) -> Optional[float]:
         """Share of this process's trainer.max_minutes used so far (None without a time budget, and
@@ -313,12 +368,25 @@ class Trainer:
             return None
         return (time.time() - self.started) / (60.0 * float(minutes))
 
+    def _update_bar(self, bar, res: StepResult, lr: float, deadline: Optional[float]) -> None:
+        s = self.state
+        bar.update(1)
+        post = {"loss": f"{res.loss:.4g}", "lr": f"{lr:.2e}", "bad": s.anomalous_steps}
+        if deadline is not None:
+            now = time.time()
+            step0, t0 = self._bar_origin
+            total = estimated_total(s.step, self.max_steps, step0, now - t0, deadline - now)
+            if total != bar.total:
+                bar.total = total
+            post["time"] = f"{(now - self.started) / 60:.1f}/{float(self.cfg.trainer.max_minutes):g}min"
+        bar.set_postfix(post)
+
     def _run_epoch(self, bar, deadline, last_result):
         """Train from the current position to the end of the epoch or a stop condition.
 
         Returns (done, stop_reason, last step result)."""
         cfg, t, s = self.cfg, self.cfg.trainer, self.state
-        window = {"loss": [], "utts": 0, "audio": 0.0, "time": 0.0, "wait": 0.0}
+        window = self._window  # since the last logged step, across epoch boundaries
         done, stop_reason = False, "max_steps"
         batches = self.train_loader.iterate(s.epoch, s.batch_in_epoch)
         t_wait = time.perf_counter()
@@ -333,31 +401,40 @@ class Trainer:
             s.step += 1
             s.batch_in_epoch += 1
             self._update_loss_scale(res.finite)
-            if res.finite:
-                s.consecutive_nonfinite = 0
-                self.recent.append((s.step, res.loss, res.grad_norm))
+            s.history["step"].append(s.step)
+            s.history["loss"].append(res.loss)
+            s.history["grad_norm"].append(res.grad_norm)
+            if math.isfinite(res.loss):
                 window["loss"].append(res.loss)
-                s.history["step"].append(s.step)
-                s.history["loss"].append(res.loss)
+            if res.good:
+                s.consecutive_bad = 0
+                self.recent.append((s.step, res.loss, res.grad_norm))
+                self.detector.accept(res.loss, res.grad_norm)
             else:
-                s.nonfinite_steps += 1
-                s.consecutive_nonfinite += 1
+                s.nonfinite_steps += not res.finite
+                s.exploded_steps += res.explosion is not None
+                s.anomalous_steps += 1
+                s.consecutive_bad += 1
+                if s.first_bad_step is None:
+                    s.first_bad_step = s.step
+                    self.tracker.set_tags({"first_bad_step": s.step})
             flags = res.peer_flags or {}  # data parallel: what all ranks trained on in this step
             window["utts"] += flags.get("utterances", batch.size)
             window["audio"] += flags.get("audio_seconds", batch.audio_seconds)
             window["time"] += dt + wait
             window["wait"] += wait
-            if s.step % t.log_every == 0 or not res.finite:
+            if s.step % t.log_every == 0 or not res.good:
                 self._log_train(res, lr, window)  # an anomaly is recorded before any decision on it
-                window = {"loss": [], "utts": 0, "audio": 0.0, "time": 0.0, "wait": 0.0}
-            if not res.finite:
-                self._on_nonfinite(batch, res, lr)
-            bar.update(1)
-            bar.set_postfix(loss=f"{res.loss:.3f}", lr=f"{lr:.2e}", bad=s.nonfinite_steps)
+                window = self._window = _new_window()
+            if not res.good:
+                self._on_anomaly(batch, res, lr)
+            self._update_bar(bar, res, lr, deadline)
             if s.step % t.eval_every == 0:
                 self._evaluate_and_checkpoint(bar)
             elif s.step % t.checkpoint_every == 0:
                 self.save_last()
+            if self.interrupt is not None:
+                self.interrupt.check(self)  # SIGINT/SIGTERM: checkpoint this step and end the run
             if s.step >= self.max_steps:
                 done = True
                 break
@@ -380,15 +457,21 @@ class Trainer:
         if res is not None:
             msg = f"step {self.state.step}: val loss {res.loss:.3f}  WER {res.wer:.2f}%  CER {res.cer:.2f}%"
             (bar.write if bar is not None else log.info)(msg)
-            self.save_best(res.wer)
+            self.save_best(res)
         self.save_last()
 
     def _log_train(self, res: StepResult, lr: float, window: Dict[str, Any]) -> None:
+        """train/loss is this step's own batch loss (an explosion shows on the chart as it happened);
+        train/loss_mean and train/loss_max summarise the finite losses since the last logged step."""
         s = self.state
         m = {"train/lr": lr, "train/loss_scale": s.loss_scale, "train/nonfinite_steps": s.nonfinite_steps,
+             "train/exploded_steps": s.exploded_steps, "train/anomalous_steps": s.anomalous_steps,
              "train/logits_absmax": res.logits_absmax}
+        if math.isfinite(res.loss):
+            m["train/loss"] = res.loss
         if window["loss"]:
-            m["train/loss"] = float(np.mean(window["loss"]))
+            m["train/loss_mean"] = float(np.mean(window["loss"]))
+            m["train/loss_max"] = float(np.max(window["loss"]))
         if math.isfinite(res.grad_norm):
             m["train/grad_norm"] = res.grad_norm
         for g, v in res.group_norms.items():
@@ -400,23 +483,33 @@ class Trainer:
             m["train/data_wait_share"] = window["wait"] / window["time"]
         self.tracker.log_metrics(m, s.step)
 
-    def _on_nonfinite(self, batch: Batch, res: StepResult, lr: float) -> None:
+    def _patience(self, res: StepResult) -> int:
+        """Anomalous steps in a row after which the policy acts: `stop` acts on the first non-finite
+        step and on `divergence.patience` exploded ones (one spike may be one odd batch); `skip` and
+        `rollback` after `nonfinite_patience` (and never before an explosion counts as one)."""
+        t = self.cfg.trainer
+        base = 1 if enum_value(t.nonfinite) == "stop" else int(t.nonfinite_patience)
+        return max(base, int(t.divergence.patience)) if res.finite else base
+
+    def _on_anomaly(self, batch: Batch, res: StepResult, lr: float) -> None:
+        """The one place that decides what a non-finite or exploded step leads to (`trainer.nonfinite`)."""
         from ds2exp.training.diagnosis import diagnosis, format_text
 
         s = self.state
         t = self.cfg.trainer
         policy = enum_value(t.nonfinite)
-        d = diagnosis(s.step, lr, res.loss_scale, batch, res, self.recent, policy, s.consecutive_nonfinite,
-                      enum_value(self.cfg.precision.dtype))
-        d["nonfinite_steps"] = s.nonfinite_steps
+        d = diagnosis(s.step, lr, res.loss_scale, batch, res, self.recent, policy, s.consecutive_bad,
+                      enum_value(self.cfg.precision.dtype), s.first_bad_step)
+        d.update(nonfinite_steps=s.nonfinite_steps, exploded_steps=s.exploded_steps,
+                 anomalous_steps=s.anomalous_steps)
         log.warning("step %d skipped: %s", s.step, d["summary"])
         if len(self.diagnoses) < 50:
             self.diagnoses.append(d)
-        if s.nonfinite_steps <= 5 or s.consecutive_nonfinite == 1:  # first events in full, then only the count
-            self.tracker.log_text(format_text(d), f"nonfinite/step_{s.step:07d}.txt")
-        limit = 1 if policy == "stop" else int(t.nonfinite_patience)
-        if s.consecutive_nonfinite < limit:
+        if s.anomalous_steps <= 5 or s.consecutive_bad == 1:  # first events in full, then only the count
+            self.tracker.log_text(format_text(d), f"anomalies/step_{s.step:07d}.txt")
+        if s.consecutive_bad < self._patience(res):
             return
+        d["diverged_at_step"] = s.step
         if policy == "rollback" and s.rollbacks < int(t.max_rollbacks):
             self._rollback(d)
         raise TrainingStopped(d)
@@ -428,13 +521,30 @@ class Trainer:
         path = find_latest_checkpoint(self.ckpt_dir)
         if path is None:
             raise TrainingStopped({**d, "summary": d["summary"] + "; no checkpoint to roll back to"})
-        counters = (s.nonfinite_steps, s.rollbacks + 1, s.lr_factor * float(self.cfg.trainer.rollback_lr_factor))
+        # run-level counts survive the restore; the divergence window comes back with the checkpoint
+        counters = (s.nonfinite_steps, s.exploded_steps, s.anomalous_steps, s.first_bad_step, s.rollbacks + 1,
+                    s.lr_factor * float(self.cfg.trainer.rollback_lr_factor))
         self.restore(load_checkpoint(path))
-        s.nonfinite_steps, s.rollbacks, s.lr_factor = counters
-        s.consecutive_nonfinite = 0
+        s.nonfinite_steps, s.exploded_steps, s.anomalous_steps, s.first_bad_step, s.rollbacks, s.lr_factor = counters
+        s.consecutive_bad = 0
         self.recent.clear()
         log.warning("rollback %d: restored %s (step %d); learning rate x%g", s.rollbacks, path.name, s.step,
                     s.lr_factor)
         self.tracker.log_metrics({"train/rollbacks": s.rollbacks, "train/lr_factor": s.lr_factor}, s.step)
         self.tracker.set_tags({"rollbacks": s.rollbacks})
         raise _RolledBack()
+
+
+def _new_window() -> Dict[str, Any]:
+    """What _log_train summarises: finite losses, utterances, audio seconds, step and data-wait time."""
+    return {"loss": [], "utts": 0, "audio": 0.0, "time": 0.0, "wait": 0.0}
+
+
+def estimated_total(step: int, max_steps: int, origin_step: int, elapsed_s: float, left_s: float) -> int:
+    """The progress bar's total under a time budget: the step the run will end at, whichever limit
+    (trainer.max_steps/epochs or trainer.max_minutes) comes first, at the step rate measured since
+    `origin_step`. No rate yet: the step limit."""
+    if elapsed_s <= 0 or step <= origin_step:
+        return max_steps
+    rate = (step - origin_step) / elapsed_s
+    return max(step, min(max_steps, step + int(rate * max(0.0, left_s))))
