@@ -1,6 +1,7 @@
 """Hydra sweeps: one MLflow parent run per sweep, crashed/diverged jobs, the sweep report (real runs)."""
 from __future__ import annotations
 
+import csv
 import os
 import shutil
 import subprocess
@@ -23,12 +24,13 @@ def _env(tmp_root: Path):
 
 
 def sweep(tmp_root: Path, data_dir: Path, *overrides: str, name: str = "s"):
+    """(sweep dir, stdout) of a real `python train.py -m ...`."""
     sweep_dir = tmp_root / "multirun" / name
     r = subprocess.run([sys.executable, str(ROOT / "train.py"), "-m", f"paths.data_dir={data_dir}",
                         f"hydra.sweep.dir={sweep_dir}", *TINY, *overrides],
-                       capture_output=True, text=True, cwd=ROOT, env=_env(tmp_root), timeout=300)
+                       capture_output=True, text=True, cwd=ROOT, env=_env(tmp_root), timeout=1500)
     assert r.returncode == 0, r.stderr[-4000:]
-    return sweep_dir
+    return sweep_dir, r.stdout
 
 
 @pytest.fixture
@@ -77,43 +79,77 @@ def runs(tmp_root: Path):
     return client, parents, children
 
 
-def test_lr_batch_sweep_one_parent_four_children_and_report(tmp_path, shared_data_dir, report):
-    sweep_dir = sweep(tmp_path, shared_data_dir, "optimizer.lr=1e-4,1e-1", "dataset.batch_size=2,4")
+def test_lr_batch_sweep_gives_its_verdict_and_names_its_runs(tmp_path, shared_data_dir, report):
+    # lr=1e3 drives the losses to ~1e5-1e9 and keeps them finite. With the trainer's explosion detection
+    # off (as in sweeps made before it existed) those runs end FINISHED with no divergence tag: the report
+    # must judge them diverged from their losses. log_every=1: MLflow has every step's loss, as the
+    # checkpoint history has, so the report from the run id names the same steps as from the folder.
+    sweep_dir, stdout = sweep(tmp_path, shared_data_dir, "optimizer.lr=1e-4,1e3", "dataset.batch_size=2,4",
+                              "trainer.divergence.enabled=false", "trainer.log_every=1")
     client, parents, children = runs(tmp_path)
     assert len(parents) == 1 and len(children) == 4
     parent = parents[0]
     pid = parent.info.run_id
     assert parent.info.status == "FINISHED"
     assert parent.info.run_name == str(sweep_dir)
-    assert parent.data.tags["ds2exp.sweep.optimizer.lr"] == "1e-4,1e-1"
+    assert parent.data.tags["ds2exp.sweep.optimizer.lr"] == "1e-4,1e3"
     assert parent.data.tags["ds2exp.sweep.dataset.batch_size"] == "2,4"
     assert (sweep_dir / "mlflow_parent_run_id.txt").read_text().strip() == pid
     assert all(r.data.tags.get("mlflow.parentRunId") == pid for r in children)
-    assert all(r.info.status == "FINISHED" for r in children)
-    combos = {(r.data.params["optimizer.lr"], r.data.params["dataset.batch_size"]) for r in children}
-    assert combos == {("0.0001", "2"), ("0.0001", "4"), ("0.1", "2"), ("0.1", "4")}
+    assert all(r.info.status == "FINISHED" and r.data.tags.get("ds2exp.status") != "diverged" for r in children)
+    # names a person can read, and the swept keys as params
+    names = {r.info.run_name: r for r in children}
+    assert set(names) == {"lr=1e-4 bs=2", "lr=1e-4 bs=4", "lr=1e3 bs=2", "lr=1e3 bs=4"}
+    assert names["lr=1e3 bs=4"].data.params["optimizer.lr"] == "1000.0"
+    assert names["lr=1e3 bs=4"].data.params["dataset.batch_size"] == "4"
+    exp = client.get_experiment(parent.info.experiment_id)
+    assert exp.tags.get("mlflow.experimentKind") == "custom_model_development"
 
+    # the verdict, printed at the end of the sweep and written into the sweep folder without another command
+    assert "4 jobs: 2 finished, 2 diverged, 0 crashed" in stdout
+    for bs in ("2", "4"):
+        assert (f"dataset.batch_size={bs}: largest stable lr 0.0001, smallest diverged lr 1000 -> boundary "
+                f"between 0.0001 and 1000") in stdout
+    assert "Recommended: optimizer.lr=0.0001 dataset.batch_size=" in stdout
+    assert f"heatmap: {sweep_dir / 'sweep_report.png'}" in stdout
+    for f in ("sweep_report.png", "sweep_losses.png"):
+        assert (sweep_dir / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Stability boundary per dataset.batch_size" in (sweep_dir / "sweep_report.txt").read_text()
+    cells = table_cells(stdout)
+    assert all(cells[("1000", bs)].startswith("exploded@") for bs in ("2", "4")), cells
+    for bs in ("2", "4"):
+        loss, cer, nonfinite = (x.strip() for x in cells[("0.0001", bs)].split("/"))
+        assert float(loss) > 0 and 0 <= float(cer) and nonfinite == "0"
+    assert stdout.count("exploded: loss_explosion, judged from the logged losses") == 2
+    # jobs.csv: number -> name -> overrides -> status -> run id
+    with open(sweep_dir / "jobs.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["num"] for r in rows] == ["0", "1", "2", "3"]
+    assert {r["name"]: r["mlflow_run_id"] for r in rows} == {n: r.info.run_id for n, r in names.items()}
+    assert {r["name"]: r["status"] for r in rows if r["name"].startswith("lr=1e3")} == {
+        "lr=1e3 bs=2": "diverged", "lr=1e3 bs=4": "diverged"}
+    assert all("optimizer.lr=" in r["overrides"] and (sweep_dir / r["num"]).is_dir() for r in rows)
+    # the callback logged the report to the parent run
+    arts = {a.path for a in client.list_artifacts(pid, "report")}
+    assert {"report/sweep_report.png", "report/sweep_losses.png", "report/sweep_report.txt",
+            "report/jobs.csv"} <= arts
+
+    # by hand, from the folder and from the parent run id: the same tables
     out_dir = report(tmp_path, str(sweep_dir), tmp_path / "from_dir.png")
     out_run = report(tmp_path, pid, tmp_path / "from_run.png")
     for out in (out_dir, out_run):
-        assert "4 jobs: 4 finished, 0 diverged, 0 crashed" in out
+        assert "4 jobs: 2 finished, 2 diverged, 0 crashed" in out
         assert "cell: train loss at the last step / best val CER % / non-finite steps" in out
-        cells = table_cells(out)
-        assert set(cells) == {("0.0001", "2"), ("0.0001", "4"), ("0.1", "2"), ("0.1", "4")}
-        for cell in cells.values():
-            loss, cer, nonfinite = (x.strip() for x in cell.split("/"))
-            assert float(loss) > 0 and 0 <= float(cer) and nonfinite == "0"
-    assert table_cells(out_dir) == table_cells(out_run)  # the two sources agree
-    # the report is logged to the parent run
-    arts = {a.path for a in client.list_artifacts(pid, "report")}
-    assert {"report/sweep_report.png", "report/sweep_report.txt"} <= arts
+        assert set(table_cells(out)) == {("0.0001", "2"), ("0.0001", "4"), ("1000", "2"), ("1000", "4")}
+        assert "Recommended: optimizer.lr=0.0001" in out
+    assert table_cells(out_dir) == table_cells(out_run) == cells  # the two sources agree with the sweep's own
 
 
 def test_crashed_and_diverged_jobs_do_not_stop_the_sweep(tmp_path, shared_data_dir, report):
     # max_duration=0.5 s filters out every utterance: the job raises DatasetError at runtime (the
     # config itself is valid). lr=1e8 makes the gradients NaN at step 2: the job diverges.
-    sweep_dir = sweep(tmp_path, shared_data_dir, "optimizer.lr=1e-4,1e8", "dataset.batch_size=4",
-                      "dataset.max_duration=0.5,16.7", "trainer.nonfinite_patience=1")
+    sweep_dir, stdout = sweep(tmp_path, shared_data_dir, "optimizer.lr=1e-4,1e8", "dataset.batch_size=4",
+                              "dataset.max_duration=0.5,16.7", "trainer.nonfinite_patience=1")
     client, parents, children = runs(tmp_path)
     assert len(parents) == 1 and parents[0].info.status == "FINISHED" and len(children) == 4
     by = {(r.data.params["optimizer.lr"], r.data.params["dataset.max_duration"]): r for r in children}
@@ -131,13 +167,15 @@ def test_crashed_and_diverged_jobs_do_not_stop_the_sweep(tmp_path, shared_data_d
     assert "[dataset.max_duration=0.5]" in out and "[dataset.max_duration=16.7]" in out
     assert f"diverged@{diverged.data.tags['diverged_at_step']}" in out and out.count("| crashed") == 2
     assert "DatasetError: the train split is empty" in out
+    assert "job 3 (lr=1e8 max_duration=16.7) diverged at step" in stdout and "Recommended: optimizer.lr=0.0001" in stdout
+    assert "dataset.batch_size=4: largest stable lr 0.0001, smallest diverged lr 1e+08" in stdout
 
 
 def test_optuna_preset_records_diverged_trials_as_failed_and_goes_on(tmp_path, shared_data_dir):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     # the preset's lr interval, narrowed to a choice so that the sampler (seed 1234) draws both a
     # diverging and a healthy learning rate in three trials
-    sweep_dir = sweep(tmp_path, shared_data_dir, "+sweep=optuna_lr", "hydra.sweeper.n_trials=3",
+    sweep_dir, _ = sweep(tmp_path, shared_data_dir, "+sweep=optuna_lr", "hydra.sweeper.n_trials=3",
                       "optimizer.lr=choice(1e-3,1e8)", "dataset.batch_size=4", "trainer.nonfinite_patience=1")
     result = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
     assert result["best_params"] == {"optimizer.lr": 0.001}

@@ -1,8 +1,10 @@
 """The MLflow UI of a real sweep store, checked in headless Chromium (Selenium): `make test-ui`.
 
-A 2-job Hydra sweep writes `<tmp>/mlflow.db`; `mlflow server` serves it on 127.0.0.1 and a fresh
-headless Chromium checks what the UI renders: the sweep's parent run, its two child runs nested under
-it, and a child run's `train/grad_norm` metric (value in the run overview, chart in "Model metrics").
+A 2-job Hydra sweep (lr 1e-4 trains, lr 1e8 diverges) writes `<tmp>/mlflow.db`; `mlflow server` serves
+it on 127.0.0.1 and a fresh headless Chromium checks what the UI renders: the sweep's parent run, its two
+child runs nested under it and named by their overrides (`lr=1e-4`, `lr=1e8`), the diverged child's
+tags (`ds2exp.status`, `divergence_cause`, `diverged_at_step`) on its page, and the healthy child's
+`train/grad_norm` metric (value in the run overview, chart in "Model metrics").
 Ids and expected values come from MlflowClient queries; every assertion is on the rendered page.
 Screenshots are saved under the test's tmp dir (printed; `pytest -s` shows the paths).
 
@@ -29,7 +31,7 @@ from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
 
-SWEEP = ["optimizer.lr=1e-4,1e-3", "dataset.batch_size=4", "model.conv_channels=4", "model.rnn_hidden=32",
+SWEEP = ["optimizer.lr=1e-4,1e8", "trainer.nonfinite_patience=1", "dataset.batch_size=4", "model.conv_channels=4", "model.rnn_hidden=32",
          "model.rnn_layers=1", "dataset.max_utterances=24", "trainer.max_eval_utterances=4",
          "trainer.progress=false", "trainer.max_steps=3", "trainer.log_every=1"]
 SERVER_START_S = 90  # `mlflow server` imports a lot; on 2 busy cores it has taken ~30 s
@@ -178,6 +180,11 @@ def test_ui_shows_sweep_parent_children_and_grad_norm(sweep_store, mlflow_server
     parent = parents[0]
     pid = parent.info.run_id
     assert all(c.data.tags.get("mlflow.parentRunId") == pid for c in children)
+    by_name = {c.info.run_name: c for c in children}
+    assert set(by_name) == {"lr=1e-4", "lr=1e8"}  # named by the sweep's overrides
+    healthy, diverged = by_name["lr=1e-4"], by_name["lr=1e8"]
+    assert diverged.data.tags.get("ds2exp.status") == "diverged" and "diverged_at_step" in diverged.data.tags
+    assert exp.tags.get("mlflow.experimentKind") == "custom_model_development"
 
     wait = WebDriverWait(driver, WAIT_S)
     shots = tmp_path / "screenshots"
@@ -211,8 +218,18 @@ def test_ui_shows_sweep_parent_children_and_grad_norm(sweep_store, mlflow_server
         assert row_index(run_link(pid)) < min(row_index(x) for x in child_links)
         driver.save_screenshot(str(shots / "1_experiment_runs.png"))
 
+        # ---- the diverged child's overview: its name and the divergence tags, as the UI shows them
+        driver.get(f"{mlflow_server}/#/experiments/{eid}/runs/{diverged.info.run_id}?{ML}")
+        visible(f"//*[normalize-space()='{diverged.info.run_id}']")
+        _close_assistant(driver)
+        visible("//*[normalize-space()='lr=1e8']")  # the run's name in the page header
+        for key in ("ds2exp.status", "divergence_cause", "diverged_at_step"):
+            visible(f"//*[contains(normalize-space(), '{key}')]")
+        visible(f"//*[contains(normalize-space(), '{diverged.data.tags['divergence_cause']}')]")
+        driver.save_screenshot(str(shots / "2a_diverged_child_tags.png"))
+
         # ---- a child run's overview: the train/grad_norm row of the metrics table, with its value
-        child = children[0]
+        child = healthy
         expected = child.data.metrics["train/grad_norm"]
         driver.get(f"{mlflow_server}/#/experiments/{eid}/runs/{child.info.run_id}?{ML}")
         visible(f"//*[normalize-space()='{child.info.run_id}']")  # "Run ID" in About this run

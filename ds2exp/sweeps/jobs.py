@@ -3,7 +3,7 @@
 From a sweep directory each job's `.hydra/overrides.yaml`, `summary.json`, `run_state.json` and
 `error.txt` are read; the loss of every step comes from the job's last checkpoint (its history), the
 best validation CER from the job's MLflow run (else the checkpoint). From a parent run id: the child
-runs' params, tags, metrics (`train/loss`, `train/loss_max`, `val/cer`) and summary.json artifacts.
+runs' params, tags, metrics (`train/loss`, `val/cer`) and summary.json artifacts.
 Whether a job diverged is decided afterwards by `ds2exp.sweeps.judge`.
 """
 from __future__ import annotations
@@ -47,7 +47,6 @@ class Job:
     dir: Optional[str] = None
     overrides: List[str] = field(default_factory=list)
     losses: List[Tuple[int, float]] = field(default_factory=list)  # (step, train loss), as logged
-    loss_maxima: List[Tuple[int, float]] = field(default_factory=list)  # (step, max over the log window)
     extra: Dict[str, str] = field(default_factory=dict)
 
 
@@ -224,7 +223,6 @@ def from_directory(sweep_dir: Path, tracking_uri: Optional[str] = None, with_mlf
                 job.best_cer = _best(_history(client, job.run_id, "val/cer"))
                 if not job.losses:
                     job.losses = _history(client, job.run_id, "train/loss")
-                job.loss_maxima = _history(client, job.run_id, "train/loss_max")
                 if job.nonfinite is None:
                     _nonfinite_from_mlflow(client, job)
                 uri, from_mlflow = uri or job_uri, True
@@ -294,7 +292,6 @@ def from_parent_run(parent_run_id: str, tracking_uri: str) -> Sweep:
         job.best_cer = _best(_history(client, run.info.run_id, "val/cer"))
         job.best_wer = _best(_history(client, run.info.run_id, "val/wer"))
         job.losses = _history(client, run.info.run_id, "train/loss")
-        job.loss_maxima = _history(client, run.info.run_id, "train/loss_max")
         job.first_bad_step = _int(tags.get("first_bad_step"))
         status = run.info.status
         if tags.get("ds2exp.status") == "diverged" or tags.get("diverged_at_step") is not None:

@@ -3,67 +3,85 @@
 A job is diverged when the run says so (tag `ds2exp.status=diverged`, `diverged_at_step`, summary.json
 `status`/`stop_reason`: non-finite steps or a loss explosion stopped it). Runs that do not say so (sweeps
 made before the trainer detected finite explosions, runs under `trainer.nonfinite=skip` whose loss
-stayed up) are judged from their logged train losses; the first rule that fires names the step:
+stayed up) are judged from how their logged train loss ENDED, so that a spike the run recovered from
+is no divergence. With `end` the median of the last 5 logged losses and `best` the lowest median of 5
+consecutive logged losses, the first rule that fires:
 
-1. a non-finite logged loss;
-2. a loss more than `EXPLOSION_FACTOR` (10) times the lowest loss the job logged before it (a loss
-   that climbed back up; healthy CTC runs on the synthetic and LibriSpeech data move by less than 3x
-   between logged points, sortagrad's lengthening batches included);
-3. every loss the job logged more than `EXPLOSION_FACTOR` times the smallest first logged loss of the
-   jobs with the same batch size (the job exploded before its first logged point; jobs of one sweep
-   start from the same weights and batches);
-4. a loss above `LOSS_CEILING` (1e5): a model that outputs the uniform distribution over the 29
+1. the last logged loss is not finite;
+2. `end` above `LOSS_CEILING` (1e5): a model that outputs the uniform distribution over the 29
    symbols scores ~3.4 per output frame, ~2,800 on the longest utterance `dataset.max_duration`
-   (16.7 s) lets in, so 1e5 is far past anything a training model reaches.
+   (16.7 s) lets in, so 1e5 is far past anything a training model reaches;
+3. `end` more than `EXPLOSION_FACTOR` (10) x `best` (the loss climbed back up and stayed; medians of 5,
+   so one long or short batch does not decide);
+4. `best` more than 10x the smallest first logged loss of the jobs with the same batch size (the job
+   exploded before its first logged point and never came down; jobs of one sweep start from the same
+   weights and batches).
+
+The step named (`exploded@N`) is where the final stretch of losses over the rule's threshold began.
 """
 from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from ds2exp.sweeps.jobs import COLS, ROWS, Job, Sweep, _finite, _num
 
 EXPLOSION_FACTOR = 10.0
 LOSS_CEILING = 1e5
+TAIL = 5
 
 
 def _points(job: Job) -> List[Tuple[int, float]]:
-    pts = dict(job.losses)
-    for step, v in job.loss_maxima:  # the window's largest batch loss counts as a logged loss
-        if step not in pts or not math.isfinite(v) or v > pts[step]:
-            pts[step] = v
-    out = sorted(pts.items())
-    if job.final_loss is not None and (not out or not math.isfinite(job.final_loss) or job.final_loss > out[-1][1]):
-        last = out[-1][0] if out else 0
-        out.append((last if out else 0, job.final_loss))  # summary.json's last step loss
-    return out
+    """(step, loss) as logged; summary.json's last-step loss when nothing was logged."""
+    if job.losses:
+        return sorted(job.losses)
+    return [(0, job.final_loss)] if job.final_loss is not None else []
+
+
+def _median(xs: List[float]) -> float:
+    ys = sorted(xs)
+    n = len(ys)
+    return ys[n // 2] if n % 2 else 0.5 * (ys[n // 2 - 1] + ys[n // 2])
+
+
+def _onset(steps: List[int], values: List[float], bad: Callable[[float], bool]) -> int:
+    i = len(values) - 1
+    while i > 0 and bad(values[i - 1]):
+        i -= 1
+    return steps[i]
 
 
 def explosion(job: Job, reference: Optional[float] = None) -> Optional[Tuple[int, float, str]]:
-    """(step, loss, rule) of the first sign of divergence in the job's logged losses, else None."""
+    """(step, loss, rule) when the job's losses ended diverged, else None."""
     pts = _points(job)
-    lowest = math.inf
-    for step, v in pts:
-        if not math.isfinite(v):
-            return step, v, "non-finite train loss"
-        if v > LOSS_CEILING:
-            return step, v, f"train loss {v:.3g} > {LOSS_CEILING:g}"
-        if math.isfinite(lowest) and lowest > 0 and v > EXPLOSION_FACTOR * lowest:
-            return step, v, f"train loss {v:.3g} > {EXPLOSION_FACTOR:g}x the lowest before it ({lowest:.3g})"
-        lowest = min(lowest, v)
-    if reference is not None and reference > 0 and pts and all(v > EXPLOSION_FACTOR * reference for _, v in pts):
-        step, v = pts[0]
-        return step, v, (f"every train loss > {EXPLOSION_FACTOR:g}x the first loss of the same batch size's other "
-                         f"jobs ({reference:.3g})")
-    return None
+    if not pts:
+        return None
+    steps, values = [s for s, _ in pts], [v for _, v in pts]
+    if not math.isfinite(values[-1]):
+        return _onset(steps, values, lambda v: not math.isfinite(v)), values[-1], "the last logged loss is not finite"
+    fin = [(s, v) for s, v in pts if math.isfinite(v)]
+    steps, values = [s for s, _ in fin], [v for _, v in fin]
+    medians = [_median(values[max(0, i - TAIL + 1):i + 1]) for i in range(len(values))]
+    end, best = medians[-1], min(medians)
+    if end > LOSS_CEILING:
+        limit, rule = LOSS_CEILING, f"its losses ended at {end:.3g} (median of the last {TAIL}) > {LOSS_CEILING:g}"
+    elif best > 0 and end > EXPLOSION_FACTOR * best:
+        limit, rule = EXPLOSION_FACTOR * best, (f"its losses ended at {end:.3g} (median of the last {TAIL}), "
+                                                f"> {EXPLOSION_FACTOR:g}x its best {best:.3g}")
+    elif reference is not None and reference > 0 and best > EXPLOSION_FACTOR * reference:
+        return steps[0], end, (f"its losses never came below {best:.3g}, > {EXPLOSION_FACTOR:g}x the first loss "
+                               f"of the same batch size's other jobs ({reference:.3g})")
+    else:
+        return None
+    return _onset(steps, values, lambda v: v > limit), end, rule
 
 
 def judge(sweep: Sweep) -> None:
     """Mark finished jobs whose losses show a divergence as diverged (judged_by="losses")."""
     firsts: Dict[str, List[Tuple[str, float]]] = {}
     for j in sweep.jobs:
-        pts = [(s, v) for s, v in _points(j) if math.isfinite(v)]
+        pts = [(s, v) for s, v in _points(j) if v is not None and math.isfinite(v)]
         if pts:
             firsts.setdefault(j.params.get(COLS, "?"), []).append((j.name, pts[0][1]))
     for j in sweep.jobs:
@@ -77,7 +95,7 @@ def judge(sweep: Sweep) -> None:
         j.status, j.judged_by = "diverged", "losses"
         if j.first_bad_step is None:
             j.first_bad_step = step
-        j.cause = f"loss_explosion, judged from the logged losses: {rule} at step {step}"
+        j.cause = f"loss_explosion, judged from the logged losses: {rule}; from step {step}"
 
 
 def stable(j: Job) -> bool:
@@ -137,11 +155,18 @@ def verdict_lines(jobs: List[Job]) -> List[str]:
     if best is None:
         lines.append("Recommended: none (no job trained without diverging)")
     else:
-        why = (f"best validation CER {best.best_cer:.2f}%" if best.best_cer is not None
-               else "lowest final train loss (no validation CER logged)")
+        tied = [j for j in jobs if stable(j) and j.best_cer is not None and best.best_cer is not None
+                and abs(j.best_cer - best.best_cer) < 1e-9]
+        if best.best_cer is None:
+            why = "lowest final train loss (no validation CER logged)"
+        elif len(tied) > 1:
+            why = (f"best validation CER {best.best_cer:.2f}%, shared by {len(tied)}: the lowest final train loss "
+                   f"{_finite(best.final_loss) or float('nan'):.4g} decides")
+        else:
+            why = f"best validation CER {best.best_cer:.2f}%"
         lines.append(f"Recommended: {ROWS}={_lr(_num(best.params[ROWS]))} {COLS}={best.params[COLS]}"
                      + "".join(f" {k}={v}" for k, v in best.extra.items())
-                     + f"  ({why} among {n_ok} stable job{'s' if n_ok != 1 else ''}; job {best.name}"
+                     + f"  (among {n_ok} stable job{'s' if n_ok != 1 else ''}: {why}; job {best.name}"
                      + (f" '{best.label}'" if best.label else "")
                      + (f", MLflow run {best.run_id}" if best.run_id else "") + ")")
     return lines

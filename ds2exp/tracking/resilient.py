@@ -221,6 +221,10 @@ class ResilientTracker(Tracker):
             if self.clock() >= self._next_try:
                 self._flush(self.clock() + max(5.0, self.retry_s))
             return
+        if op["op"] == "start" and not self._reachable():  # a dead server at the start costs one TCP probe
+            self._spool(op)
+            self._failed(ConnectionRefusedError(f"no answer on {self._probe_addr[0]}:{self._probe_addr[1]}"))
+            return
         try:
             self._apply(op)
         except Exception as exc:  # noqa: BLE001 - tracking must never stop training
