@@ -12,6 +12,7 @@ import math
 import shlex
 from pathlib import Path
 from typing import Any, Dict, Optional
+
 from ds2exp.config import enum_value
 
 log = logging.getLogger(__name__)
@@ -19,7 +20,6 @@ log = logging.getLogger(__name__)
 STATUSES = ("finished", "diverged", "interrupted", "failed")
 MLFLOW_STATUS = {"finished": "FINISHED", "diverged": "FAILED", "failed": "FAILED", "interrupted": "KILLED"}
 UI_ADDRESS = "http://127.0.0.1:5000"  # where `make ui` serves the project's store
-
 
 
 def best_checkpoint(state, cfg) -> Optional[Dict[str, Any]]:

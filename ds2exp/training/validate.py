@@ -4,12 +4,14 @@ Used by the trainer at every validation and by `evaluate.py` (with a beam decode
 """
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
 import mindspore as ms
 import numpy as np
+from tqdm import tqdm
 
 from ds2exp.data.dataset import BatchLoader
 from ds2exp.models.ctc import batch_greedy_decode, ctc_losses, infeasible_rows
@@ -32,13 +34,21 @@ class EvalResult:
 
 
 def evaluate_model(model, loader: BatchLoader, definition: str = "reference", max_utterances: Optional[int] = None,
-                   decode: Optional[Callable[[np.ndarray, np.ndarray], List[str]]] = None) -> EvalResult:
-    """Evaluate in inference mode (BatchNorm uses its moving statistics)."""
+                   decode: Optional[Callable[[np.ndarray, np.ndarray], List[str]]] = None,
+                   progress: Optional[bool] = None, desc: str = "validate", leave: bool = False) -> EvalResult:
+    """Evaluate in inference mode (BatchNorm uses its moving statistics).
+
+    A progress bar over utterances on stderr: `progress` None shows it when stderr is a terminal;
+    `leave=False` (validation during training) removes it when done. With `decode` (a beam search)
+    utterances are decoded, and counted, one at a time."""
     model.set_train(False)
     acc = ErrorRateAccumulator(definition=definition)
     losses: List[float] = []
     seen = 0
     decode_time = 0.0
+    total = len(loader.split.examples)
+    bar = tqdm(total=min(total, max_utterances) if max_utterances else total, desc=desc, unit="utt", leave=leave,
+               disable=None if progress is None else not progress, file=sys.stderr, dynamic_ncols=True)
     try:
         for batch in loader.iterate(epoch=0):
             logits, out_lengths = model(ms.Tensor(batch.features), ms.Tensor(batch.feature_lengths))
@@ -49,7 +59,14 @@ def evaluate_model(model, loader: BatchLoader, definition: str = "reference", ma
             t0 = time.perf_counter()
             log_probs = logits.astype(ms.float32).asnumpy()
             lengths = out_lengths.asnumpy()
-            hyps = decode(log_probs, lengths) if decode else batch_greedy_decode(log_probs, lengths)
+            if decode is None:
+                hyps = batch_greedy_decode(log_probs, lengths)
+                bar.update(min(batch.size, max(0, bar.total - bar.n)))
+            else:
+                hyps = []
+                for i in range(batch.size):
+                    hyps += decode(log_probs[i:i + 1], lengths[i:i + 1])
+                    bar.update(1)
             decode_time += time.perf_counter() - t0
             for uid, ref, hyp in zip(batch.ids, batch.transcripts, hyps):
                 acc.add(ref, hyp, uid)
@@ -57,6 +74,7 @@ def evaluate_model(model, loader: BatchLoader, definition: str = "reference", ma
             if max_utterances and seen >= max_utterances:
                 break
     finally:
+        bar.close()
         model.set_train(True)
     if seen == 0:
         raise ValueError("evaluation data set is empty: no utterance could be loaded")

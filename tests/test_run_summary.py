@@ -1,0 +1,136 @@
+"""How a training run ends: summary.json fields and the printed end-of-run summary.
+
+In-process: the summary of every outcome, built from a real composed config and a real TrainState.
+Real processes (slow): a finished run without MLflow and evaluate.py's beam-search progress bar; a
+diverged run (lr=1e3) that exits 1 and says where and why.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import ROOT
+from tests.helpers.processes import SMALL, run
+
+
+def _cfg(tmp_path, *overrides):
+    from ds2exp.cli import check_overrides
+
+    return check_overrides([f"paths.root_dir={tmp_path}", "trainer.max_steps=40", *overrides])
+
+
+def _state(step=40):
+    from ds2exp.training.trainer import TrainState
+
+    s = TrainState(step=step)
+    s.history.update(val_step=[20, 40], val_cer=[97.0, 58.12], val_wer=[100.0, 96.5], val_loss=[200.0, 120.0])
+    s.best = [{"monitor": "val/cer", "value": 58.12, "step": 40, "path": "/r/checkpoints/best-step0000040-cer58.12.ckpt",
+               "wer": 96.5}]
+    return s
+
+
+def _tracker(cfg, run_dir):
+    from ds2exp.tracking import make_tracker
+
+    return make_tracker(cfg.logger, run_name="summary-test", spool_dir=run_dir)
+
+
+def _lines(text):
+    return {ln.split(":", 1)[0].strip(): ln.split(":", 1)[1].strip() for ln in text.splitlines()[1:] if ":" in ln}
+
+
+def test_summary_of_each_outcome(tmp_path):
+    from ds2exp.training.summary import build, format_summary
+
+    # (the MLflow lines of a real run are checked on real processes in tests/test_signals.py: a fresh
+    # SQLite store takes half a minute to create on a busy machine)
+    cfg = _cfg(tmp_path, "logger=none")
+    tracker = _tracker(cfg, tmp_path / "run")
+    finished = build("finished", {"stop_reason": "max_steps"}, _state(), cfg, tmp_path / "run", tracker)
+    assert finished["status"] == "finished" and finished["mlflow_url"] is None
+    assert finished["best_checkpoint"] == {"path": "/r/checkpoints/best-step0000040-cer58.12.ckpt", "step": 40,
+                                           "monitor": "val/cer", "value": 58.12, "val_cer": 58.12, "val_wer": 96.5,
+                                           "val_loss": 120.0}
+    text = format_summary(finished)
+    lines = _lines(text)
+    assert text.splitlines()[0].startswith("==== ds2exp training: finished")
+    assert lines["status"] == "finished at step 40 (trainer.max_steps reached)" and lines["steps"] == "40 of 40"
+    assert "step 40: val/cer 58.12% (val CER 58.12%, WER 96.50%)" in text
+    assert lines["MLflow"] == "not recorded (logger=none)" and lines["run directory"] == str(tmp_path / "run")
+
+    diag = {"stop_reason": "nonfinite", "cause": "loss_explosion", "first_bad_step": 2, "diverged_at_step": 21,
+            "step": 21, "summary": "loss 1.6e9 is 1e7x the median of the last good steps"}
+    diverged = build("diverged", diag, _state(21), cfg, tmp_path / "run", tracker)
+    assert (diverged["cause"], diverged["first_bad_step"], diverged["diverged_at_step"]) == ("loss_explosion", 2, 21)
+    assert _lines(format_summary(diverged))["status"] == "diverged at step 21: loss_explosion, first bad step 2"
+
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    stopped = build("interrupted", {"stop_reason": "interrupted", "signal": "SIGINT"}, _state(7), cfg,
+                    tmp_path / "run", tracker)
+    text = format_summary(stopped)
+    assert _lines(text)["status"] == "interrupted at step 7 (SIGINT)"
+    assert f"resume:          python train.py resume={tmp_path / 'run'}  (continues the same MLflow run)" in text
+
+    # a server that does not answer: no link, and the last line says where the records wait and how to send them
+    from tests.helpers.tracking import free_port
+
+    down = _cfg(tmp_path, f"logger.tracking_uri=http://127.0.0.1:{free_port()}")
+    offline = _tracker(down, tmp_path / "offline")
+    offline.log_metrics({"train/loss": 1.0}, 1)
+    assert offline.run_id is None and offline.pending == 2
+    spooled = build("finished", {"stop_reason": "max_steps"}, _state(), down, tmp_path / "offline", offline)
+    text = format_summary(spooled, offline.pending, offline.spool_path)
+    assert "/#/experiments/" not in text and "not created yet" in text
+    assert text.splitlines()[-1].startswith("MLflow records spooled: 2 could not be sent")
+    assert text.splitlines()[-1].endswith(f"python -m ds2exp.tracking.resilient {tmp_path / 'offline'}")
+
+    failed = build("failed", {"error": "RuntimeError: boom"}, _state(3), cfg, tmp_path / "run", None)
+    assert _lines(format_summary(failed))["status"] == "failed at step 3: RuntimeError: boom"
+
+
+def test_link_and_ui_hint_follow_the_store(tmp_path):
+    from ds2exp.config import PACKAGE_DIR
+    from ds2exp.training.summary import run_link, ui_hint
+
+    assert run_link("http://mlflow.lab:8080/", "3", "r1") == "http://mlflow.lab:8080/#/experiments/3/runs/r1"
+    assert run_link(f"sqlite:///{tmp_path}/mlflow.db", "3", "r1") == "http://127.0.0.1:5000/#/experiments/3/runs/r1"
+    assert run_link("sqlite:///x.db", None, "r1") is None
+    assert ui_hint(f"sqlite:///{PACKAGE_DIR.parent / 'mlflow.db'}") == "open the UI with: make ui"
+
+
+@pytest.mark.slow
+def test_finished_run_without_mlflow_prints_its_summary_and_evaluate_shows_beam_progress(tmp_path,
+                                                                                          shared_data_dir):
+    run_dir = tmp_path / "outputs" / "run"
+    r = run(tmp_path, shared_data_dir, run_dir, *SMALL, "trainer.max_steps=4", "trainer.eval_every=2",
+            "logger=none")
+    assert "status:          finished at step 4 (trainer.max_steps reached)" in r.stdout
+    assert "MLflow:          not recorded (logger=none)" in r.stdout and f"run directory:   {run_dir}" in r.stdout
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["best_checkpoint"]["step"] in (2, 4)
+    assert json.loads((run_dir / "run_state.json").read_text())["status"] == "finished"
+
+    e = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), f"paths.data_dir={shared_data_dir}",
+                        f"hydra.run.dir={tmp_path}/outputs/eval", "dataset.max_utterances=12", f"checkpoint={run_dir}",
+                        "decoder=beam", "decoder.beam_width=4", "logger=none", "model.conv_channels=4"],
+                       capture_output=True, text=True, cwd=ROOT, env={**os.environ, "DS2EXP_ROOT": str(tmp_path)},
+                       timeout=600)
+    assert e.returncode == 0, e.stderr[-3000:]
+    assert "(beam): 100%" in e.stderr and "utt" in e.stderr
+
+
+@pytest.mark.slow
+def test_diverged_run_exits_1_and_says_where_and_why(tmp_path, shared_data_dir):
+    run_dir = tmp_path / "outputs" / "run"
+    r = run(tmp_path, shared_data_dir, run_dir, *SMALL, "optimizer.lr=1e3", "trainer.max_steps=40",
+            "trainer.nonfinite=stop", "trainer.eval_every=20", check=False)
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "diverged" and summary["cause"] and summary["diverged_at_step"] <= 40
+    assert f"status:          diverged at step {summary['diverged_at_step']}: {summary['cause']}" in r.stdout
+    assert json.loads((run_dir / "run_state.json").read_text())["status"] == "diverged"
