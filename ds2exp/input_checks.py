@@ -37,7 +37,8 @@ def check_checkpoint(key: str, value: str, allow_run_id: bool = False, need_trai
     if not p.exists():
         if allow_run_id and _RUN_ID.match(str(value)):
             return None
-        raise ConfigValueError(key, value, f"an existing checkpoint: {kinds}")
+        raise ConfigValueError(key, value, "an existing checkpoint file or run directory"
+                               + (" or an MLflow run id" if allow_run_id else ""))
     from ds2exp.training.checkpoint import CheckpointError, checkpoint_folder, select_checkpoint, verify_checkpoint
 
     if p.is_dir():

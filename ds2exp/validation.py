@@ -116,13 +116,13 @@ def _model(m: DictConfig) -> None:
 
 
 def _optimizer(o: DictConfig) -> None:
-    _check(o.lr > 0, "optimizer.lr", o.lr, "a finite number > 0")
+    _check(o.lr > 0, "optimizer.lr", o.lr, "a number > 0")
     _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optimizer.betas", list(o.betas),
            "two numbers in [0, 1)")
-    _check(o.eps > 0, "optimizer.eps", o.eps, "a finite number > 0")
-    _check(o.weight_decay >= 0, "optimizer.weight_decay", o.weight_decay, "a finite number >= 0")
-    _check(o.grad_clip >= 0, "optimizer.grad_clip", o.grad_clip, "a finite number >= 0 (0 disables clipping)")
-    _check(o.anneal >= 1, "optimizer.anneal", o.anneal, "a finite number >= 1")
+    _check(o.eps > 0, "optimizer.eps", o.eps, "a number > 0")
+    _check(o.weight_decay >= 0, "optimizer.weight_decay", o.weight_decay, "a number >= 0")
+    _check(o.grad_clip >= 0, "optimizer.grad_clip", o.grad_clip, "a number >= 0 (0 disables clipping)")
+    _check(o.anneal >= 1, "optimizer.anneal", o.anneal, "a number >= 1")
     _int_at_least(o, "optimizer", ("warmup_steps",), 0)
     _check(0 <= o.min_lr_ratio <= 1, "optimizer.min_lr_ratio", o.min_lr_ratio,
            "a number in [0, 1] (the final lr as a fraction of optimizer.lr)")
@@ -141,7 +141,7 @@ def _hardware(h: DictConfig) -> None:
 def _precision(p: DictConfig, h: Optional[DictConfig]) -> None:
     _check(0 < p.loss_scale <= MAX_LOSS_SCALE, "precision.loss_scale", p.loss_scale,
            "a number in (0, 2**24]")
-    _check(p.scale_factor > 1, "precision.scale_factor", p.scale_factor, "a finite number > 1")
+    _check(p.scale_factor > 1, "precision.scale_factor", p.scale_factor, "a number > 1")
     _int_at_least(p, "precision", ("scale_window",), 1)
     # Measured with MindSpore 2.8: its CPU conv/LSTM kernels have no bfloat16 implementation.
     _check(not (_plain(p.dtype) == DType.bf16.value and h is not None
@@ -207,7 +207,7 @@ def _command_keys(cfg: DictConfig) -> None:
         _check(1 <= cfg.verify_utterances <= 100000, "verify_utterances", cfg.verify_utterances,
                "an integer in [1, 100000]")
     if "tolerance" in cfg:
-        _check(cfg.tolerance > 0, "tolerance", cfg.tolerance, "a finite number > 0")
+        _check(cfg.tolerance > 0, "tolerance", cfg.tolerance, "a number > 0")
     if "frames" in cfg:
         _check(0 <= cfg.frames <= 1_000_000, "frames", cfg.frames,
                "0 (the longest verification utterance) or a frame count <= 1000000")

@@ -71,7 +71,8 @@ def test_missing_checkpoint_and_other_architecture_are_clear_errors(trained_run,
     r = evaluate(root, shared_data_dir, check=False)
     assert r.returncode == 2 and "config error: checkpoint" in r.stderr
     r = evaluate(root, shared_data_dir, f"checkpoint={tmp_path / 'nope.ckpt'}", check=False)
-    assert r.returncode == 1 and "checkpoint not found" in r.stderr and "nope.ckpt" in r.stderr
+    # refused by the preflight, before Hydra makes a run directory
+    assert r.returncode == 2 and "config error: checkpoint=" in r.stderr and "nope.ckpt" in r.stderr
 
 
 def export(root, data_dir, *overrides):
