@@ -237,27 +237,30 @@ def test_rnn_directions_in_separate_loops(rnn_type, monkeypatch):
 
 
 @pytest.mark.parametrize("rnn_type", ["lstm", "gru"])
-def test_rnn_direction_threads_are_bitwise_one_thread(rnn_type, monkeypatch, numba_mode):
-    """Separate direction loops (compiled kernels, or numpy loops for a large W_hh) run in two
-    threads; each direction's arithmetic is unchanged."""
+def test_rnn_threads_are_bitwise_one_thread(rnn_type, monkeypatch, numba_mode):
+    """Directions (compiled kernels, or numpy loops for a large W_hh) run on their own threads, and
+    with more threads than directions the compiled recurrences also cut the rows into chunks of a
+    multiple of 4 (9 rows: 4 + 4 + 1 leftover); every row's arithmetic is unchanged, bit for bit."""
     monkeypatch.setattr(K.settings, "joint_directions_max_bytes", 0)
     rng = np.random.default_rng(3)
-    B, T, H = 3, 9, 6
+    B, T, H = 9, 9, 6
     G = (4 if rnn_type == "lstm" else 3) * H
     xp = rng.standard_normal((B, T, 2 * G)).astype(np.float32)
     w = (rng.standard_normal((2, G, H)) * 0.5).astype(np.float32)
     b = rng.standard_normal((2, G)).astype(np.float32)
-    lengths = np.array([9, 4, 6], np.int32)
+    lengths = np.array([9, 4, 6, 9, 1, 7, 8, 9, 3], np.int32)
     dy = rng.standard_normal((B, T, 2 * H)).astype(np.float32)
     fwd, bwd = KR.KERNELS[rnn_type]
     outs = {}
-    for threads in (1, 2):
+    for threads in (1, 2, 4, 16):
         monkeypatch.setattr(K.settings, "threads", threads)
         y, *saved = fwd(xp, lengths, w, b)
         outs[threads] = (y, *bwd(lengths, w, *saved, dy))
+    assert KR.row_chunks(B, 2) == [(0, 4), (4, 8), (8, 9)]  # at 16 threads
     assert len(outs[1]) == 4
-    for one, two in zip(outs[1], outs[2]):
-        assert one.shape == two.shape and np.array_equal(one, two)
+    for threads in (2, 4, 16):
+        for one, many in zip(outs[1], outs[threads]):
+            assert one.shape == many.shape and np.array_equal(one, many), threads
     assert np.abs(outs[1][0]).max() > 0 and np.abs(outs[1][1]).max() > 0
 
 

@@ -14,7 +14,7 @@ from ds2exp.kernels.settings import kernel, run_tasks, settings
 GATES = {"lstm": 4, "gru": 3}
 
 
-def _fused(B) -> bool:
+def _compiled(B) -> bool:
     """Whether the compiled whole-loop kernels run this batch (numba on, a small batch)."""
     return settings.use_numba and B <= settings.numba_max_rows
 
@@ -79,9 +79,39 @@ def _clip_lengths(lengths, T):
     return np.clip(np.asarray(lengths).astype(np.int64).reshape(-1), 0, T)
 
 
-def _one_per_direction(D):
-    """Direction indices for the compiled kernels: each direction its own task (own core)."""
-    return list(range(D))
+def row_chunks(B, D):
+    """Row ranges for the compiled recurrences. One per direction while the threads are no more than
+    the directions; with more threads, each direction's rows are cut into chunks of a multiple of 4
+    rows (the recurrent product's row block, compiled.rows_wT), so every row meets the same code,
+    in the same order, as without the cut: the results are bitwise the same for any split."""
+    per_direction = max(1, settings.threads // max(1, D))
+    if per_direction == 1 or B <= 4:
+        return [(0, B)]
+    n = min(per_direction, -(-B // 4))   # chunks per direction, at least 4 rows each
+    rows = -(-B // n)                    # ceil(B / n)
+    size = 4 * -(-rows // 4)             # rounded up to a multiple of 4
+    return [(b, min(B, b + size)) for b in range(0, B, size)]
+
+
+def _run_compiled(fn, args, batched, Tm):
+    """fn(*(a[d] ...), Tm) for every direction d (args have a leading direction axis), cut further
+    into row chunks (row_chunks) on the arrays marked in `batched` (rows on axis 1 of a[d]); each
+    chunk runs on contiguous copies, which are written back."""
+    D, B = args[0].shape[0], args[0].shape[2]
+    chunks = row_chunks(B, D)
+
+    def task(item):
+        d, (b0, b1) = item
+        if len(chunks) == 1:
+            fn(*(a[d] for a in args), Tm)
+            return
+        part = [np.ascontiguousarray(a[d][:, b0:b1]) if cut else a[d] for a, cut in zip(args, batched)]
+        fn(*part, Tm)
+        for a, p, cut in zip(args, part, batched):
+            if cut:
+                a[d][:, b0:b1] = p
+
+    run_tasks([(d, c) for d in range(D) for c in chunks], task)
 
 
 def _direction_groups(w):
@@ -143,8 +173,8 @@ def lstm_forward(xp, lengths, w, b, b_ih=None):
     C = np.zeros((D, T, B, H), np.float32)
     Hs = np.zeros((D, T, B, H), np.float32)
     w = np.ascontiguousarray(w, dtype=np.float32)
-    if _fused(B):
-        run_tasks(_one_per_direction(D), lambda d: compiled.lstm_fwd(X[d], w[d], A[d], C[d], Hs[d], Tm))
+    if _compiled(B):
+        _run_compiled(compiled.lstm_fwd, (X, w, A, C, Hs), (True, False, True, True, True), Tm)
     else:
         run_tasks(_direction_groups(w),
                   lambda sl: _lstm_fwd_loop(X[sl], w[sl], A[sl], C[sl], Hs[sl], Tm))
@@ -213,8 +243,8 @@ def lstm_backward(lengths, w, A, C, Hs, dy):
     _, T, B, _ = A.shape
     lengths, dY, Tm, w = _backward_inputs(lengths, w, dy, T, B)
     dG = np.zeros((D, T, B, G), np.float32)
-    if _fused(B):
-        run_tasks(_one_per_direction(D), lambda d: compiled.lstm_bwd(dY[d], w[d], A[d], C[d], dG[d], Tm))
+    if _compiled(B):
+        _run_compiled(compiled.lstm_bwd, (dY, w, A, C, dG), (True, False, True, True, True), Tm)
     else:
         run_tasks(_direction_groups(w),
                   lambda sl: _lstm_bwd_loop(dY[sl], w[sl], A[sl], C[sl], dG[sl], Tm))
@@ -273,8 +303,8 @@ def gru_forward(xp, lengths, w, b, b_ih=None):
     Hs = np.zeros((D, T, B, H), np.float32)
     w = np.ascontiguousarray(w, dtype=np.float32)
     b = np.asarray(b, np.float32)
-    if _fused(B):
-        run_tasks(_one_per_direction(D), lambda d: compiled.gru_fwd(X[d], w[d], b[d], A[d], S[d], Hs[d], Tm))
+    if _compiled(B):
+        _run_compiled(compiled.gru_fwd, (X, w, b, A, S, Hs), (True, False, False, True, True, True), Tm)
     else:
         run_tasks(_direction_groups(w),
                   lambda sl: _gru_fwd_loop(X[sl], w[sl], b[sl], A[sl], S[sl], Hs[sl], Tm))
@@ -320,9 +350,8 @@ def gru_backward(lengths, w, A, S, Hs, dy):
     lengths, dY, Tm, w = _backward_inputs(lengths, w, dy, T, B)
     dX = np.zeros((D, T, B, G), np.float32)
     dGh = np.zeros((D, T, B, G), np.float32)
-    if _fused(B):
-        run_tasks(_one_per_direction(D),
-                  lambda d: compiled.gru_bwd(dY[d], w[d], A[d], S[d], Hs[d], dX[d], dGh[d], Tm))
+    if _compiled(B):
+        _run_compiled(compiled.gru_bwd, (dY, w, A, S, Hs, dX, dGh), (True, False, True, True, True, True, True), Tm)
     else:
         run_tasks(_direction_groups(w),
                   lambda sl: _gru_bwd_loop(dY[sl], w[sl], A[sl], S[sl], Hs[sl], dX[sl], dGh[sl], Tm))
