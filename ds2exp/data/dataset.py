@@ -18,15 +18,11 @@ from ds2exp.data.labels import TranscriptError, encode
 from ds2exp.atomic import atomic_write_text
 from ds2exp.data.manifest import ManifestError, Utterance, read_manifest
 from ds2exp.config import enum_value
+from ds2exp.geometry import output_frames  # noqa: F401  (also imported from here)
 
 
 class DatasetError(Exception):
     pass
-
-
-def output_frames(num_frames: int) -> int:
-    """Frames the DS2 conv stack emits: conv1 strides time by 2 with 'same' padding."""
-    return (num_frames - 1) // 2 + 1
 
 
 def ctc_min_frames(labels: Sequence[int]) -> int:

@@ -13,22 +13,23 @@ from typing import Dict, List, Tuple
 import mindspore as ms
 from mindspore import nn, ops
 
-from ds2exp.data.labels import NUM_CLASSES
-from ds2exp.models.layers import make_conv2d, make_rnn
 from ds2exp.config import enum_value
+from ds2exp.data.labels import NUM_CLASSES
+from ds2exp.geometry import (CONV1_KERNEL, CONV1_PADDING, CONV1_STRIDE, CONV2_KERNEL, CONV2_PADDING, CONV2_STRIDE,
+                             output_frames)
+from ds2exp.geometry import conv_output_bins as _conv_output_bins
+from ds2exp.models.layers import make_conv2d, make_rnn
 
 NUM_BINS = 161  # 20 ms window at 16 kHz
 
 
 
 def conv_output_bins(bins: int = NUM_BINS) -> int:
-    f1 = (bins + 40 - 41) // 2 + 1  # conv1: kernel 41, stride 2, pad 20+20
-    return (f1 + 20 - 21) // 2 + 1  # conv2: kernel 21, stride 2, pad 10+10
+    return _conv_output_bins(bins)
 
 
 def output_lengths(lengths: ms.Tensor) -> ms.Tensor:
-    # conv1 halves time ('same' padding, stride 2); conv2 keeps it.
-    return ops.floor_divide(lengths - 1, 2) + 1
+    return output_frames(lengths)
 
 
 # deepspeech.pytorch's Hardtanh(0, 20), written as relu6(0.3 x) / 0.3 (equal up to rounding, 1e-6
@@ -57,8 +58,8 @@ class ConvBlock(nn.Cell):
     def __init__(self, channels: int, activation: str, batch_norm: bool, impl: str):
         super().__init__()
         # conv1's input is the features: nothing differentiates it (FastConv2d's input_grad)
-        self.conv1 = make_conv2d(1, channels, (41, 11), (2, 2), (20, 20, 5, 5), impl=impl, input_grad=False)
-        self.conv2 = make_conv2d(channels, channels, (21, 11), (2, 1), (10, 10, 5, 5), impl=impl)
+        self.conv1 = make_conv2d(1, channels, CONV1_KERNEL, CONV1_STRIDE, CONV1_PADDING, impl=impl, input_grad=False)
+        self.conv2 = make_conv2d(channels, channels, CONV2_KERNEL, CONV2_STRIDE, CONV2_PADDING, impl=impl)
         self.use_bn = batch_norm
         if batch_norm:
             self.bn1 = nn.BatchNorm2d(channels, momentum=0.9)
@@ -73,7 +74,7 @@ class ConvBlock(nn.Cell):
         # both RNN implementations read only each utterance's own frames (tests/test_layers.py
         # gives them nonzero padding), and a broadcast multiply is not free on CPU (11 ms
         # forward+backward at (16, 8, 41, 150), measured).
-        mask = time_mask(out_lengths, x.shape[-1] // 2 + x.shape[-1] % 2, x.dtype)
+        mask = time_mask(out_lengths, output_frames(x.shape[-1]), x.dtype)
         x = self.conv1(x)
         if self.use_bn:
             x = self.bn1(x)
