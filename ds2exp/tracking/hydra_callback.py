@@ -130,6 +130,14 @@ class MlflowSweepCallback(Callback):
         self._linked: set = set()
         self._closed = True
 
+    def __getstate__(self) -> Dict[str, Any]:
+        """Launchers that run jobs in other processes (joblib, submitit) pickle the callbacks: the parent
+        run's tracker (its spool file, its client) stays in the sweep process; jobs there read the
+        parent id from the environment or the sweep dir."""
+        state = self.__dict__.copy()
+        state["tracker"] = None
+        return state
+
     # ------------------------------------------------------------------ sweep process
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from ds2exp.sweeps.names import ENV_SWEPT, publish_swept
