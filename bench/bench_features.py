@@ -25,19 +25,6 @@ sys.path.insert(0, str(ROOT))
 import ds2exp  # noqa: E402,F401  (protobuf implementation before mindspore)
 
 
-def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores"
-
-
 def build(model: str, dataset: str, batch: int, workers: int):
     from ds2exp.cli import compose_config
     from ds2exp.data.dataset import BucketBatchSampler, load_split, resolve_manifests
@@ -93,6 +80,7 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=2, help="loader threads")
     args = ap.parse_args(argv)
 
+    from bench.bench_step import machine
     from ds2exp.data.dataset import BatchLoader
     from ds2exp.data.features import FeatureCache, cache_bytes, compute_features, librispeech_cache_gb
     from ds2exp.data.audio import load_audio
