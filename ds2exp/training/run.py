@@ -448,10 +448,8 @@ def _train_secondary(cfg: DictConfig, run_dir: Path, resumed, rank: int, world: 
     except TrainingStopped as stop:
         log.error("rank %d: training stopped: %s", rank, stop.diagnosis.get("summary"))
         return RunOutcome("diverged", float("nan"))
-    if interrupt.requested:
-        from ds2exp.training.signals import TrainingInterrupted
-
-        raise TrainingInterrupted(interrupt.signum, trainer.state.step)
+    if interrupt.requested:  # rank 0 records the interrupted run; exit 0, or msrun would kill rank 0
+        log.warning("rank %d: stopped by a signal after step %d", rank, trainer.state.step)
     return RunOutcome("finished", float("nan"))
 
 

@@ -191,3 +191,65 @@ class StopOnSignal:
             return
         path = trainer.save_last()
         raise TrainingInterrupted(self.signum, trainer.state.step, path)
+
+
+# ------------------------------------------------------------------ data parallel: the launcher
+def _descendants(pid: int) -> list:
+    """Processes below `pid` (from /proc)."""
+    children: Dict[int, list] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as fh:
+                ppid = int(fh.read().rsplit(b")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _ms_role(pid: int) -> Optional[str]:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as fh:
+            for item in fh.read().split(b"\0"):
+                if item.startswith(b"MS_ROLE="):
+                    return item[len(b"MS_ROLE="):].decode()
+    except OSError:
+        pass
+    return None
+
+
+def run_forwarding_signals(cmd, env) -> tuple:
+    """Run msrun (`cmd`) in a session of its own and pass SIGINT/SIGTERM sent to this process on to
+    its training workers, which stop after their current step; msrun would SIGKILL them on Ctrl-C.
+    Returns (msrun's exit status, the first signal forwarded or None)."""
+    import subprocess
+
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    received: list = []
+
+    def forward(signum, frame):
+        received.append(signum)
+        workers = [p for p in _descendants(proc.pid) if _ms_role(p) == "MS_WORKER"]
+        for pid in workers:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+        if not workers:  # none running (set-up or shutdown): end msrun and everything under it
+            os.killpg(proc.pid, signal.SIGKILL)
+        _say(f"{signal_name(signum)}: passed on to {len(workers)} data-parallel worker(s)")
+
+    previous = {sig: signal.signal(sig, forward) for sig in SIGNALS}
+    try:
+        returncode = proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return returncode, (received[0] if received else None)

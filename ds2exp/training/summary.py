@@ -180,3 +180,16 @@ def format_summary(s: Dict[str, Any], pending_records: int = 0, spool: Optional[
                      f"and are kept in {where}; a resumed run sends them first, or run: "
                      f"python -m ds2exp.tracking.resilient {shlex.quote(str(s['run_dir']))}")
     return "\n".join(lines)
+
+
+def print_saved_summary(run_dir: Path) -> None:
+    """Print the summary a run wrote to summary.json (the data-parallel launcher's last word)."""
+    import json
+
+    try:
+        report = json.loads((Path(run_dir) / "summary.json").read_text())
+    except (OSError, ValueError):
+        print(f"[ds2exp] no summary in {run_dir} (the run ended before writing one)", flush=True)
+        return
+    if "status" in report:
+        print("\n" + format_summary(report), flush=True)
