@@ -112,3 +112,21 @@ def test_a_second_sigint_exits_at_once_and_keeps_the_last_checkpoint(tmp_path, s
 
     latest = find_latest_checkpoint(run_dir)
     assert latest is not None and _ckpt_step(latest) >= 1
+
+
+@pytest.mark.slow
+def test_sigint_to_a_data_parallel_run_stops_all_ranks_after_the_same_step(tmp_path, shared_data_dir):
+    """The launcher passes the signal on to the msrun workers (msrun would SIGKILL them); rank 0 saves
+    the step all ranks stopped after and marks the run interrupted; the launcher exits 130."""
+    run_dir = tmp_path / "outputs" / "run"
+    proc = start(tmp_path, shared_data_dir, run_dir, *SMALL, "hardware.num_devices=2", "trainer.max_steps=200",
+                 "trainer.eval_every=1000", "trainer.checkpoint_every=2", "logger=none")
+    wait_for(lambda: (run_dir / "checkpoints" / "last.ckpt").exists(), 600, proc, "the first checkpoint")
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=300) == 130, _output(proc)[-3000:]
+    state = _state(run_dir)
+    assert state["status"] == "interrupted" and state["signal"] == "SIGINT"
+    assert _ckpt_step(run_dir / "checkpoints" / "last.ckpt") == int(state["step"]) < 200
+    assert "passed on to 2 data-parallel worker(s)" in _output(proc)
+    assert f"interrupted at step {state['step']} (SIGINT)" in _output(proc)
+    assert "stopped by a signal" in (run_dir / "msrun_logs" / "worker_1.log").read_text()
