@@ -189,7 +189,7 @@ def _without_hydra(cfg: DictConfig) -> DictConfig:
     return job
 
 
-def _check_variant(cfg: DictConfig, config_name: str, extra_check, checked_inputs: set) -> None:
+def _check_variant(cfg: DictConfig, extra_check, checked_inputs: set) -> None:
     OmegaConf.resolve(cfg)
     check_hydra_dirs(cfg.hydra)
     job = _without_hydra(cfg)
@@ -226,7 +226,7 @@ def check_overrides(overrides: List[str], config_name: str = "train",
                 if extra:  # a preset's sweep: its values are checked like the command line's
                     variants = _sweep_variants(overrides + extra)
                     cfg = compose_config(variants[0], config_name, return_hydra_config=True)
-            _check_variant(cfg, config_name, extra_check, checked_inputs)
+            _check_variant(cfg, extra_check, checked_inputs)
         except (HydraException, OmegaConfBaseException, ConfigValueError, ValueError) as exc:
             raise ConfigError(_describe(exc, _base(config_name) if _needs_base(exc) else None)) from exc
         if first is None:
