@@ -150,23 +150,25 @@ def verdict_lines(jobs: List[Job]) -> List[str]:
             else:
                 text += f" -> boundary between {_lr(ok)} and {_lr(bad)}"
         lines.append(f"  {COLS}={bs}: {text}")
+    return lines + [recommendation_line(jobs)]
+
+
+def recommendation_line(jobs: List[Job], title: str = "Recommended") -> str:
     best = recommend(jobs)
     n_ok = sum(stable(j) for j in jobs)
     if best is None:
-        lines.append("Recommended: none (no job trained without diverging)")
+        return f"{title}: none (no job trained without diverging)"
+    tied = [j for j in jobs if stable(j) and j.best_cer is not None and best.best_cer is not None
+            and abs(j.best_cer - best.best_cer) < 1e-9]
+    if best.best_cer is None:
+        why = "lowest final train loss (no validation CER logged)"
+    elif len(tied) > 1:
+        why = (f"best validation CER {best.best_cer:.2f}%, shared by {len(tied)}: the lowest final train loss "
+               f"{_finite(best.final_loss) or float('nan'):.4g} decides")
     else:
-        tied = [j for j in jobs if stable(j) and j.best_cer is not None and best.best_cer is not None
-                and abs(j.best_cer - best.best_cer) < 1e-9]
-        if best.best_cer is None:
-            why = "lowest final train loss (no validation CER logged)"
-        elif len(tied) > 1:
-            why = (f"best validation CER {best.best_cer:.2f}%, shared by {len(tied)}: the lowest final train loss "
-                   f"{_finite(best.final_loss) or float('nan'):.4g} decides")
-        else:
-            why = f"best validation CER {best.best_cer:.2f}%"
-        lines.append(f"Recommended: {ROWS}={_lr(_num(best.params[ROWS]))} {COLS}={best.params[COLS]}"
-                     + "".join(f" {k}={v}" for k, v in best.extra.items())
-                     + f"  (among {n_ok} stable job{'s' if n_ok != 1 else ''}: {why}; job {best.name}"
-                     + (f" '{best.label}'" if best.label else "")
-                     + (f", MLflow run {best.run_id}" if best.run_id else "") + ")")
-    return lines
+        why = f"best validation CER {best.best_cer:.2f}%"
+    return (f"{title}: {ROWS}={_lr(_num(best.params[ROWS]))} {COLS}={best.params[COLS]}"
+            + "".join(f" {k}={v}" for k, v in best.extra.items())
+            + f"  (among {n_ok} stable job{'s' if n_ok != 1 else ''}: {why}; job {best.name}"
+            + (f" '{best.label}'" if best.label else "")
+            + (f", MLflow run {best.run_id}" if best.run_id else "") + ")")

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from ds2exp.sweeps.jobs import COLS, ROWS, Job, Sweep, _finite, _num
-from ds2exp.sweeps.judge import verdict_lines
+from ds2exp.sweeps.judge import recommendation_line, verdict_lines
 
 LEGEND = ("cell: train loss at the last step / best val CER % / non-finite steps;  diverged@N: stopped by the "
           "divergence policy at step N;  exploded@N: finished, but its losses diverged from step N;  "
@@ -109,9 +109,12 @@ def report_text(sweep: Sweep) -> str:
         elif j.status == "crashed" and j.error:
             out.append(f"{name} crashed: {j.error}")
     out.append("")
-    for title, jobs in groups(sweep.jobs).items():
+    parts = groups(sweep.jobs)
+    for title, jobs in parts.items():
         lines = verdict_lines(jobs)
         out.extend([f"[{title}] {lines[0]}"] + lines[1:] if title else lines)
+    if len(parts) > 1:
+        out.append(recommendation_line(sweep.jobs, "Recommended over the whole sweep"))
     return "\n".join(out).rstrip() + "\n"
 
 
