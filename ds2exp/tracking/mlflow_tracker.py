@@ -67,6 +67,9 @@ class MlflowTracker(Tracker):
         if db is not None:
             db.parent.mkdir(parents=True, exist_ok=True)
         self.tracking_uri = tracking_uri
+        # A new SQLite store announces its schema migration at INFO on the console ("Creating initial
+        # MLflow database tables...", "Updating database tables"): nothing the user can act on.
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
         self.client = MlflowClient(tracking_uri=tracking_uri)
         exp = self.client.get_experiment_by_name(experiment_name)
         if exp is None:
