@@ -133,9 +133,10 @@ class CheckpointInfo:
         return int(step) if isinstance(step, (int, float)) else None
 
 
-def verify_checkpoint(path: str | Path) -> CheckpointInfo:
+def verify_checkpoint(path: str | Path, check_hash: bool = True) -> CheckpointInfo:
     """Read a checkpoint's protobuf records and check its SHA-256; CheckpointError (one line) when the
-    file is not a MindSpore checkpoint, is cut short, or its content does not match its checksum."""
+    file is not a MindSpore checkpoint, is cut short, or its content does not match its checksum.
+    `check_hash=False`: records only (no full read of the tensors)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}" if not path.exists() else f"{path} is not a file")
@@ -178,7 +179,7 @@ def verify_checkpoint(path: str | Path) -> CheckpointInfo:
                         meta_parts.append(content)
                 if meta_parts:
                     info.meta = json.loads(_meta_text(b"".join(meta_parts), meta_type == b"str"))
-                if digest_at is not None:
+                if digest_at is not None and check_hash:
                     info.checksum = hashlib.sha256(buf[:digest_at[0]]).hexdigest() == digest_at[1]
     except CheckpointError:
         raise
@@ -191,7 +192,7 @@ def verify_checkpoint(path: str | Path) -> CheckpointInfo:
         raise CheckpointError(f"{path}: not a MindSpore checkpoint (no parameters)")
     if info.checksum is False:
         raise CheckpointError(f"{path}: damaged checkpoint (SHA-256 does not match its content)")
-    if info.checksum is None and (info.meta or {}).get("checksum") == "sha256":
+    if digest_at is None and (info.meta or {}).get("checksum") == "sha256":
         raise CheckpointError(f"{path}: truncated checkpoint (its SHA-256 record is missing)")
     return info
 
@@ -301,17 +302,20 @@ def select_checkpoint(run_dir: str | Path) -> Tuple[Optional[CheckpointInfo], Li
     rank = {"last.ckpt": 0, "last.prev.ckpt": 2}
     candidates = sorted((p for p in d.glob("*.ckpt") if p.is_file() and not p.name.startswith((".", "averaged-"))),
                         key=lambda p: (rank.get(p.name, 1), p.name))
-    intact: List[CheckpointInfo] = []
+    readable: List[CheckpointInfo] = []
     damaged: List[Tuple[Path, str]] = []
-    for c in candidates:
+    for c in candidates:  # records only: cheap, gives the steps
         try:
-            intact.append(verify_checkpoint(c))
+            readable.append(verify_checkpoint(c, check_hash=False))
         except CheckpointError as exc:
             damaged.append((c, str(exc)))
-    if not intact:
-        return None, damaged
-    best = max(intact, key=lambda i: (i.step if i.step is not None else -1, -candidates.index(i.path)))
-    return best, damaged
+    readable.sort(key=lambda i: (-(i.step if i.step is not None else -1), candidates.index(i.path)))
+    for info in readable:  # the full check, newest first, until one passes
+        try:
+            return verify_checkpoint(info.path), damaged
+        except CheckpointError as exc:
+            damaged.append((info.path, str(exc)))
+    return None, damaged
 
 
 def find_latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
