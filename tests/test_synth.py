@@ -158,6 +158,19 @@ def test_vocabulary():
     assert all(re.fullmatch(r"[A-Z']+", w) for w in raw)
 
 
+def test_corpus_api_is_one_import_path():
+    """The planner and the espeak wrapper live in their own modules; callers import from synth."""
+    from ds2exp.data import espeak, synth_plan
+
+    for name in synth.__all__:
+        assert hasattr(synth, name), name
+    assert synth.EspeakVoice is espeak.EspeakVoice and synth.plan_corpus is synth_plan.plan_corpus
+    public = {n for mod in (espeak, synth_plan) for n in vars(mod) if not n.startswith("_") and n.isidentifier()}
+    modules_and_helpers = {"annotations", "ctypes", "dataclass", "np", "os", "shutil", "tempfile", "weakref",
+                           "Path", "Sequence", "default_paths"}
+    assert public - modules_and_helpers <= set(synth.__all__)
+
+
 def test_rebuild_skipped_when_marker_matches_and_redone_when_not(tmp_path):
     spec = SynthSpec("synth_mini", n_train=3, n_val=1, n_test=1, seed=1)
     libri = build_corpus(spec, tmp_path, workers=1, progress=False)
