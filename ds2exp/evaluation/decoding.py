@@ -140,17 +140,9 @@ def prefix_beam_search_nbest(
     return sorted(final.items(), key=lambda kv: kv[1], reverse=True)
 
 
-def prefix_beam_search(
-    log_probs: np.ndarray,
-    beam_width: int = 100,
-    length: int | None = None,
-    blank: int = BLANK_INDEX,
-    labels: Sequence[str] = LABELS,
-    token_min_logp: float | None = None,
-    beam_prune_logp: float | None = None,
-) -> str:
-    """Top hypothesis of :func:`prefix_beam_search_nbest` (pure numpy/Python, no LM)."""
-    nbest = prefix_beam_search_nbest(log_probs, beam_width, length, blank, labels, token_min_logp, beam_prune_logp)
+def prefix_beam_search(log_probs: np.ndarray, *args, **kwargs) -> str:
+    """Top hypothesis of :func:`prefix_beam_search_nbest` (same arguments; pure numpy/Python, no LM)."""
+    nbest = prefix_beam_search_nbest(log_probs, *args, **kwargs)
     return nbest[0][0] if nbest else ""
 
 

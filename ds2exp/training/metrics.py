@@ -165,25 +165,21 @@ class ErrorRateAccumulator:
         for r, h, i in zip(refs, hyps, id_list):
             self.add(r, h, i)
 
+    def _rate(self, name: str, errors: int, total: int, unit: str) -> float:
+        if total == 0:
+            raise ValueError(f"{name} is undefined: the {self.num_utterances} reference transcript(s) added "
+                             f"contain no {unit} (empty corpus or only empty references)")
+        return 100.0 * errors / total
+
     @property
     def wer(self) -> float:
         """Corpus word error rate in percent."""
-        if self.total_ref_words == 0:
-            raise ValueError(
-                f"WER is undefined: the {self.num_utterances} reference transcript(s) added "
-                "contain no words (empty corpus or only empty references)"
-            )
-        return 100.0 * self.total_word_errors / self.total_ref_words
+        return self._rate("WER", self.total_word_errors, self.total_ref_words, "words")
 
     @property
     def cer(self) -> float:
         """Corpus character error rate in percent (spaces per ``definition``)."""
-        if self.total_ref_chars == 0:
-            raise ValueError(
-                f"CER is undefined: the {self.num_utterances} reference transcript(s) added "
-                "contain no characters (empty corpus or only empty references)"
-            )
-        return 100.0 * self.total_char_errors / self.total_ref_chars
+        return self._rate("CER", self.total_char_errors, self.total_ref_chars, "characters")
 
     def summary(self) -> dict[str, Any]:
         """Totals and rates as a plain dict (rates are None when undefined)."""
