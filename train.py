@@ -10,13 +10,13 @@ import ds2exp  # noqa: F401  (first: fixes the protobuf implementation before Mi
 import hydra
 from omegaconf import DictConfig
 
-from ds2exp.cli import preflight
+from ds2exp.cli import EXIT_CONFIG_ERROR, preflight
 from ds2exp.config import config_dir
 
 
 @hydra.main(config_path=config_dir(), config_name="train", version_base=None)
 def main(cfg: DictConfig) -> float:
-    from ds2exp.tracking.sweep_job import in_multirun, run_sweep_job
+    from ds2exp.sweeps.job_runner import in_multirun, run_sweep_job
     from ds2exp.training.run import run_training, train_command
 
     if in_multirun():  # a crashed or diverged job is recorded as failed; the sweep goes on
@@ -33,30 +33,18 @@ def main(cfg: DictConfig) -> float:
         sys.exit(status)
 
 
-def _launch_data_parallel(argv, cfg) -> None:
-    """hardware.num_devices > 1 outside msrun: run this same command under msrun (one worker per
-    device) and exit with its status. `cfg`: the config preflight composed."""
-    from ds2exp.cli import EXIT_CONFIG_ERROR
+if __name__ == "__main__":
     from ds2exp.training import distributed
 
-    if cfg is None or any(a.split("=", 1)[0] in ("--cfg", "-c", "--info", "-i") for a in argv):
-        return
-    if int(cfg.hardware.num_devices) <= 1:
-        return
-    if any(a in ("-m", "--multirun") for a in argv):
-        print("config error: hardware.num_devices > 1 cannot be swept (-m); launch data-parallel runs one at a time",
-              file=sys.stderr)
-        sys.exit(EXIT_CONFIG_ERROR)
-    sys.exit(distributed.launch(Path(__file__).resolve(), argv, cfg))
-
-
-if __name__ == "__main__":
-    from ds2exp.training.distributed import role, run_scheduler
-
-    if role() == "MS_SCHED":  # msrun's scheduler process runs this script too: it only serves the cluster
-        run_scheduler()
+    if distributed.role() == "MS_SCHED":  # msrun's scheduler process runs this script too: it only serves
+        distributed.run_scheduler()
         sys.exit(0)
     checked = preflight(sys.argv[1:])
-    if role() is None:
-        _launch_data_parallel(sys.argv[1:], checked)
+    try:  # hardware.num_devices > 1: the same command again, under msrun
+        status = distributed.relaunch_under_msrun(Path(__file__).resolve(), sys.argv[1:], checked)
+    except ValueError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        sys.exit(EXIT_CONFIG_ERROR)
+    if status is not None:
+        sys.exit(status)
     main()

@@ -3,7 +3,7 @@
     python -m ds2exp.sweep_report multirun/<date>/<time>          # a Hydra sweep directory
     python -m ds2exp.sweep_report <parent run id> [--tracking-uri URI]   # the sweep's MLflow parent run
 
-Every `-m` sweep writes this report itself when it ends (ds2exp/tracking/hydra_callback.py); run it
+Every `-m` sweep writes this report itself when it ends (ds2exp/sweeps/callback.py); run it
 by hand for older sweep folders, for a sweep that was stopped, or from another machine by run id.
 
 A cell shows the job's final train loss (or `diverged@N`: the divergence policy stopped it at step
@@ -19,69 +19,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
-import tempfile
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import ds2exp  # noqa: F401  (protobuf implementation set before mlflow loads)
 from ds2exp.sweeps.jobs import (COLS, PARENT_FILE, ROWS, Job, Sweep, canon, client_for,  # noqa: F401
                                 default_tracking_uri, from_directory, from_parent_run)
-from ds2exp.sweeps.judge import judge
+from ds2exp.sweeps.judge import judge  # noqa: F401
 from ds2exp.sweeps.render import LEGEND, cell_text, format_table, heatmap, loss_curves, report_text  # noqa: F401
+from ds2exp.sweeps.report import RUN_ID, load, log_files, log_to_parent, write  # noqa: F401
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-
-_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
-
-
-def load(target: str, tracking_uri: Optional[str] = None, with_mlflow: bool = True) -> Sweep:
-    """A judged sweep from a sweep directory or a parent run id."""
-    path = Path(target)
-    if path.is_dir():
-        sweep = from_directory(path, tracking_uri, with_mlflow=with_mlflow)
-    elif _RUN_ID.match(target):
-        sweep = from_parent_run(target, tracking_uri or default_tracking_uri())
-    else:
-        raise SystemExit(f"sweep_report: {target} is neither a sweep directory nor an MLflow run id")
-    judge(sweep)
-    return sweep
-
-
-def write(sweep: Sweep, png: Optional[Path] = None) -> Dict[str, Path]:
-    """Write the heatmap (`png`, default beside the sweep), the loss curves and the text beside it."""
-    png = Path(png) if png else sweep.default_out
-    text = report_text(sweep)
-    files = {"heatmap": heatmap(sweep, png)}
-    curves = loss_curves(sweep, png.with_name("sweep_losses.png" if png.name == "sweep_report.png"
-                                              else png.stem + "_losses.png"))
-    if curves is not None:
-        files["losses"] = curves
-    files["text"] = png.with_suffix(".txt")
-    files["text"].write_text(text)
-    return files
-
-
-def log_files(log_artifact, log_text, files: Dict[str, Path], text: str) -> None:
-    """Log the report under `report/` with fixed names, whatever the local file names are."""
-    names = {"heatmap": "sweep_report.png", "losses": "sweep_losses.png"}
-    with tempfile.TemporaryDirectory() as tmp:
-        for kind, name in names.items():
-            if kind in files:
-                fixed = Path(tmp) / name
-                fixed.write_bytes(Path(files[kind]).read_bytes())
-                log_artifact(str(fixed), "report")
-    log_text(text, "report/sweep_report.txt")
-
-
-def log_to_parent(sweep: Sweep, files: Dict[str, Path], text: str) -> bool:
-    if not sweep.parent_run_id or not sweep.tracking_uri:
-        return False
-    client = client_for(sweep.tracking_uri)
-    rid = sweep.parent_run_id
-    log_files(lambda p, a: client.log_artifact(rid, p, a), lambda t, f: client.log_text(rid, t, f), files, text)
-    return True
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -98,7 +47,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--no-log", action="store_true", help="do not log the report to the parent run")
     args = ap.parse_args(argv)
 
-    if not Path(args.target).is_dir() and not _RUN_ID.match(args.target):
+    if not Path(args.target).is_dir() and not RUN_ID.match(args.target):
         print(f"sweep_report: {args.target} is neither a directory nor an MLflow run id", file=sys.stderr)
         return 2
     from ds2exp.cli import check_argument_outputs

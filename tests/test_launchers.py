@@ -88,7 +88,7 @@ if __name__ == "__main__":
     from joblib.externals.loky.backend import context  # noqa: F401  (registers the "loky" start method)
     multiprocessing.set_start_method("loky", force=True)  # the global start method inside a loky worker
     if sys.argv[1] == "reset":
-        from ds2exp.tracking.job_process import reset_inherited_start_method
+        from ds2exp.sweeps.job_process import reset_inherited_start_method
         assert reset_inherited_start_method()
     p = multiprocessing.get_context("spawn").Process(target=print, args=("child ran",))  # as ds2exp.data.synth
     p.start()

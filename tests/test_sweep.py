@@ -206,7 +206,7 @@ def test_job_in_another_process_finds_the_parent_id_in_the_sweep_dir(tmp_path, m
     from omegaconf import OmegaConf, open_dict
 
     from ds2exp.cli import compose_config
-    from ds2exp.tracking.hydra_callback import ENV_PARENT, PARENT_FILE, MlflowSweepCallback
+    from ds2exp.sweeps.callback import ENV_PARENT, PARENT_FILE, MlflowSweepCallback
 
     cfg = compose_config([], return_hydra_config=True)
     with open_dict(cfg):

@@ -193,6 +193,20 @@ def launch(script: Path, argv: Sequence[str], cfg) -> int:
     return r.returncode
 
 
+def relaunch_under_msrun(script: Path, argv: Sequence[str], cfg) -> Optional[int]:
+    """`python <script> argv` with hardware.num_devices > 1, outside msrun: run the same command under
+    msrun (one worker per device) and return msrun's exit status; None when the command runs as it is
+    (one device, already a worker, or only printing its config). `cfg`: the composed config, None if
+    there is none (--help). A data-parallel sweep is refused with ValueError (a config error)."""
+    if role() is not None or cfg is None or int(cfg.hardware.num_devices) <= 1:
+        return None
+    if any(a.split("=", 1)[0] in ("--cfg", "-c", "--info", "-i") for a in argv):
+        return None
+    if any(a in ("-m", "--multirun") for a in argv):
+        raise ValueError("hardware.num_devices > 1 cannot be swept (-m); launch data-parallel runs one at a time")
+    return launch(script, argv, cfg)
+
+
 def threads_per_rank(hw_cfg, world: int) -> Optional[int]:
     """CPU threads for one rank: the configured number, else the cores shared out between the ranks."""
     if hw_cfg.threads:

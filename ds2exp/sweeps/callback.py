@@ -224,7 +224,7 @@ class MlflowSweepCallback(Callback):
         self._close("FINISHED")
 
     def _report(self, config: DictConfig) -> None:
-        from ds2exp import sweep_report
+        from ds2exp.sweeps import report as sweep_report
 
         uri = str(config.logger.tracking_uri) if _backend(config) != "none" else None
         store_answers = self.tracker is not None and self.tracker.pending == 0
@@ -271,7 +271,7 @@ class MlflowSweepCallback(Callback):
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         """Link as early as possible; launchers that run jobs in fresh processes: take the parent id
         from the sweep dir."""
-        from ds2exp.tracking.job_process import reset_inherited_start_method
+        from ds2exp.sweeps.job_process import reset_inherited_start_method
 
         reset_inherited_start_method()  # joblib's loky workers (see job_process.py)
         if self.tracker is not None:  # the sweep's own process (basic launcher)
