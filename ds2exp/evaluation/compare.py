@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 
 from ds2exp.training.checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint
 from ds2exp.config import enum_value
+from ds2exp.checkpoints import LAST, LAST_PREV, RunDir
 
 log = logging.getLogger("ds2exp.evaluate")
 
@@ -28,13 +29,13 @@ def resolve_checkpoint(ref: str, tracking_uri: Optional[str] = None,
     if p.is_file():
         return p
     if p.is_dir():
-        ckpt_dir = p / "checkpoints" if (p / "checkpoints").is_dir() else p
+        ckpt_dir = RunDir(p).checkpoint_folder
         best = choose_best(ckpt_dir)
         if best is not None:
             if announce:
                 announce(best.describe())
             return best.path
-        for name in ("last.ckpt", "last.prev.ckpt"):
+        for name in (LAST, LAST_PREV):
             if (ckpt_dir / name).is_file():
                 if announce:
                     announce(f"using {name} (the run has no best checkpoint: no validation ran)")

@@ -31,6 +31,7 @@ import mindspore as ms
 import numpy as np
 
 from ds2exp.atomic import atomic_path
+from ds2exp.checkpoints import RunDir
 
 META_KEY = "ds2exp_meta"
 OPT_PREFIX = "optimizer."
@@ -290,18 +291,13 @@ def prime_optimizer(optimizer) -> None:
 
 
 def checkpoint_folder(run_dir: str | Path) -> Path:
-    d = Path(run_dir)
-    return d / "checkpoints" if (d / "checkpoints").is_dir() else d
+    return RunDir(run_dir).checkpoint_folder
 
 
 def select_checkpoint(run_dir: str | Path) -> Tuple[Optional[CheckpointInfo], List[Tuple[Path, str]]]:
     """The newest intact checkpoint of a run by step (last, last.prev or best-*; averaged ones are not
     training states), and the files passed over because they failed their check, with why."""
-    d = checkpoint_folder(run_dir)
-    # on equal steps: last.ckpt, then best-*, then last.prev.ckpt
-    rank = {"last.ckpt": 0, "last.prev.ckpt": 2}
-    candidates = sorted((p for p in d.glob("*.ckpt") if p.is_file() and not p.name.startswith((".", "averaged-"))),
-                        key=lambda p: (rank.get(p.name, 1), p.name))
+    candidates = RunDir(run_dir).training_checkpoints()  # on equal steps: last, then best-*, then last.prev
     readable: List[CheckpointInfo] = []
     damaged: List[Tuple[Path, str]] = []
     for c in candidates:  # records only: cheap, gives the steps

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from omegaconf import DictConfig, OmegaConf
+from ds2exp.checkpoints import CHECKPOINTS, RunDir
 
 log = logging.getLogger(__name__)
 
@@ -151,8 +152,7 @@ def is_locked(run_dir: str | Path) -> bool:
 def remove_partial_files(run_dir: str | Path) -> List[Path]:
     """Temporary files a killed process left half-written (checkpoints, atomic writes)."""
     removed = []
-    ckpt = Path(run_dir) / "checkpoints"
-    for folder in (ckpt, Path(run_dir)):
+    for folder in (RunDir(run_dir).checkpoints, Path(run_dir)):
         if not folder.is_dir():
             continue
         for p in folder.iterdir():
@@ -186,7 +186,7 @@ def _state_files(root: Path, max_depth: int = 5) -> Iterable[Path]:
     root_depth = len(root.parts)
     for dirpath, dirnames, filenames in os.walk(root):
         depth = len(Path(dirpath).parts) - root_depth
-        dirnames[:] = [d for d in dirnames if d not in ("checkpoints", ".hydra") and depth < max_depth]
+        dirnames[:] = [d for d in dirnames if d not in (CHECKPOINTS, ".hydra") and depth < max_depth]
         if STATE_NAME in filenames:
             yield Path(dirpath) / STATE_NAME
 
@@ -210,7 +210,7 @@ def resumable_runs(fingerprint: str, roots: Iterable[Path],
                 continue
             if is_locked(run_dir):
                 continue
-            ckpt = find_latest_checkpoint(run_dir) if (run_dir / "checkpoints").is_dir() else None
+            ckpt = find_latest_checkpoint(run_dir) if RunDir(run_dir).checkpoints.is_dir() else None
             when = (ckpt or state_file).stat().st_mtime
             found.append((when, run_dir, ckpt))
     found.sort(key=lambda x: x[0], reverse=True)

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 import ds2exp
 from ds2exp.config import project_root
 from ds2exp.config import enum_value
+from ds2exp.checkpoints import CHECKPOINTS, RunDir
 
 log = logging.getLogger("ds2exp.train")
 
@@ -218,10 +219,8 @@ def _resumed_run_dir(resume: str, meta: Dict[str, Any]) -> Path:
     """The run directory a resume continues: the one named (so a moved run still works), else the
     checkpoint's own, else the one recorded in the checkpoint."""
     p = Path(resume)
-    if p.is_dir():
-        return p.parent if p.name == "checkpoints" else p
-    if p.parent.name == "checkpoints":
-        return p.parent.parent
+    if p.is_dir() or p.parent.name == CHECKPOINTS:
+        return RunDir.of(p).path
     return Path(meta.get("run_dir") or p.parent)
 
 
@@ -346,7 +345,7 @@ def _train(cfg: DictConfig, run_dir: Path, resumed, continues: bool, rank: int =
         outcome = "finished" if status == "FINISHED" else "diverged"
         if interrupt.requested and outcome == "finished":
             # data parallel: the ranks stopped together after the signal (fit saved last.ckpt)
-            raise TrainingInterrupted(interrupt.signum, trainer.state.step, trainer.ckpt_dir / "last.ckpt")
+            raise TrainingInterrupted(interrupt.signum, trainer.state.step, RunDir(trainer.run_dir).last)
         report = _finish(trainer, tracker, cfg, run_dir, summary, outcome)
         tracker.end(status)
     except TrainingInterrupted as exc:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from ds2exp.config import enum_value
+from ds2exp.checkpoints import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +110,7 @@ def build(outcome: str, base: Dict[str, Any], state, cfg, run_dir: Path, tracker
 
 
 def _has_checkpoint(run_dir: Path) -> bool:
-    d = Path(run_dir) / "checkpoints"
-    return (d / "last.ckpt").is_file() or (d / "last.prev.ckpt").is_file()
+    return RunDir(run_dir).has_training_state()
 
 
 def _pct(x) -> str:

@@ -35,6 +35,7 @@ from ds2exp.training.divergence import ExplosionDetector
 from ds2exp.training.optim import learning_rate, set_learning_rate
 from ds2exp.tracking.mlflow_tracker import Tracker
 from ds2exp.config import enum_value
+from ds2exp.checkpoints import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ class Trainer:
         self.val_loader = val_loader
         self.tracker = tracker
         self.run_dir = Path(run_dir)
-        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.ckpt_dir = RunDir(self.run_dir).checkpoints
         self.steps_per_epoch = max(1, steps_per_epoch)
         t = cfg.trainer
         self.max_steps = t.max_steps if t.max_steps > 0 else t.max_epochs * self.steps_per_epoch
@@ -249,10 +250,10 @@ class Trainer:
     def save_last(self) -> Optional[Path]:
         if not self.is_primary:
             return None
-        last = self.ckpt_dir / "last.ckpt"
+        last = RunDir(self.run_dir).last
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         if last.exists():
-            os.replace(last, self.ckpt_dir / "last.prev.ckpt")  # kept until the new one is complete
+            os.replace(last, RunDir(self.run_dir).last_prev)  # kept until the new one is complete
         return save_checkpoint(last, self.model, self.optimizer, self.checkpoint_meta())
 
     def _rank_key(self, entry: Dict[str, Any]):
@@ -341,7 +342,7 @@ class Trainer:
         # MindSpore cells start in inference mode; BatchNorm must use batch statistics here.
         self.model.set_train(True)
         done = s.step >= self.max_steps
-        if enum_value(t.nonfinite) == "rollback" and not (self.ckpt_dir / "last.ckpt").exists():
+        if enum_value(t.nonfinite) == "rollback" and not RunDir(self.run_dir).last.exists():
             self.save_last()  # a good state to roll back to, even before the first interval
         while not done:
             try:
