@@ -165,8 +165,10 @@ def format_summary(s: Dict[str, Any], pending_records: int = 0, spool: Optional[
         if s.get("mlflow_url"):
             rows.append(("", s["mlflow_url"]))
         rows.append(("", ui_hint(s.get("tracking_uri"))))
-    else:
+    elif pending_records:
         rows.append(("MLflow run", f"not created yet ({s.get('tracking_uri')} did not answer)"))
+    else:
+        rows.append(("MLflow run", "none (the run stopped before its MLflow run was created)"))
     if s["status"] == "interrupted":
         cmd = s.get("resume_command")
         rows.append(("resume", cmd + "  (continues the same MLflow run)" if cmd else
