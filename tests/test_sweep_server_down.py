@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT
+from tests.helpers import stop_process_group
 
 pytestmark = pytest.mark.slow  # a server start (~30 s on 2 busy cores) and a 2-job sweep
 
@@ -57,21 +57,6 @@ def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 180) -> Non
     pytest.fail(f"mlflow server did not answer on {url} in {timeout} s")
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
-        return
-    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
 def _stamp(line: str) -> datetime:
     return datetime.strptime(STAMP.match(line).group(1), "%Y-%m-%d %H:%M:%S,%f")
 
@@ -89,7 +74,7 @@ def test_sweep_starts_without_the_server_and_links_parent_and_children_when_it_a
     try:
         _wait_healthy(url, server)
     finally:
-        _stop(server)
+        stop_process_group(server)
 
     sweep_dir = tmp_path / "multirun"
     env = {**os.environ, **NO_TELEMETRY, "DS2EXP_ROOT": str(tmp_path), "DS2EXP_TRACKING_RETRY_S": "1",
@@ -144,4 +129,4 @@ def test_sweep_starts_without_the_server_and_links_parent_and_children_when_it_a
         if sweep.poll() is None:
             sweep.kill()
         if server is not None:
-            _stop(server)
+            stop_process_group(server)

@@ -17,7 +17,6 @@ import contextlib
 import math
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -28,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT
+from tests.helpers import stop_process_group
 
 pytestmark = pytest.mark.slow
 
@@ -80,23 +80,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM the server's process group (uvicorn workers, job runner), SIGKILL it if it lingers."""
-    if proc.poll() is not None:
-        return
-    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(proc.pid, sig)  # its own session: the group id is its pid
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
-@pytest.fixture(scope="module")
 def mlflow_server(sweep_store):
     """`mlflow server` on the sweep store at a free 127.0.0.1 port; always stopped afterwards."""
     mlflow_bin = Path(sys.executable).parent / "mlflow"
@@ -128,7 +111,7 @@ def mlflow_server(sweep_store):
             time.sleep(0.5)
         yield url
     finally:
-        _stop(proc)
+        stop_process_group(proc)
 
 
 @pytest.fixture

@@ -2,6 +2,8 @@
 path through `pythonpath` in setup.cfg)."""
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -28,3 +30,20 @@ def wait_for(pred, timeout: float, proc: subprocess.Popen | None = None, what: s
             raise AssertionError(f"process exited ({proc.returncode}) before {what}")
         time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def stop_process_group(proc: subprocess.Popen) -> None:
+    """SIGTERM a process started with start_new_session=True and its whole group (a server's workers),
+    SIGKILL it if it lingers."""
+    if proc.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)  # its own session: the group id is its pid
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
