@@ -91,17 +91,24 @@ def resolve_manifests(cfg, progress: bool = True) -> Dict[str, List[Path]]:
     return out
 
 
-def load_split(name: str, manifests: List[Path], cfg, settings: FeatureSettings,
-               report_dir: Optional[Path] = None) -> SplitData:
-    """Read manifests and drop what cannot train: bad transcripts, durations, infeasible CTC."""
-    d = cfg.dataset
-    problems: List[dict] = []
+def read_manifests(manifests: Sequence[Path], problems: List[dict]) -> List[Utterance]:
+    """The utterances of every manifest, in order; lines that cannot be read are appended to
+    `problems`, a manifest that cannot be read at all is a DatasetError."""
     utts: List[Utterance] = []
     for m in manifests:
         try:
             utts.extend(read_manifest(m, problems))
         except ManifestError as exc:
             raise DatasetError(str(exc)) from exc
+    return utts
+
+
+def load_split(name: str, manifests: List[Path], cfg, settings: FeatureSettings,
+               report_dir: Optional[Path] = None) -> SplitData:
+    """Read manifests and drop what cannot train: bad transcripts, durations, infeasible CTC."""
+    d = cfg.dataset
+    problems: List[dict] = []
+    utts = read_manifests(manifests, problems)
     dropped: Dict[str, List[str]] = {}
     for p in problems:
         dropped.setdefault(p["reason"], []).append(p["id"])
