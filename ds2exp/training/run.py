@@ -396,7 +396,7 @@ def _end_interrupted(exc, trainer, tracker, cfg, run_dir: Path) -> Dict[str, Any
 
     base = {"stop_reason": "interrupted", "signal": signal_name(exc.signum)}
     step = trainer.state.step if trainer is not None else None
-    log.warning("%s: stopped at step %s%s", base["signal"], step,
+    log.warning("%s: stopped %s%s", base["signal"], f"at step {step}" if step is not None else "during set-up",
                 f"; checkpoint {exc.checkpoint}" if exc.checkpoint else "")
     recovery.write_run_state(run_dir, status="interrupted", step=step, signal=base["signal"],
                              **({"mlflow_run_id": tracker.run_id} if tracker is not None and tracker.run_id else {}))

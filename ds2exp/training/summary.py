@@ -131,9 +131,10 @@ def _status_line(s: Dict[str, Any]) -> str:
         if s.get("first_bad_step") is not None:
             text += f", first bad step {s['first_bad_step']}"
         return text
+    where = f"at step {step}" if step is not None else "before training started"
     if st == "interrupted":
-        return f"interrupted at step {step} ({s.get('signal', 'signal')})"
-    return f"failed at step {step}: {s.get('error', 'error')}"
+        return f"interrupted {where} ({s.get('signal', 'signal')})"
+    return f"failed {where}: {s.get('error', 'error')}"
 
 
 def format_summary(s: Dict[str, Any], pending_records: int = 0, spool: Optional[Path] = None) -> str:
@@ -145,7 +146,7 @@ def format_summary(s: Dict[str, Any], pending_records: int = 0, spool: Optional[
         if diag.exists() or (Path(s["run_dir"]) / "diagnosis.json").exists():
             rows.append(("", f"diagnosis: {diag if diag.exists() else diag.with_suffix('.json')}"))
     max_steps = s.get("max_steps")
-    rows.append(("steps", f"{s.get('step')}" + (f" of {max_steps}" if max_steps and max_steps > 0 else "")))
+    rows.append(("steps", f"{s.get('step') or 0}" + (f" of {max_steps}" if max_steps and max_steps > 0 else "")))
     b = s.get("best_checkpoint")
     if b:
         rows.append(("best checkpoint", str(b["path"])))
