@@ -41,7 +41,7 @@ def _ckpt_step(path: Path) -> int:
 def test_sigint_after_step_5_then_the_printed_resume_command_finishes_the_same_run(tmp_path, shared_data_dir):
     run_dir, db = tmp_path / "outputs" / "run", tmp_path / "mlflow.db"
     proc = start(tmp_path, shared_data_dir, run_dir, *RUN)
-    wait_for(lambda: max_logged_step(db) >= 5, 600, proc, "step 5 in the MLflow store")
+    wait_for(lambda: max_logged_step(db) >= 5, 1800, proc, "step 5 in the MLflow store")
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=300) == 130, _output(proc)[-3000:]
     out = _output(proc)
@@ -82,7 +82,7 @@ def test_sigterm_ends_the_run_interrupted_with_143(tmp_path, shared_data_dir):
     run_dir = tmp_path / "outputs" / "run"
     proc = start(tmp_path, shared_data_dir, run_dir, *SMALL, "trainer.max_steps=40", "trainer.eval_every=100",
                  "trainer.checkpoint_every=2", "logger=none")
-    wait_for(lambda: (run_dir / "checkpoints" / "last.ckpt").exists(), 600, proc, "the first checkpoint")
+    wait_for(lambda: (run_dir / "checkpoints" / "last.ckpt").exists(), 1800, proc, "the first checkpoint")
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=300) == 143, _output(proc)[-3000:]
     out = _output(proc)
@@ -100,7 +100,7 @@ def test_a_second_sigint_exits_at_once_and_keeps_the_last_checkpoint(tmp_path, s
     run_dir = tmp_path / "outputs" / "run"
     proc = start(tmp_path, shared_data_dir, run_dir, *SMALL, "trainer.max_steps=200", "trainer.eval_every=1",
                  "trainer.max_eval_utterances=null", "logger=none")
-    wait_for(lambda: (run_dir / "checkpoints" / "last.ckpt").exists(), 600, proc, "the first checkpoint")
+    wait_for(lambda: (run_dir / "checkpoints" / "last.ckpt").exists(), 1800, proc, "the first checkpoint")
     proc.send_signal(signal.SIGINT)
     wait_for(lambda: "finishing the current step" in _output(proc), 120, proc, "the first SIGINT's message")
     proc.send_signal(signal.SIGINT)
@@ -121,12 +121,12 @@ def test_sigint_to_a_data_parallel_run_stops_all_ranks_after_the_same_step(tmp_p
     run_dir = tmp_path / "outputs" / "run"
     proc = start(tmp_path, shared_data_dir, run_dir, *SMALL, "hardware.num_devices=2", "trainer.max_steps=200",
                  "trainer.eval_every=1000", "trainer.checkpoint_every=2", "logger=none")
-    wait_for(lambda: (run_dir / "checkpoints" / "last.ckpt").exists(), 600, proc, "the first checkpoint")
+    wait_for(lambda: (run_dir / "checkpoints" / "last.ckpt").exists(), 1800, proc, "the first checkpoint")
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=300) == 130, _output(proc)[-3000:]
     state = _state(run_dir)
     assert state["status"] == "interrupted" and state["signal"] == "SIGINT"
     assert _ckpt_step(run_dir / "checkpoints" / "last.ckpt") == int(state["step"]) < 200
-    assert "passed on to 2 data-parallel worker(s)" in _output(proc)
+    assert re.search(r"SIGINT: passed on to [1-9]\d* data-parallel worker", _output(proc))
     assert f"interrupted at step {state['step']} (SIGINT)" in _output(proc)
     assert "stopped by a signal" in (run_dir / "msrun_logs" / "worker_1.log").read_text()
