@@ -186,11 +186,18 @@ def launch(script: Path, argv: Sequence[str], cfg) -> int:
           f"worker logs {run_dir / 'msrun_logs'}", flush=True)
     if shutil.which("python", path=env["PATH"]) is None:
         raise RuntimeError("msrun needs `python` on PATH")
-    r = subprocess.run(cmd, env=env)
-    if r.returncode != 0:
-        print(f"[ds2exp] data-parallel run failed (msrun exit {r.returncode}); worker logs: "
+    from ds2exp.training.signals import exit_status, run_forwarding_signals
+
+    returncode, signum = run_forwarding_signals(cmd, env)  # Ctrl-C: the workers stop after their step
+    if signum is not None:
+        from ds2exp.training.summary import print_saved_summary
+
+        print_saved_summary(run_dir)  # msrun stops showing rank 0's output once a worker has exited
+        return exit_status(signum)
+    if returncode != 0:
+        print(f"[ds2exp] data-parallel run failed (msrun exit {returncode}); worker logs: "
               f"{run_dir / 'msrun_logs'}", file=sys.stderr)
-    return r.returncode
+    return returncode
 
 
 def relaunch_under_msrun(script: Path, argv: Sequence[str], cfg) -> Optional[int]:
