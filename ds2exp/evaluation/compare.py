@@ -111,7 +111,9 @@ def score_checkpoint(path: Path, cfg, loader) -> CheckpointScore:
     loaded = load_checkpoint(path)
     model = build_model(model_config_for(loaded, cfg.model))
     load_state(model, loaded.model_state)
-    res = evaluate_model(model, loader, enum_value(cfg.metric), cfg.max_utterances, make_decoder(cfg.decoder))
+    res = evaluate_model(model, loader, enum_value(cfg.metric), cfg.max_utterances, make_decoder(cfg.decoder),
+                         progress=bool(cfg.progress), desc=f"evaluate {path.name} ({enum_value(cfg.decoder.name)})",
+                         leave=True)
     m = loaded.meta
     return CheckpointScore(path.stem if path.parent.name != "checkpoints" else f"{path.parent.parent.name}/{path.stem}",
                            str(path), res.wer, res.cer, count_parameters(model), m.get("step"), m.get("val_loss"),
