@@ -28,8 +28,8 @@ def _state(step=40):
 
     s = TrainState(step=step)
     s.history.update(val_step=[20, 40], val_cer=[97.0, 58.12], val_wer=[100.0, 96.5], val_loss=[200.0, 120.0])
-    s.best = [{"monitor": "val/cer", "value": 58.12, "step": 40, "path": "/r/checkpoints/best-step0000040-cer58.12.ckpt",
-               "wer": 96.5}]
+    s.best = [{"monitor": "val/cer", "value": 58.12, "step": 40, "wer": 96.5,
+               "path": "/r/checkpoints/best-step0000040-cer58.12.ckpt"}]
     return s
 
 

@@ -24,7 +24,6 @@ import logging
 import os
 import shutil
 import socket
-import subprocess
 import sys
 from dataclasses import dataclass
 from datetime import datetime
