@@ -168,8 +168,9 @@ def _apply_summary(job: Job, s: Dict[str, Any]) -> None:
         job.status, job.judged_by = "diverged", "run"
         job.diverged_at = s.get("diverged_at_step", s.get("step"))
         job.cause = _cause(s.get("cause"), s.get("first_nonfinite_group") or s.get("first_bad_group"))
-    elif s.get("status") in ("interrupted", "failed"):
+    elif s.get("status") in ("interrupted", "failed") or s.get("stop_reason") == "error":
         job.status = "killed" if s.get("status") == "interrupted" else "crashed"
+        job.error = s.get("error") or job.error
     else:
         job.status, job.final_loss = "finished", _num(s.get("last_loss"))
 
@@ -207,7 +208,7 @@ def from_directory(sweep_dir: Path, tracking_uri: Optional[str] = None, with_mlf
         job.run_id = state.get("mlflow_run_id") or tracking.get("run_id")
         if (d / "summary.json").is_file():
             _apply_summary(job, _read_json(d / "summary.json"))
-        elif (d / "error.txt").is_file():
+        if (d / "error.txt").is_file() and job.status in ("no result", "crashed") and not job.error:
             lines = [ln for ln in (d / "error.txt").read_text().splitlines() if ln.strip()]
             job.status, job.error = "crashed", lines[-1] if lines else "?"
         elif state.get("status") == "running":

@@ -29,6 +29,7 @@ from ds2exp.sweeps.jobs import COLS, ROWS, Job, Sweep, _finite, _num
 
 EXPLOSION_FACTOR = 10.0
 LOSS_CEILING = 1e5
+CER_UNTRAINED = 95.0  # best validation CER at or above this: the recommendation adds a note
 TAIL = 5
 
 
@@ -167,8 +168,17 @@ def recommendation_line(jobs: List[Job], title: str = "Recommended") -> str:
                f"{_finite(best.final_loss) or float('nan'):.4g} decides")
     else:
         why = f"best validation CER {best.best_cer:.2f}%"
-    return (f"{title}: {ROWS}={_lr(_num(best.params[ROWS]))} {COLS}={best.params[COLS]}"
-            + "".join(f" {k}={v}" for k, v in best.extra.items())
-            + f"  (among {n_ok} stable job{'s' if n_ok != 1 else ''}: {why}; job {best.name}"
-            + (f" '{best.label}'" if best.label else "")
-            + (f", MLflow run {best.run_id}" if best.run_id else "") + ")")
+    line = (f"{title}: {_setting(best)}  (among {n_ok} stable job{'s' if n_ok != 1 else ''}: {why}; job {best.name}"
+            + (f" '{best.label}'" if best.label else "") + (f", MLflow run {best.run_id}" if best.run_id else "") + ")")
+    if best.best_cer is not None and best.best_cer >= CER_UNTRAINED:
+        by_loss = min((j for j in jobs if stable(j) and _finite(j.final_loss) is not None),
+                      key=lambda j: j.final_loss, default=None)
+        line += (f"\n  note: no stable job got below {CER_UNTRAINED:g}% validation CER: too few steps for the CER to "
+                 f"tell them apart" + (f"; the lowest final train loss ({by_loss.final_loss:.4g}) was at "
+                                       f"{_setting(by_loss)}" if by_loss is not None else ""))
+    return line
+
+
+def _setting(j: Job) -> str:
+    extra = "".join(f" {k}={v}" for k, v in j.extra.items())
+    return f"{ROWS}={_lr(_num(j.params[ROWS]))} {COLS}={j.params[COLS]}{extra}"
