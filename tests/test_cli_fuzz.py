@@ -158,6 +158,10 @@ CASES = [
     ("lr_find", ["trainer.seed=-1"], "trainer.seed", 2),
     ("lr_find", ["logger.tracking_uri=foo://bar"], "logger.tracking_uri", 2),
 ]
+if (ROOT / "conf" / "transcribe.yaml").is_file():  # python -m ds2exp.transcribe, once it composes with Hydra
+    CASES += [("transcribe", ["checkpoint=/nonexistent", "audio=[a.wav]"], "checkpoint", 2),
+              ("transcribe", ["checkpoint={pickle}", "audio=[a.wav]"], "checkpoint", 2),
+              ("transcribe", ["checkpoint={good}", "audio=[a.wav]", "chunk_seconds=nan"], "chunk_seconds", 2)]
 
 
 @pytest.mark.parametrize("command, overrides, key, status", CASES,
