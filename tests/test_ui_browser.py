@@ -80,6 +80,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture(scope="module")
 def mlflow_server(sweep_store):
     """`mlflow server` on the sweep store at a free 127.0.0.1 port; always stopped afterwards."""
     mlflow_bin = Path(sys.executable).parent / "mlflow"
