@@ -27,3 +27,14 @@ def say(voice):
 def shared_data_dir(tmp_path_factory):
     """One data folder for the whole test session, so the synthetic corpus is built once."""
     return tmp_path_factory.mktemp("ds2exp-data")
+
+
+@pytest.fixture(scope="session")
+def synth_data_dir(shared_data_dir):
+    """shared_data_dir with the synth_tiny corpus built (once), so that the time limits of a test's
+    training processes never include building it, whichever test of the session comes first."""
+    from ds2exp.cli import check_overrides
+    from ds2exp.data.dataset import resolve_manifests
+
+    resolve_manifests(check_overrides([f"paths.data_dir={shared_data_dir}"]), progress=False)
+    return shared_data_dir

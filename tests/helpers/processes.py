@@ -37,7 +37,7 @@ def start(tmp_root: Path, data_dir: Path, run_dir: Path, *overrides: str, env=No
     return proc
 
 
-def run(tmp_root: Path, data_dir: Path, run_dir: Path, *overrides: str, env=None, check=True, timeout=600):
+def run(tmp_root: Path, data_dir: Path, run_dir: Path, *overrides: str, env=None, check=True, timeout=1200):
     r = subprocess.run(train_cmd(data_dir, run_dir, *overrides), capture_output=True, text=True, cwd=ROOT,
                        env=env or train_env(tmp_root), timeout=timeout)
     if check:

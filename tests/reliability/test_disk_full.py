@@ -9,7 +9,7 @@ from tests.helpers import ROOT
 from tests.helpers.processes import SMALL, train_cmd, train_env
 
 
-def test_disk_full_mid_run_fails_with_the_checkpoint_path(tmp_path, shared_data_dir):
+def test_disk_full_mid_run_fails_with_the_checkpoint_path(tmp_path, synth_data_dir):
     """A file-size limit (as a full disk) in the training process: the checkpoint write fails, the run
     stops with one error line naming the file, and the run is marked failed, not resumable."""
     import resource
@@ -19,9 +19,10 @@ def test_disk_full_mid_run_fails_with_the_checkpoint_path(tmp_path, shared_data_
         resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
 
     run_dir = tmp_path / "outputs" / "run"
-    r = subprocess.run(train_cmd(shared_data_dir, run_dir, *SMALL, "trainer.max_steps=4", "trainer.checkpoint_every=2",
-                            "logger=none", "dataset.feature.cache=false"),
-                       capture_output=True, text=True, cwd=ROOT, env=train_env(tmp_path), timeout=300, preexec_fn=limit)
+    cmd = train_cmd(synth_data_dir, run_dir, *SMALL, "trainer.max_steps=4", "trainer.checkpoint_every=2",
+                    "logger=none", "dataset.feature.cache=false")
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=train_env(tmp_path), timeout=1200,
+                       preexec_fn=limit)
     assert r.returncode == 1, r.stderr[-3000:]
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: could not write checkpoint {run_dir}/checkpoints/last.ckpt"), r.stderr[-3000:]

@@ -14,19 +14,19 @@ KILL_RUN = SMALL + [f"trainer.max_steps={STEPS}", "trainer.checkpoint_every=4", 
                     "trainer.eval_every=8"]
 
 
-def test_sigkill_then_resume_continues_the_same_run_bitwise(tmp_path, shared_data_dir):
+def test_sigkill_then_resume_continues_the_same_run_bitwise(tmp_path, synth_data_dir):
     """Kill -9 after the first checkpoint, resume: same MLflow run, every step logged, the weights
     bitwise equal to an uninterrupted run with the same seed."""
     ref_root, root = tmp_path / "ref", tmp_path / "killed"
     ref_dir, run_dir = ref_root / "outputs" / "run", root / "outputs" / "run"
-    reference = start(ref_root, shared_data_dir, ref_dir, *KILL_RUN, "logger=none")  # in parallel
-    victim = start(root, shared_data_dir, run_dir, *KILL_RUN)
+    reference = start(ref_root, synth_data_dir, ref_dir, *KILL_RUN, "logger=none")  # in parallel
+    victim = start(root, synth_data_dir, run_dir, *KILL_RUN)
     db = root / "mlflow.db"
     killed_at = sigkill_after_checkpoint(victim, run_dir, db, past_step=4)
     run_id = json.loads((run_dir / "tracking_state.json").read_text())["run_id"]
     assert json.loads((run_dir / "run_state.json").read_text())["status"] == "running"  # what SIGKILL leaves
 
-    run(root, shared_data_dir, run_dir, *KILL_RUN, f"resume={run_dir}")
+    run(root, synth_data_dir, run_dir, *KILL_RUN, f"resume={run_dir}")
     assert reference.wait(timeout=600) == 0
 
     client = mlflow_client(f"sqlite:///{db}")
@@ -49,13 +49,13 @@ def test_sigkill_then_resume_continues_the_same_run_bitwise(tmp_path, shared_dat
     assert_same_parameters(ref_dir, run_dir)
 
 
-def test_auto_resume_finds_the_killed_run_of_the_same_config(tmp_path, shared_data_dir):
+def test_auto_resume_finds_the_killed_run_of_the_same_config(tmp_path, synth_data_dir):
     root = tmp_path
     first, second = root / "outputs" / "first", root / "outputs" / "second"
     overrides = [*KILL_RUN, "trainer.auto_resume=true"]
-    victim = start(root, shared_data_dir, first, *overrides)
+    victim = start(root, synth_data_dir, first, *overrides)
     sigkill_after_checkpoint(victim, first, root / "mlflow.db", past_step=4)
-    run(root, shared_data_dir, second, *overrides)  # a new invocation, a new Hydra run dir
+    run(root, synth_data_dir, second, *overrides)  # a new invocation, a new Hydra run dir
     assert "continued" in (second / "continued_in.txt").read_text() and str(first) in (
         second / "continued_in.txt").read_text()
     assert not (second / "checkpoints").exists()

@@ -14,14 +14,14 @@ from tests.helpers.processes import SMALL, run, start, train_env
 from tests.helpers.tracking import MlflowServer, free_port, history, mlflow_client, runs_of
 
 
-def test_tracking_store_unreachable_training_goes_on_and_the_spool_is_sent_later(tmp_path, shared_data_dir):
+def test_tracking_store_unreachable_training_goes_on_and_the_spool_is_sent_later(tmp_path, synth_data_dir):
     """Nothing listens at the tracking URI for the whole run: training finishes normally, every record
     waits in the run's spool, and `python -m ds2exp.tracking.resilient` sends it once a store is there."""
     run_dir = tmp_path / "outputs" / "run"
     uri = f"http://127.0.0.1:{free_port()}"
     env = train_env(tmp_path, DS2EXP_TRACKING_RETRY_S="0.5", DS2EXP_TRACKING_DRAIN_S="1")
     t0 = time.monotonic()
-    r = run(tmp_path, shared_data_dir, run_dir, *SMALL, "trainer.max_steps=6", "trainer.log_every=1",
+    r = run(tmp_path, synth_data_dir, run_dir, *SMALL, "trainer.max_steps=6", "trainer.log_every=1",
             "trainer.eval_every=3", f"logger.tracking_uri={uri}", env=env)
     elapsed = time.monotonic() - t0
     out = r.stdout + r.stderr
@@ -52,14 +52,14 @@ def test_tracking_store_unreachable_training_goes_on_and_the_spool_is_sent_later
 
 
 @pytest.mark.slow
-def test_mlflow_server_down_at_start_and_killed_mid_run_nothing_is_lost(tmp_path, shared_data_dir):
+def test_mlflow_server_down_at_start_and_killed_mid_run_nothing_is_lost(tmp_path, synth_data_dir):
     """The training starts before its MLflow server answers; the server is then SIGKILLed mid-run and
     restarted on the same port and store. Every logged step is on the server afterwards."""
     server = MlflowServer(tmp_path / "server", free_port())
     run_dir = tmp_path / "outputs" / "run"
     env = train_env(tmp_path, DS2EXP_TRACKING_RETRY_S="1", DS2EXP_TRACKING_RETRY_MAX_S="2",
                DS2EXP_TRACKING_DRAIN_S="300")
-    trainer = start(tmp_path, shared_data_dir, run_dir, *SMALL, "trainer.max_steps=100000", "trainer.max_minutes=1.5",
+    trainer = start(tmp_path, synth_data_dir, run_dir, *SMALL, "trainer.max_steps=100000", "trainer.max_minutes=1.5",
                     "trainer.log_every=1", "trainer.eval_every=40", "trainer.checkpoint_every=20",
                     f"logger.tracking_uri={server.url}", env=env)
     try:
