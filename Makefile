@@ -48,8 +48,9 @@ bench: install
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	$(PY) -m bench.run_all
 
-# Random SIGKILL/resume cycles for SOAK_MINUTES (default 3, seeded by SOAK_SEED), then steps lost and the
-# parameter difference against an uninterrupted run (bench/soak.py).
+# Random SIGKILL/resume cycles for SOAK_MINUTES (default 3, seeded by SOAK_SEED), starts alternating 2 and 1
+# threads, kills spread over training; prints where each kill landed, steps lost and the parameter difference
+# against uninterrupted runs on 2 and on 1 thread (bench/soak.py).
 soak: install
 	$(PY) -m bench.soak
 

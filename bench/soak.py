@@ -5,17 +5,20 @@
 
 For SOAK_MINUTES, one tiny training run (`trainer.auto_resume=true`, a checkpoint every 5 steps,
 metrics every step into an MLflow SQLite store) is started again and again with the same command
-line and killed with SIGKILL after a random delay (SOAK_KILL_MIN_S..SOAK_KILL_MAX_S, 1..15 s, seeded by
-SOAK_SEED), at any point: while importing, while preparing data, mid-step, mid-checkpoint. Each
-start resumes the interrupted run.
-Then the run is finished at the step its last checkpoint reached plus 10, an uninterrupted run of
-the same number of steps is trained with the same seed, and the report says:
+line and killed with SIGKILL. Starts alternate between 2 threads and 1 (OMP_NUM_THREADS; each child
+gets an environment built from this process's own at start-up, never one MindSpore has changed).
+Kills are spread over training: most at a random step 1-12 steps past the point the start resumed
+from, a random fraction into that step (so also mid-checkpoint); one start in 8 is killed during
+start-up. Each start resumes the interrupted run.
+Then the run is finished at the step its last checkpoint reached plus 10, and uninterrupted runs of
+the same number of steps are trained with the same seed on 2 threads and on 1, and the report says:
 
+- where each kill landed (start-up; training at step N; during a checkpoint write);
 - cycles survived: SIGKILLs after which training continued in the same run directory and MLflow run;
 - steps lost: steps trained twice, i.e. done after a checkpoint and before a kill (counted from the
   MLflow history: a step logged n times was re-done n-1 times);
 - the largest absolute difference between the final parameters (model and optimizer state) and
-  those of the uninterrupted run; 0 means bitwise equal.
+  those of each uninterrupted run; 0 means bitwise equal.
 
 Exit status 1 when a step is missing from the MLflow history, the run is not FINISHED, there is more
 than one MLflow run, or the parameters differ.
@@ -34,7 +37,11 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import ds2exp  # noqa: F401  (protobuf implementation before mlflow/mindspore)
+# The children's environment, taken before anything here imports MindSpore (which sets
+# OMP_NUM_THREADS=1 in the C environment that a child would otherwise inherit).
+CLEAN_ENV = dict(os.environ)
+
+import ds2exp  # noqa: E402,F401  (protobuf implementation before mlflow/mindspore)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,59 +71,116 @@ def _checkpoint_step(run_dir: Path) -> int:
     return int(load_checkpoint(found).meta["step"]) if found else 0
 
 
+def _writing_checkpoint(run_dir: Path) -> bool:
+    folder = run_dir / "checkpoints"
+    return folder.is_dir() and any(p.name.endswith(".tmp") or ".tmp" in p.suffixes for p in folder.iterdir())
+
+
+def _env(work: Path, threads: int) -> dict:
+    env = {**CLEAN_ENV, "DS2EXP_ROOT": str(work), "OMP_NUM_THREADS": str(threads)}
+    env.pop("DS2EXP_RNN_THREADS", None)
+    return env
+
+
+def _logged_rows(db: Path) -> int:
+    """train/loss rows in the store: a replayed step adds a row too, so this counts steps done."""
+    for _ in range(20):
+        if not db.exists():
+            return 0
+        try:
+            with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:
+                return int(con.execute("SELECT count(*) FROM metrics WHERE key='train/loss'").fetchone()[0])
+        except sqlite3.Error:  # e.g. the killed writer's journal is being rolled back
+            time.sleep(0.25)
+    return 0
+
+
+def _kill_point(proc, db: Path, rng: random.Random, resumed_from: int) -> tuple:
+    """Wait for this start's kill point; returns (where, steps this start did) once the caller may kill.
+    One start in 8 dies during start-up; the others 1-12 steps after they began training, a random
+    fraction into the next step."""
+    rows0 = _logged_rows(db)
+    if rng.random() < 0.125:
+        t_end = time.monotonic() + rng.uniform(0.5, 6.0)
+        while time.monotonic() < t_end and proc.poll() is None and _logged_rows(db) == rows0:
+            time.sleep(0.05)
+        done = _logged_rows(db) - rows0
+        return ("start-up", None) if done == 0 else ("training", resumed_from + done)
+    target = rng.randint(1, 12)
+    seen, t_seen, step_s = 0, time.monotonic(), 1.0
+    while proc.poll() is None:
+        done = _logged_rows(db) - rows0
+        if done != seen:
+            if seen > 0:
+                step_s = (time.monotonic() - t_seen) / (done - seen)
+            seen, t_seen = done, time.monotonic()
+        if done >= target:
+            break
+        time.sleep(0.02)
+    time.sleep(rng.uniform(0.0, step_s))
+    return "training", resumed_from + _logged_rows(db) - rows0
+
+
 def main() -> int:
     minutes = float(os.environ.get("SOAK_MINUTES", "3"))
     seed = int(os.environ.get("SOAK_SEED", "0"))
-    kill_after = (float(os.environ.get("SOAK_KILL_MIN_S", "1")), float(os.environ.get("SOAK_KILL_MAX_S", "15")))
     data_dir = Path(os.environ.get("SOAK_DATA_DIR", ROOT / "data"))
     work = Path(os.environ.get("SOAK_DIR") or tempfile.mkdtemp(prefix="ds2exp-soak-"))
     work.mkdir(parents=True, exist_ok=True)
-    run_dir, ref_dir = work / "outputs" / "soak", work / "outputs" / "reference"
+    run_dir = work / "outputs" / "soak"
     db = work / "mlflow.db"
-    env = {**os.environ, "DS2EXP_ROOT": str(work)}
     base = [sys.executable, str(ROOT / "train.py"), f"paths.data_dir={data_dir}", *SMALL]
     soak_cmd = base + [f"hydra.run.dir={run_dir}", "trainer.max_steps=1000000", "trainer.auto_resume=true"]
     rng = random.Random(seed)
-    print(f"soak: {minutes:g} min, seed {seed}, SIGKILL after {kill_after[0]:g}-{kill_after[1]:g} s; work dir {work}",
-          flush=True)
+    print(f"soak: {minutes:g} min, seed {seed}; starts alternate 2 and 1 threads; work dir {work}", flush=True)
 
     deadline = time.monotonic() + 60 * minutes
-    cycles, in_startup = 0, 0
+    cycles = 0
+    landed: Counter = Counter()
     log = open(work / "soak.log", "ab")
     while time.monotonic() < deadline:
-        delay = rng.uniform(*kill_after)
-        ckpt_before, logged_before = _checkpoint_step(run_dir), _max_step(db)
-        proc = subprocess.Popen(soak_cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+        threads = 2 if cycles % 2 == 0 else 1
+        ckpt_before = _checkpoint_step(run_dir)
+        proc = subprocess.Popen(soak_cmd, cwd=ROOT, env=_env(work, threads), stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         t0 = time.monotonic()
-        while time.monotonic() - t0 < delay and proc.poll() is None:
-            time.sleep(0.05)
+        where, step = _kill_point(proc, db, rng, max(ckpt_before, 0))
         if proc.poll() is not None:
             print(f"soak: the training process exited by itself with status {proc.returncode}; see {work}/soak.log")
             return 1
+        in_checkpoint = _writing_checkpoint(run_dir)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         cycles += 1
-        logged, ckpt = _max_step(db), _checkpoint_step(run_dir)
-        starting = logged <= max(ckpt_before, logged_before) and ckpt == ckpt_before
-        in_startup += starting
-        print(f"  cycle {cycles:3d}: SIGKILL after {delay:5.1f} s{' (while starting up)' if starting else ''}; "
-              f"started from step {ckpt_before}, last logged step {logged}, last checkpoint {ckpt}", flush=True)
+        if in_checkpoint:
+            where = "checkpoint write"
+        landed[where] += 1
+        ckpt = _checkpoint_step(run_dir)
+        at = f" after step {step}" if step is not None else ""
+        print(f"  cycle {cycles:3d} ({threads} thread{'s' if threads > 1 else ''}): SIGKILL after "
+              f"{time.monotonic() - t0:5.1f} s, during {where}{at}; resumed from step {ckpt_before}, "
+              f"last checkpoint now {ckpt}", flush=True)
+    print("soak: kills landed: " + ", ".join(f"{n} during {w}" for w, n in sorted(landed.items())), flush=True)
 
     # Finish: the step the last checkpoint reached + 10, explicitly (resume ignores auto_resume).
     target = _checkpoint_step(run_dir) + 10
     finish = base + [f"hydra.run.dir={run_dir}", f"trainer.max_steps={target}"]
     if (run_dir / "checkpoints").is_dir():
         finish.append(f"resume={run_dir}")
-    r = subprocess.run(finish, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    r = subprocess.run(finish, cwd=ROOT, env=_env(work, 1), stdout=log, stderr=subprocess.STDOUT)
     if r.returncode != 0:
         print(f"soak: the final resume failed ({r.returncode}); see {work}/soak.log")
         return 1
-    ref = subprocess.run(base + [f"hydra.run.dir={ref_dir}", f"trainer.max_steps={target}", "logger=none"],
-                         cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    if ref.returncode != 0:
-        print(f"soak: the uninterrupted reference run failed ({ref.returncode}); see {work}/soak.log")
-        return 1
+    ref_dirs = {}
+    for threads in (2, 1):
+        ref_dirs[threads] = work / "outputs" / f"reference-{threads}t"
+        ref = subprocess.run(base + [f"hydra.run.dir={ref_dirs[threads]}", f"trainer.max_steps={target}",
+                                     "logger=none"], cwd=ROOT, env=_env(work, threads), stdout=log,
+                             stderr=subprocess.STDOUT)
+        if ref.returncode != 0:
+            print(f"soak: the uninterrupted {threads}-thread reference run failed ({ref.returncode}); "
+                  f"see {work}/soak.log")
+            return 1
 
     import numpy as np
     from mlflow.tracking import MlflowClient
@@ -124,12 +188,15 @@ def main() -> int:
     from ds2exp.training.checkpoint import load_checkpoint
 
     a = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
-    b = load_checkpoint(ref_dir / "checkpoints" / "last.ckpt")
-    diff = 0.0
-    for mine, theirs in ((a.model_state, b.model_state), (a.optimizer_state, b.optimizer_state)):
-        assert set(mine) == set(theirs)
-        for k in mine:
-            diff = max(diff, float(np.max(np.abs(mine[k].astype(np.float64) - theirs[k].astype(np.float64)))))
+    diffs = {}
+    for threads, ref_dir in ref_dirs.items():
+        b = load_checkpoint(ref_dir / "checkpoints" / "last.ckpt")
+        diff = 0.0
+        for mine, theirs in ((a.model_state, b.model_state), (a.optimizer_state, b.optimizer_state)):
+            assert set(mine) == set(theirs)
+            for k in mine:
+                diff = max(diff, float(np.max(np.abs(mine[k].astype(np.float64) - theirs[k].astype(np.float64)))))
+        diffs[threads] = diff
 
     client = MlflowClient(f"sqlite:///{db}")
     exp = client.get_experiment_by_name("ds2exp")
@@ -143,15 +210,18 @@ def main() -> int:
     finished = [x for x in soak_runs if x.info.status == "FINISHED"]
     state = json.loads((run_dir / "run_state.json").read_text())
 
-    print(f"soak: cycles survived: {cycles} SIGKILL/resume cycles ({in_startup} while starting up, "
-          f"{cycles - in_startup} while training); the run was continued {state.get('resumes')} times")
+    print(f"soak: cycles survived: {cycles} SIGKILL/resume cycles ("
+          + ", ".join(f"{n} during {w}" for w, n in sorted(landed.items()))
+          + f"); the run was continued {state.get('resumes')} times")
     print(f"soak: final step {a.meta['step']} (checkpoint every 5 steps)")
     print(f"soak: steps lost (re-done after kills): {redone} ({redone / max(1, cycles):.1f} per kill)")
     print(f"soak: MLflow: {len(soak_runs)} run(s), {len(finished)} FINISHED; train/loss steps missing: "
           f"{len(missing)}{' ' + str(missing[:10]) if missing else ''}")
-    print(f"soak: final parameters vs an uninterrupted {target}-step run: max |diff| = {diff:.3g}"
-          f"{' (bitwise equal)' if diff == 0 else ''}")
-    ok = not missing and len(soak_runs) == 1 and len(finished) == 1 and diff == 0.0 and a.meta["step"] == target
+    for threads, diff in diffs.items():
+        print(f"soak: final parameters vs an uninterrupted {target}-step run on {threads} thread"
+              f"{'s' if threads > 1 else ''}: max |diff| = {diff:.3g}{' (bitwise equal)' if diff == 0 else ''}")
+    ok = (not missing and len(soak_runs) == 1 and len(finished) == 1 and all(d == 0.0 for d in diffs.values())
+          and a.meta["step"] == target)
     print(f"soak: {'PASS' if ok else 'FAIL'}")
     return 0 if ok else 1
 

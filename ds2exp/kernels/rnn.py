@@ -225,6 +225,11 @@ def _backward_inputs(lengths, w, dy, T, B):
     return lengths, dY, Tm, np.ascontiguousarray(w, dtype=np.float32)
 
 
+# d W_hh's product is cut into this many gate-row blocks per direction whatever the thread count
+# (numpy's BLAS runs on one thread, see settings.pin_blas_threads): the same bits for any threads.
+WEIGHT_GRAD_BLOCKS = 8
+
+
 def _recurrent_weight_grads(dGh, Hs):
     """d W_hh and d b from the gradients of the recurrent pre-activations (D, T, B, G) and the
     hidden states (D, T, B, H): each step's W_hh multiplies the previous step's h (0 at t=0)."""
@@ -232,8 +237,19 @@ def _recurrent_weight_grads(dGh, Hs):
     H = Hs.shape[-1]
     Hprev = np.zeros_like(Hs)
     Hprev[:, 1:] = Hs[:, :-1]
-    dw = np.matmul(dGh.reshape(D, T * B, G).transpose(0, 2, 1), Hprev.reshape(D, T * B, H))
-    return dw.astype(np.float32), dGh.sum(axis=(1, 2)).astype(np.float32)
+    g2 = dGh.reshape(D, T * B, G)
+    h2 = Hprev.reshape(D, T * B, H)
+    dw = np.empty((D, G, H), np.float32)
+    n = max(1, min(G, WEIGHT_GRAD_BLOCKS))
+    edges = [round(i * G / n) for i in range(n + 1)]
+
+    def block(item):
+        d, i = item
+        g0, g1 = edges[i], edges[i + 1]
+        dw[d, g0:g1] = g2[d, :, g0:g1].T @ h2[d]
+
+    run_tasks([(d, i) for d in range(D) for i in range(n)], block)
+    return dw, dGh.sum(axis=(1, 2)).astype(np.float32)
 
 
 @kernel("rnn_bwd")

@@ -10,11 +10,14 @@
 Results never depend on ``threads``: work is cut into the same pieces whatever the thread count
 (one per RNN direction; a fixed number of batch chunks for a weight gradient), each piece is
 computed by the same code, and partial sums are combined in a fixed order. Threads only decide
-how many pieces run at once.
+how many pieces run at once. numpy's BLAS (OpenBLAS) orders a product's sums by its own thread
+count, so the first kernel call pins it to one thread for the process (``pin_blas_threads``) and the
+kernels split their BLAS products themselves.
 """
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import threading
 import time
@@ -29,6 +32,8 @@ try:  # pragma: no cover - exercised implicitly
     HAVE_NUMBA = True
 except ImportError:  # also raised by a numba built for another numpy
     HAVE_NUMBA = False
+
+log = logging.getLogger(__name__)
 
 
 def _default_threads() -> int:
@@ -108,6 +113,29 @@ def _quietly(fn, task):
         return fn(task)
 
 
+_blas_pinned = False
+
+
+def pin_blas_threads() -> None:
+    """Run numpy's BLAS on one thread from now on (once per process).
+
+    OpenBLAS splits a product across its threads in a way that changes the order of the sums: the
+    recurrent weight gradient of a run on 2 threads differed in the last bit from one on 1
+    (OMP_NUM_THREADS=1 vs 2, measured), enough for a resumed run to drift from an uninterrupted one.
+    MindSpore's own ops do not use it."""
+    global _blas_pinned
+    if _blas_pinned:
+        return
+    _blas_pinned = True
+    try:
+        from threadpoolctl import threadpool_limits  # comes with librosa's scikit-learn
+    except ImportError:  # pragma: no cover - a dependency of a dependency
+        log.warning("threadpoolctl is not installed: numpy's BLAS keeps its threads, and results may "
+                    "differ in the last bits between thread settings")
+        return
+    threadpool_limits(limits=1, user_api="blas")
+
+
 def kernel(name: str):
     """Decorator for a kernel entry point: reports each call's wall and process-CPU time to
     ``settings.timing_hook``, and runs it with numpy's floating-point warnings off.
@@ -119,6 +147,7 @@ def kernel(name: str):
     def wrap(fn):
         @functools.wraps(fn)
         def call(*args, **kwargs):
+            pin_blas_threads()
             hook = settings.timing_hook
             with np.errstate(**_QUIET):
                 if hook is None:
