@@ -32,7 +32,8 @@ from tests.helpers import stop_process_group
 pytestmark = pytest.mark.slow
 
 SWEEP = ["optimizer.lr=1e-4,1e8", "trainer.nonfinite_patience=1", "dataset.batch_size=4",
-         "model.conv_channels=4", "model.rnn_hidden=32", "model.rnn_layers=1", "dataset.max_utterances=24", "trainer.max_eval_utterances=4",
+         "model.conv_channels=4", "model.rnn_hidden=32", "model.rnn_layers=1", "dataset.max_utterances=24",
+         "trainer.max_eval_utterances=4",
          "trainer.progress=false", "trainer.max_steps=3", "trainer.log_every=1"]
 SERVER_START_S = 90  # `mlflow server` imports a lot; on 2 busy cores it has taken ~30 s
 WAIT_S = 60  # for each element the UI renders
