@@ -9,8 +9,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
-import urllib.request
 from datetime import datetime
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import pytest
 
 from tests.conftest import ROOT
 from tests.helpers import stop_process_group
+from tests.helpers.tracking import wait_healthy
 
 pytestmark = pytest.mark.slow  # a server start (~30 s on 2 busy cores) and a 2-job sweep
 
@@ -42,21 +41,6 @@ def _start_server(store: Path, port: int, log_path: Path) -> subprocess.Popen:
                                 stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"mlflow server exited with {proc.returncode}"
-        try:
-            with opener.open(f"{url}/health", timeout=5) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    pytest.fail(f"mlflow server did not answer on {url} in {timeout} s")
-
-
 def _stamp(line: str) -> datetime:
     return datetime.strptime(STAMP.match(line).group(1), "%Y-%m-%d %H:%M:%S,%f")
 
@@ -72,7 +56,7 @@ def test_sweep_starts_without_the_server_and_links_parent_and_children_when_it_a
     # A server that was up and died: started, answering, then killed before the sweep starts.
     server = _start_server(store, port, server_log)
     try:
-        _wait_healthy(url, server)
+        wait_healthy(url, server)
     finally:
         stop_process_group(server)
 
@@ -99,7 +83,7 @@ def test_sweep_starts_without_the_server_and_links_parent_and_children_when_it_a
     try:
         assert first_job.wait(300), "\n".join(lines[-40:])
         server = _start_server(store, port, server_log)  # back while the first job trains or drains
-        _wait_healthy(url, server)
+        wait_healthy(url, server)
         assert sweep.wait(600) == 0, "\n".join(lines[-60:])
         reader.join(10)
 

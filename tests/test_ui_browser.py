@@ -20,14 +20,13 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import ROOT
 from tests.helpers import stop_process_group
+from tests.helpers.tracking import wait_healthy
 
 pytestmark = pytest.mark.slow
 
@@ -95,22 +94,8 @@ def mlflow_server(sweep_store):
     with open(log_path, "wb") as log:  # its own session, so that _stop reaches the uvicorn workers too
         proc = subprocess.Popen(cmd, cwd=sweep_store, env={**os.environ, **NO_TELEMETRY}, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # 127.0.0.1 directly, never a proxy
     try:
-        deadline = time.monotonic() + SERVER_START_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"mlflow server exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
-            try:
-                with opener.open(f"{url}/health", timeout=5) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"mlflow server did not answer on {url} in {SERVER_START_S} s:\n"
-                            f"{log_path.read_text()[-4000:]}")
-            time.sleep(0.5)
+        wait_healthy(url, proc, SERVER_START_S, log_path)
         yield url
     finally:
         stop_process_group(proc)

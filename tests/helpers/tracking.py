@@ -83,3 +83,28 @@ class MlflowServer:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=60)
         self.proc = None
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 180, log_path: Path | None = None) -> None:
+    """Wait until the MLflow server at `url` answers /health (straight to 127.0.0.1, never through a
+    proxy); fail with its log's tail if it exits or does not answer within `timeout` seconds."""
+    import time
+    import urllib.request
+
+    import pytest
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    tail = (lambda: ":\n" + log_path.read_text()[-4000:]) if log_path is not None else (lambda: "")
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"mlflow server exited with {proc.returncode}{tail()}")
+        try:
+            with opener.open(f"{url}/health", timeout=5) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"mlflow server did not answer on {url} in {timeout} s{tail()}")
+        time.sleep(0.5)
