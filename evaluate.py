@@ -10,7 +10,13 @@ import hydra
 from omegaconf import DictConfig
 
 from ds2exp.cli import preflight
-from ds2exp.config import config_dir
+from ds2exp.config import ConfigValueError, config_dir, enum_value
+
+
+def _check(cfg: DictConfig) -> None:
+    if enum_value(cfg.compat) == "zoo" and enum_value(cfg.decoder.name) != "greedy":
+        raise ConfigValueError("decoder", enum_value(cfg.decoder.name), "greedy with compat=zoo (the model zoo's "
+                                                                        "eval.py decodes greedily)")
 
 
 @hydra.main(config_path=config_dir(), config_name="evaluate", version_base=None)
@@ -37,5 +43,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    preflight(sys.argv[1:], config_name="evaluate")  # values, checkpoint files, output folders
+    preflight(sys.argv[1:], config_name="evaluate", extra_check=_check)  # values, checkpoint files, output folders
     main()

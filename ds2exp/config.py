@@ -349,6 +349,11 @@ class DecoderConfig:
     unk_score_offset: float = -10.0
 
 
+class EvalCompat(str, Enum):
+    none = "none"
+    zoo = "zoo"
+
+
 @dataclass
 class EvaluateConfig:
     defaults: List[Any] = field(default_factory=list)
@@ -365,6 +370,8 @@ class EvaluateConfig:
     metric: MetricDefinition = MetricDefinition.reference
     max_utterances: Optional[int] = None
     progress: bool = True
+    # zoo: score as the MindSpore model zoo's eval.py does (ds2exp/evaluation/zoo_compat.py)
+    compat: EvalCompat = EvalCompat.none
 
 
 class ExportFormat(str, Enum):
@@ -383,11 +390,24 @@ class ExportConfig:
     checkpoint: Optional[str] = None
     format: ExportFormat = ExportFormat.MINDIR
     output: Optional[str] = None  # default: beside the checkpoint
-    frames: int = 0  # fixed input length of the exported graph; 0: the longest verification utterance
-    verify_utterances: int = 4  # real utterances compared between export and checkpoint
+    frames: int = 0  # 0: the graph takes any number of frames; N: a graph fixed at N frames (pad to N)
+    verify_utterances: int = 4  # real utterances (of different lengths) the exported file is run on
     split: str = "test"
-    tolerance: float = 1e-4
+    tolerance: float = 1e-5
     progress: bool = True
+
+
+@dataclass
+class TranscribeConfig:
+    defaults: List[Any] = field(default_factory=list)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    checkpoint: Optional[str] = None  # a .ckpt or a run directory
+    exported: Optional[str] = None  # a MindIR written by export.py: runs without ds2exp's model code
+    audio: List[str] = field(default_factory=list)
+    json: bool = False  # one JSON object per file, with per-character start times
+    chunk_seconds: float = 20.0  # audio decoded and recognised this many seconds at a time
+    beam_width: Optional[int] = None  # same as decoder.beam_width (older command lines)
 
 
 def register_configs() -> None:
@@ -397,6 +417,7 @@ def register_configs() -> None:
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="evaluate_schema", node=EvaluateConfig)
     cs.store(name="export_schema", node=ExportConfig)
+    cs.store(name="transcribe_schema", node=TranscribeConfig)
 
 
 class ConfigValueError(ValueError):

@@ -122,7 +122,7 @@ def check_inputs(cfg: DictConfig) -> None:
         check_pretrained_fits(cfg, check_checkpoint("pretrained", cfg.pretrained))
     evaluating = "decoder" in cfg  # evaluate.yaml; export.yaml has no decoder
     if "checkpoint" in cfg:
-        if cfg.checkpoint is None and not cfg.get("checkpoints"):
+        if cfg.checkpoint is None and not cfg.get("checkpoints") and cfg.get("exported") is None:  # transcribe
             raise ConfigValueError("checkpoint", None, f"{CHECKPOINT_KINDS}" + (
                 " or an MLflow run id (or checkpoints='[a,b]')" if evaluating else ""))
         if cfg.checkpoint is not None:

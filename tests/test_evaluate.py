@@ -91,8 +91,8 @@ def test_export_mindir_round_trip_within_tolerance(trained_run, shared_data_dir,
                "verify_utterances=3")
     assert r.returncode == 0, r.stderr[-3000:]
     assert out.stat().st_size > 10_000
-    m = re.search(r"verified on 3 utterances: max \|export - checkpoint\| = (\S+) \(OK", r.stdout)
-    assert m and float(m.group(1)) <= 1e-4
+    m = re.search(r"verified on 3 utterances at .*: max \|export - checkpoint\| = (\S+) \(OK", r.stdout)
+    assert m and float(m.group(1)) <= 1e-5, r.stdout
 
 
 def test_export_onnx_reports_mindspore_reason(trained_run, shared_data_dir):

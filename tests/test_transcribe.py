@@ -70,6 +70,25 @@ def test_long_audio_is_chunked(overfit_model):
     assert Levenshtein.distance(text, 2 * TEXT.replace(" ", "")) <= 3, text
 
 
-def test_bad_arguments_are_one_line_errors():
-    r = transcribe("checkpoint=x", "audoi=[a.wav]")
-    assert r.returncode != 0 and "unknown key(s) audoi" in r.stderr
+def test_bad_arguments_are_one_line_errors(tmp_path):
+    cases = [(["checkpoint=x", "audoi=[a.wav]"], "unknown config key 'audoi'"),
+             (["audio=[a.wav]"], "checkpoint"),
+             (["checkpoint=x", "exported=y", "audio=[a.wav]"], "one of checkpoint"),
+             ([f"exported={tmp_path / 'nope.mindir'}", "audio=[a.wav]"], "exported="),
+             (["checkpoint=x", "audio=[a.wav]", "chunk_seconds=1000000"], "chunk_seconds=1000000"),
+             (["checkpoint=x", "audio=[a.wav]", "chunk_seconds=nan"], "chunk_seconds"),
+             (["checkpoint=x", "audio=[a.wav]", "chunk_seconds=0.5"], "chunk_seconds"),
+             (["checkpoint=x", "audio=[]"], "audio")]
+    for args, needle in cases:
+        r = transcribe(*args)
+        assert r.returncode == 2 and needle in r.stderr, (args, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, (args, r.stderr)
+    assert not (ROOT / "outputs" / "transcribe").exists()
+
+
+def test_help_starts_with_examples():
+    r = transcribe("--help")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert "Examples:" in lines[:6], r.stdout
+    assert "python -m ds2exp.transcribe checkpoint=" in r.stdout and "exported=" in r.stdout

@@ -172,11 +172,17 @@ def run_evaluation(cfg, out_dir: Path) -> List[CheckpointScore]:
         raise CheckpointError("give checkpoint=PATH or checkpoints='[a,b]'")
     uri = cfg.logger.tracking_uri if enum_value(cfg.logger.backend) == "mlflow" else None
     paths = [resolve_checkpoint(r, uri, announce=log.info) for r in refs]
-    loader = build_eval_loader(cfg, cfg.split)
+    zoo = enum_value(cfg.get("compat", "none")) == "zoo"  # the model zoo's eval.py: zoo_compat.py
+    if zoo:
+        from ds2exp.evaluation.zoo_compat import score_checkpoint_zoo, split_utterances
+
+        utts = split_utterances(cfg, cfg.split)
+    else:
+        loader = build_eval_loader(cfg, cfg.split)
     scores = []
     for p in paths:
         t0 = time.time()
-        s = score_checkpoint(p, cfg, loader)
+        s = score_checkpoint_zoo(p, cfg, utts) if zoo else score_checkpoint(p, cfg, loader)
         log.info("%s: WER %.2f CER %.2f (%.1f s)", s.name, s.wer, s.cer, time.time() - t0)
         scores.append(s)
     table = format_table(scores)
@@ -185,7 +191,7 @@ def run_evaluation(cfg, out_dir: Path) -> List[CheckpointScore]:
     files = [write_records(s, out_dir) for s in scores]
     chart = bar_chart(scores, out_dir / "comparison.png")
     tags = {"ds2exp.kind": "evaluation", "ds2exp.split": cfg.split, "ds2exp.dataset": cfg.dataset.name,
-            "ds2exp.decoder": enum_value(cfg.decoder.name)}
+            "ds2exp.decoder": enum_value(cfg.decoder.name), "ds2exp.compat": "zoo" if zoo else "none"}
     if len(scores) == 1 and scores[0].training_run_id:
         tags["ds2exp.training_run_id"] = scores[0].training_run_id
     tracker = make_tracker(cfg.logger, run_name=f"eval-{cfg.dataset.name}-{cfg.split}", tags=tags)
