@@ -49,8 +49,7 @@ def test_disk_full_names_the_path_and_keeps_previous(tmp_path):
     good = save_checkpoint(tmp_path / "last.ckpt", m, meta={"step": 1})
     before = good.read_bytes()
     script = textwrap.dedent(f"""
-        import resource, signal, sys
-        sys.path.insert(0, {str(ROOT)!r})
+        import resource, signal
         import ds2exp
         from ds2exp.training.checkpoint import save_checkpoint, CheckpointError
         from tests.test_checkpoint import tiny_model
@@ -61,7 +60,8 @@ def test_disk_full_names_the_path_and_keeps_previous(tmp_path):
         except CheckpointError as e:
             print("ERR", e)
     """)
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    # `python -c` puts its working directory, the repository root, on the path for `tests`
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert f"ERR could not write checkpoint {good}" in r.stdout, r.stdout + r.stderr
     assert good.read_bytes() == before
     assert load_checkpoint(good).meta["step"] == 1
