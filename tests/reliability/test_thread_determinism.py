@@ -20,16 +20,16 @@ def _threads(root, n: int):
 
 
 @pytest.mark.slow
-def test_resume_on_other_thread_settings_is_bitwise(tmp_path, shared_data_dir):
+def test_resume_on_other_thread_settings_is_bitwise(tmp_path, synth_data_dir):
     ref_root = tmp_path / "ref"
     ref_dir = ref_root / "outputs" / "run"
     # the uninterrupted run on 2 threads
-    # generous limits: the first run also builds the synthetic corpus, and the machine may be shared
-    run(ref_root, shared_data_dir, ref_dir, *RUN, "logger=none", env=_threads(ref_root, 2), timeout=1800)
+    # the limits are hang guards: the machine may be shared
+    run(ref_root, synth_data_dir, ref_dir, *RUN, "logger=none", env=_threads(ref_root, 2), timeout=1800)
     for first, then in ((2, 1), (1, 2)):
         root = tmp_path / f"{first}to{then}"
         run_dir = root / "outputs" / "run"
-        victim = start(root, shared_data_dir, run_dir, *RUN, env=_threads(root, first))
+        victim = start(root, synth_data_dir, run_dir, *RUN, env=_threads(root, first))
         sigkill_after_checkpoint(victim, run_dir, root / "mlflow.db", past_step=4)
-        run(root, shared_data_dir, run_dir, *RUN, f"resume={run_dir}", env=_threads(root, then), timeout=1800)
+        run(root, synth_data_dir, run_dir, *RUN, f"resume={run_dir}", env=_threads(root, then), timeout=1800)
         assert_same_parameters(ref_dir, run_dir)
