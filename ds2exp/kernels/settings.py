@@ -128,7 +128,7 @@ def pin_blas_threads() -> None:
         return
     _blas_pinned = True
     try:
-        from threadpoolctl import threadpool_limits  # comes with librosa's scikit-learn
+        from threadpoolctl import threadpool_limits
     except ImportError:  # pragma: no cover - a dependency of a dependency
         log.warning("threadpoolctl is not installed: numpy's BLAS keeps its threads, and results may "
                     "differ in the last bits between thread settings")
