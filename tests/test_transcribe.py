@@ -39,6 +39,16 @@ def transcribe(*args):
                           cwd=ROOT, timeout=300)
 
 
+# transcribe from an exported file, then list the ds2exp modules that were loaded
+EXPORTED_ONLY = """
+import sys
+import ds2exp.transcribe as t
+status = t.main(sys.argv[1:])
+print("modules:", " ".join(sorted(m for m in sys.modules if m.startswith("ds2exp"))))
+sys.exit(status)
+"""
+
+
 def test_transcribes_what_it_was_trained_on_with_times(overfit_model, tmp_path):
     tmp, audio, y = overfit_model
     import soxr
@@ -92,3 +102,32 @@ def test_help_starts_with_examples():
     lines = r.stdout.splitlines()
     assert "Examples:" in lines[:6], r.stdout
     assert "python -m ds2exp.transcribe checkpoint=" in r.stdout and "exported=" in r.stdout
+
+
+def test_exported_file_alone_gives_the_checkpoints_text(overfit_model, tmp_path):
+    """export.py's MindIR, run by transcribe exported= without ds2exp's model code: the same transcripts and
+    character times as transcribe checkpoint=, on a file in one chunk and a long one in several."""
+    tmp, audio, y = overfit_model
+    long_file = write_flac(tmp_path / "long.flac", np.concatenate([y, np.zeros(4000, np.float32), y, y]))
+    mindir = tmp_path / "model.mindir"
+    r = subprocess.run([sys.executable, str(ROOT / "export.py"), f"checkpoint={tmp / 'run'}", f"output={mindir}",
+                        "dataset=manifest", f"dataset.train_manifest={tmp / 'm.jsonl'}",
+                        f"dataset.test_manifest={tmp / 'm.jsonl'}", f"hydra.run.dir={tmp_path / 'export'}",
+                        "verify_utterances=1"], capture_output=True, text=True, cwd=ROOT, timeout=900,
+                       env={**os.environ, "DS2EXP_ROOT": str(tmp)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    args = [f"audio=[{audio},{long_file}]", "json=true", "chunk_seconds=1.48"]
+    from_ckpt = transcribe(f"checkpoint={tmp / 'run'}", *args)
+    from_file = subprocess.run([sys.executable, "-c", EXPORTED_ONLY, f"exported={mindir}", *args],
+                               capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert from_ckpt.returncode == 0 and from_file.returncode == 0, from_ckpt.stderr[-2000:] + from_file.stderr[-2000:]
+    a = [json.loads(line) for line in from_ckpt.stdout.splitlines() if line.startswith("{")]
+    b = [json.loads(line) for line in from_file.stdout.splitlines() if line.startswith("{")]
+    assert len(a) == len(b) == 2
+    for x, z in zip(a, b):
+        print(f"{x['file']}: checkpoint {x['transcript']!r} / exported {z['transcript']!r}")
+        assert x["transcript"] == z["transcript"] and x["char_times"] == z["char_times"]
+    assert b[0]["transcript"] == TEXT and b[1]["transcript"].count("OPEN") >= 2  # several chunks of speech
+    modules = next(line for line in from_file.stdout.splitlines() if line.startswith("modules:")).split()[1:]
+    assert not [m for m in modules if m.startswith(("ds2exp.models.deepspeech2", "ds2exp.models.layers",
+                                                    "ds2exp.kernels", "ds2exp.export_model"))], modules
