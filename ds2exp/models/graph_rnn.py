@@ -6,7 +6,8 @@ parameters, with ops that MindSpore can compile for any batch size and any numbe
 
 - LSTM: MindSpore's fused LSTM kernel once per direction; the reverse direction runs over each row
   reversed within its own length (ReverseSequence).
-- GRU: a loop over time that stays a loop in the graph (there is no fused GRU kernel on CPU).
+- GRU: a loop over time that stays a loop in the graph, GRU_UNROLL steps per pass (there is no fused
+  GRU kernel on CPU).
 
 nn.LSTM and nn.GRU, called with sequence lengths, step through time in a Python loop that graph
 compilation unrolls, which fixes the graph to one input length.
