@@ -3,7 +3,7 @@
 Hydra reports composition errors over several lines and exits with 1, after which a run
 directory may already exist. `preflight()` composes the same config with Hydra's compose API
 (every value of every sweep is tried, including the sweeper params a `+sweep=<preset>` sets), runs
-`config.validate()` (values and ranges, ds2exp/validation.py), checks Hydra's run/sweep directory
+`validation.validate()` (values and ranges), checks Hydra's run/sweep directory
 and the files the command names (ds2exp/input_checks.py), and on any problem prints ONE line
 naming the key and what is allowed, then exits with status 2. An output location that cannot be
 created (run directory, MLflow store folder, export file) exits with status 3. Nothing is created
@@ -28,7 +28,8 @@ from hydra.errors import HydraException, MissingConfigException, OverrideParseEx
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from ds2exp.config import ConfigValueError, config_dir, validate
+from ds2exp.config import ConfigValueError, config_dir
+from ds2exp.validation import validate
 from ds2exp.input_checks import check_inputs
 from ds2exp.validation import check_hydra_dirs
 

@@ -4,7 +4,7 @@ Each config group in `conf/` (dataset, model, optimizer, hardware, precision, lo
 is backed by one dataclass here. Hydra merges the YAML files onto these dataclasses, so a
 misspelt key, a wrong type or a value outside an Enum fails at composition time with the
 offending key named, before any work starts. Range checks that types cannot express
-(lr > 0, batch size >= 1, ...) live in `validate()`.
+(lr > 0, batch size >= 1, ...) live in ds2exp/validation.py.
 """
 from __future__ import annotations
 
@@ -432,29 +432,5 @@ def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
     if not ok:
         raise ConfigValueError(key, value, allowed)
 
-
-def validate(cfg: DictConfig) -> None:
-    """Range checks that types cannot express, for train, evaluate and export configs. Raises
-    ConfigValueError naming the key. What every command shares (finite numbers, bounded integers,
-    non-empty strings, the ranges of each config group) is in ds2exp/validation.py; the checks of
-    newer fields follow here."""
-    from ds2exp.validation import validate_config
-
-    validate_config(cfg)
-    d = cfg.get("dataset")
-    if d is not None:
-        _check(str(d.feature.cache).lower() in ("auto", "on", "off", "true", "false"), "dataset.feature.cache",
-               d.feature.cache, "auto, on (true) or off (false)")
-        _check(d.feature.cache_max_gb >= 0, "dataset.feature.cache_max_gb", d.feature.cache_max_gb,
-               "a number >= 0")
-    t = cfg.get("trainer")
-    if t is None:
-        return
-    _check(t.monitor in MONITORS, "trainer.monitor", t.monitor, ", ".join(MONITORS))
-    dv = t.divergence
-    _check(dv.factor > 1, "trainer.divergence.factor", dv.factor, "a number > 1")
-    for key in ("window", "min_history", "patience"):
-        _check(dv[key] >= 1, f"trainer.divergence.{key}", dv[key], "an integer >= 1")
-    _check(dv.max_loss > 0, "trainer.divergence.max_loss", dv.max_loss, "a number > 0")
 
 register_configs()

@@ -19,7 +19,7 @@ from typing import Any, Iterable, Optional, Tuple
 
 from omegaconf import DictConfig, ListConfig
 
-from ds2exp.config import ConfigValueError, DeviceTarget, DType, OptimizerName, project_root
+from ds2exp.config import MONITORS, ConfigValueError, DeviceTarget, DType, OptimizerName, project_root
 
 MAX_INT = 2 ** 53
 SEED_MAX = 2 ** 32 - 1  # numpy's and MindSpore's seeds are unsigned 32-bit
@@ -257,3 +257,25 @@ def check_hydra_dirs(hydra_cfg: DictConfig) -> None:
         target = Path(os.path.abspath(os.path.expanduser(value)))
         _check(not any(_is_same_or_above(target, g) for g in guarded), f"hydra.{key}", value,
                "a folder of its own, not the project root, the working folder or a folder above them")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Range checks that types cannot express, for train, evaluate and export configs. Raises
+    ConfigValueError naming the key: the shared per-group ranges and leaf checks first, then the
+    feature cache, the monitored metric and the divergence detector."""
+    validate_config(cfg)
+    d = cfg.get("dataset")
+    if d is not None:
+        _check(str(d.feature.cache).lower() in ("auto", "on", "off", "true", "false"), "dataset.feature.cache",
+               d.feature.cache, "auto, on (true) or off (false)")
+        _check(d.feature.cache_max_gb >= 0, "dataset.feature.cache_max_gb", d.feature.cache_max_gb,
+               "a number >= 0")
+    t = cfg.get("trainer")
+    if t is None:
+        return
+    _check(t.monitor in MONITORS, "trainer.monitor", t.monitor, ", ".join(MONITORS))
+    dv = t.divergence
+    _check(dv.factor > 1, "trainer.divergence.factor", dv.factor, "a number > 1")
+    for key in ("window", "min_history", "patience"):
+        _check(dv[key] >= 1, f"trainer.divergence.{key}", dv[key], "an integer >= 1")
+    _check(dv.max_loss > 0, "trainer.divergence.max_loss", dv.max_loss, "a number > 0")
