@@ -468,7 +468,8 @@ def test_compat_zoo_refuses_beam_search(zoo_split, tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), f"checkpoint={ckpt}", "compat=zoo",
                         "decoder=beam", "dataset=manifest", f"dataset.train_manifest={manifest}",
                         f"dataset.test_manifest={manifest}", "logger=none", f"hydra.run.dir={tmp_path / 'x'}"],
-                       capture_output=True, text=True, cwd=ROOT, timeout=300, env={**os.environ, "DS2EXP_ROOT": str(tmp)})
+                       capture_output=True, text=True, cwd=ROOT, timeout=300,
+                       env={**os.environ, "DS2EXP_ROOT": str(tmp)})
     assert r.returncode == 2 and "compat=zoo" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "x").exists()
 
