@@ -139,7 +139,8 @@ def main(argv=None) -> int:
     print(f"  features alone (decode + STFT, one thread): {1000 * f_batch:.0f} ms wall, {1000 * f_cpu:.0f} ms CPU per "
           f"batch of {a_batch:.0f} audio s ({a_batch / f_cpu:.0f}x real time in CPU time) = "
           f"{100 * f_batch / s_on:.1f}% of a cached step's wall time, {100 * f_cpu / c_on:.1f}% of its CPU time")
-    print(f"  cache size: this split {gb:.3f} GB; LibriSpeech train-clean-100 {librispeech_cache_gb(100.6, settings):.1f} GB, "
+    print(f"  cache size: this split {gb:.3f} GB; "
+          f"LibriSpeech train-clean-100 {librispeech_cache_gb(100.6, settings):.1f} GB, "
           f"960 h {librispeech_cache_gb(960, settings):.0f} GB (float32)")
     print(f"  (wall time {time.perf_counter() - t_start:.0f} s)")
     return 0

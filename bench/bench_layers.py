@@ -18,6 +18,7 @@ The machine is shared: compare rows of one run, not numbers across runs.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -149,8 +150,9 @@ def main(argv=None):
                     help="keep MindSpore's default asynchronous op launch (default: launch_blocking)")
     args = ap.parse_args(argv)
     np.random.seed(0)
-    print(f"mindspore {ms.__version__}, numpy {np.__version__}, numba kernels: {kernels.settings.use_numba}, kernel threads {kernels.settings.threads}, "
-          f"cpus {os.cpu_count()}, launch: {'async' if args.async_ else 'blocking'}", file=sys.stderr)
+    print(f"mindspore {ms.__version__}, numpy {np.__version__}, numba kernels: {kernels.settings.use_numba}, "
+          f"kernel threads {kernels.settings.threads}, cpus {os.cpu_count()}, "
+          f"launch: {'async' if args.async_ else 'blocking'}", file=sys.stderr)
     rep = 1 if args.quick else args.repeats
     if args.only in (None, "conv"):
         # DS2 conv1 on 2 s of 10 ms frames; conv2 on its output (T/2)

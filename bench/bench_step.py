@@ -218,7 +218,8 @@ def run(quick: bool = False, out: Callable[[str], None] = print, naive_timeout: 
     # data wait
     tiny = by.get(("ds2_tiny", "ds2exp"), {}).get("res", {})
     d = tiny.get("data") if "error" not in tiny else None
-    out(f"\nData wait {where()} (ds2exp Trainer, ds2_tiny, real BatchLoader on synth_tiny, shuffled epoch, feature cache):")
+    out(f"\nData wait {where()} (ds2exp Trainer, ds2_tiny, real BatchLoader on synth_tiny, shuffled epoch, "
+        "feature cache):")
     if not d or d.get("error") or d.get("share") is None:
         out(f"  n/a ({(d or {}).get('error', 'not measured')})")
     else:

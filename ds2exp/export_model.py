@@ -10,13 +10,13 @@ Python, which a serialised graph cannot hold) with each RNN layer replaced by a 
 parameters (ds2exp/models/graph_rnn.py: MindSpore's fused LSTM kernel; for GRUs a loop over time that
 stays a loop), so nothing is unrolled per time step: export takes seconds at any length.
 
-Checked: the written file is loaded back as a deployment loads it (`ds2exp.transcribe.load_graph`:
+Checked: the written file is loaded back as a deployment loads it (`ds2exp.mindir.load_graph`:
 `ms.load` + `nn.GraphCell` with dynamic inputs) and run on real utterances of different lengths, each
 alone and all as one padded batch, against the checkpoint's model as configured (its training kernels):
 max |difference| of the log-probabilities over valid frames must be <= tolerance.
 
 `user_info["ds2exp"]` of the MindIR holds what a deployment needs besides the graph: the feature
-settings, the labels and the input layout (`ds2exp.transcribe.read_export_info` reads it).
+settings, the labels and the input layout (`ds2exp.mindir.read_export_info` reads it).
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ from ds2exp.config import enum_value
 from ds2exp.data.labels import BLANK_INDEX, LABELS
 from ds2exp.models.graph_rnn import use_graph_rnns
 from ds2exp.training.checkpoint import load_checkpoint
-from ds2exp.transcribe import load_graph, write_export_info
+from ds2exp.mindir import load_graph, write_export_info
 
 log = logging.getLogger("ds2exp.export")
 SUFFIX = {"MINDIR": ".mindir", "ONNX": ".onnx", "AIR": ".air"}
@@ -57,7 +57,7 @@ class ExportResult:
 
 
 def build_from_checkpoint(loaded, fallback_model_cfg, impl: Optional[str] = None):
-    from ds2exp.evaluation.compare import model_config_for
+    from ds2exp.training.checkpoint import model_config_for
     from ds2exp.models.deepspeech2 import build_model, load_state
 
     mcfg = OmegaConf.create(OmegaConf.to_container(model_config_for(loaded, fallback_model_cfg), enum_to_str=True))
@@ -89,7 +89,7 @@ def graph_model(loaded, fallback_model_cfg):
 
 
 def export_info(loaded, fallback_model_cfg, frames: Optional[int]) -> dict:
-    from ds2exp.evaluation.compare import model_config_for
+    from ds2exp.training.checkpoint import model_config_for
 
     meta_cfg = loaded.meta.get("config") or {}
     feature = (meta_cfg.get("dataset") or {}).get("feature")

@@ -60,7 +60,7 @@ def test_exported_graph_serves_any_length_and_batch(speech, tmp_path, rnn_type):
 
     from ds2exp.export_model import InferenceGraph, _batch, build_from_checkpoint, export_checkpoint
     from ds2exp.training.checkpoint import load_checkpoint
-    from ds2exp.transcribe import load_graph, read_export_info
+    from ds2exp.mindir import load_graph, read_export_info
 
     ms.runtime.launch_blocking()
     ckpt = tiny_checkpoint(tmp_path / f"{rnn_type}.ckpt", rnn_type)

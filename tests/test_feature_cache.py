@@ -76,7 +76,8 @@ def _examples(audio_path, n):
 
     dur = len(load_audio(audio_path)) / 16000
     frames = FeatureSettings().num_frames(int(dur * 16000))
-    return [Example(Utterance(f"u{i}", str(audio_path), "a cached utterance", dur, 16000), [1], frames) for i in range(n)]
+    return [Example(Utterance(f"u{i}", str(audio_path), "a cached utterance", dur, 16000), [1], frames)
+            for i in range(n)]
 
 
 def test_auto_caches_small_corpora_and_computes_large_ones_on_the_fly(tmp_path, audio, caplog):

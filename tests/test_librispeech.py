@@ -178,7 +178,8 @@ def test_unsafe_ids_folders_and_durations_are_reported_and_nothing_leaves_out(tm
     assert [x["id"] for x in rows] == ["84-121123-0000"]
     assert sorted(p.name for p in (out / "txt" / "dev-clean").iterdir()) == ["84-121123-0000.txt"]
     # no limits: --max-duration 0 keeps the long file
-    r = subprocess.run([sys.executable, "-m", "ds2exp.data.librispeech", str(subset), "--out", str(tmp_path / "work" / "all"),
-                        "--max-duration", "0", "--min-duration", "0", "--workers", "1", "--no-progress"],
+    r = subprocess.run([sys.executable, "-m", "ds2exp.data.librispeech", str(subset),
+                        "--out", str(tmp_path / "work" / "all"), "--max-duration", "0", "--min-duration", "0",
+                        "--workers", "1", "--no-progress"],
                        capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 0 and "dev-clean: 3 utterances" in r.stdout, r.stdout + r.stderr

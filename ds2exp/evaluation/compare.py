@@ -5,13 +5,12 @@ import csv
 import json
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-from omegaconf import OmegaConf
 
-from ds2exp.training.checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint
+from ds2exp.evaluation.scores import CheckpointScore
+from ds2exp.training.checkpoint import CheckpointError, load_checkpoint, model_config_for
 from ds2exp.config import enum_value
 from ds2exp.checkpoints import LAST, LAST_PREV, RunDir
 
@@ -53,26 +52,6 @@ def resolve_checkpoint(ref: str, tracking_uri: Optional[str] = None,
             raise CheckpointError(f"MLflow run {ref} has no ds2exp.run_dir tag")
         return resolve_checkpoint(run_dir, announce=announce)
     raise CheckpointError(f"checkpoint not found: {ref} (expected a .ckpt file, a run directory or an MLflow run id)")
-
-
-def model_config_for(loaded: LoadedCheckpoint, fallback):
-    cfg = loaded.meta.get("config", {}).get("model")
-    return OmegaConf.create(cfg) if cfg else fallback
-
-
-@dataclass
-class CheckpointScore:
-    name: str
-    path: str
-    wer: float
-    cer: float
-    parameters: int
-    step: Optional[int]
-    val_loss: Optional[float]
-    decode_s_per_utt: float
-    utterances: int
-    records: List[dict]
-    training_run_id: Optional[str]
 
 
 def build_eval_loader(cfg, split: str):

@@ -219,10 +219,10 @@ def evaluate_like_zoo(model, utts: List[Utterance]) -> ZooResult:
 
 def score_checkpoint_zoo(path: Path, cfg, utts: List[Utterance]):
     """A CheckpointScore of `path` by the zoo's evaluation."""
-    from ds2exp.evaluation.compare import CheckpointScore, model_config_for
+    from ds2exp.evaluation.scores import CheckpointScore
     from ds2exp.models.deepspeech2 import build_model, count_parameters, load_state
     from ds2exp.models.graph_rnn import use_graph_rnns
-    from ds2exp.training.checkpoint import load_checkpoint
+    from ds2exp.training.checkpoint import load_checkpoint, model_config_for
     from omegaconf import OmegaConf
 
     loaded = load_checkpoint(path)

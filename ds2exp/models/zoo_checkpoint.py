@@ -83,8 +83,9 @@ def convert_flat_rnn(state: Dict[str, object], model_params: Dict[str, Tuple[int
     for layer, key in sorted(flat.items()):
         targets = per_gate_targets(model_params, layer)
         if not targets:
+            layers = {n.split('.')[2] for n in model_params if n.startswith('RNN.lstms.')}
             raise FlatLayoutError(f"checkpoint has {key} but the model has no RNN layer {layer} "
-                                  f"(model.rnn_layers is {len({n.split('.')[2] for n in model_params if n.startswith('RNN.lstms.')})})")
+                                  f"(model.rnn_layers is {len(layers)})")
         value = state[key]
         arr = value.asnumpy() if hasattr(value, "asnumpy") else np.asarray(value)
         out.update(unflatten(arr.astype(np.float32, copy=False), targets, key))

@@ -17,7 +17,7 @@ import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ds2exp.sweeps.names import parse_overrides, run_name
 
@@ -349,3 +349,8 @@ def mark_extra(jobs: List[Job]) -> None:
     varying = [k for k in keys if len({j.params.get(k) for j in jobs}) > 1]
     for j in jobs:
         j.extra = {k: j.params.get(k, "?") for k in varying}
+
+
+def axis_sort(values: Sequence[str]) -> List[str]:
+    """Axis values (lrs, batch sizes) in numeric order, non-numbers last."""
+    return sorted(set(values), key=lambda v: (_num(v) is None, _num(v) or 0.0, v))

@@ -25,7 +25,7 @@ import math
 from collections import OrderedDict
 from typing import Callable, Dict, List, Optional, Tuple
 
-from ds2exp.sweeps.jobs import COLS, ROWS, Job, Sweep, _finite, _num
+from ds2exp.sweeps.jobs import COLS, ROWS, Job, Sweep, _finite, _num, axis_sort
 
 EXPLOSION_FACTOR = 10.0
 LOSS_CEILING = 1e5
@@ -106,8 +106,6 @@ def stable(j: Job) -> bool:
 def boundaries(jobs: List[Job]) -> "OrderedDict[str, Dict[str, object]]":
     """Per batch size: the largest lr that trained without divergence, the smallest that diverged, and the
     stable lrs above a diverged one (a boundary that is not a single step)."""
-    from ds2exp.sweeps.render import axis_sort
-
     out: "OrderedDict[str, Dict[str, object]]" = OrderedDict()
     for bs in axis_sort([j.params[COLS] for j in jobs]):
         at = [j for j in jobs if j.params[COLS] == bs]

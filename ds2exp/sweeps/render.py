@@ -4,9 +4,9 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
-from ds2exp.sweeps.jobs import COLS, ROWS, Job, Sweep, _finite, _num
+from ds2exp.sweeps.jobs import COLS, ROWS, Job, Sweep, _finite, _num, axis_sort
 from ds2exp.sweeps.judge import recommendation_line, verdict_lines
 
 LEGEND = ("cell: train loss at the last step / best val CER % / non-finite steps;  diverged@N: stopped by the "
@@ -42,10 +42,6 @@ def representative(js: List[Job]) -> Job:
     """The job a cell shows when several share it: the finished one with the lowest final loss."""
     order = {"finished": 0, "diverged": 1, "crashed": 2}
     return min(js, key=lambda j: (order.get(j.status, 3), _finite(j.final_loss) or math.inf))
-
-
-def axis_sort(values: Sequence[str]) -> List[str]:
-    return sorted(set(values), key=lambda v: (_num(v) is None, _num(v) or 0.0, v))
 
 
 def axis_label(v: str) -> str:

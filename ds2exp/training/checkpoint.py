@@ -29,6 +29,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import mindspore as ms
 import numpy as np
+from omegaconf import OmegaConf
 
 from ds2exp.atomic import atomic_path
 from ds2exp.checkpoints import RunDir
@@ -323,3 +324,9 @@ def find_latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
     if chosen is not None and damaged:
         log.warning("using %s (step %s), the newest intact checkpoint", chosen.path, chosen.step)
     return chosen.path if chosen is not None else None
+
+
+def model_config_for(loaded: LoadedCheckpoint, fallback):
+    """The model config stored in a checkpoint, or `fallback` for one without (a model zoo checkpoint)."""
+    cfg = loaded.meta.get("config", {}).get("model")
+    return OmegaConf.create(cfg) if cfg else fallback
