@@ -2,7 +2,8 @@
 
     python -m ds2exp.average RUN_DIR --mode best --k 3 [--out PATH]
 
-`best`: the k checkpoints with the lowest validation WER; `last`: the k most recent by step.
+`best`: the k best checkpoints by the run's trainer.monitor (lowest val/cer by default); `last`: the
+k most recent by step.
 Float parameters are averaged; integer state (BatchNorm counters, optimizer step) and the
 metadata come from the newest checkpoint. The optimizer state is not carried over: an
 averaged model is for evaluation and export, or to start a new run from (`pretrained=`).
@@ -20,14 +21,17 @@ import ds2exp  # noqa: F401
 
 
 def select(run_dir: Path, mode: str, k: int) -> List[Path]:
+    from ds2exp.checkpoints import RunDir
+    from ds2exp.training.best import ranked_best
     from ds2exp.training.checkpoint import load_checkpoint
 
-    d = run_dir / "checkpoints" if (run_dir / "checkpoints").is_dir() else run_dir
+    run = RunDir.of(run_dir)
+    d = run.checkpoint_folder
     if mode == "best":
-        found = sorted(d.glob("best-*.ckpt"), key=lambda p: float(p.stem.rsplit("wer", 1)[-1]))
+        found = [c["path"] for c in ranked_best(d)]
     else:
-        candidates = [p for p in d.glob("*.ckpt") if not p.name.startswith("averaged-")]
-        found = sorted(candidates, key=lambda p: load_checkpoint(p).meta.get("step", -1), reverse=True)
+        found = sorted(run.training_checkpoints(), key=lambda p: load_checkpoint(p).meta.get("step", -1),
+                       reverse=True)
         seen, unique = set(), []
         for p in found:  # last.ckpt and best-* of the same step hold the same weights
             step = load_checkpoint(p).meta.get("step")
@@ -79,6 +83,7 @@ def main(argv=None) -> int:
     ap.add_argument("--k", type=int, default=3)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
+    from ds2exp.checkpoints import AVERAGED_PREFIX, RunDir
     from ds2exp.cli import refuse
     from ds2exp.training.checkpoint import CheckpointError
 
@@ -88,7 +93,7 @@ def main(argv=None) -> int:
         refuse("run_dir", str(args.run_dir), "an existing run directory (or its checkpoints/ folder)")
     try:
         paths = select(args.run_dir, args.mode, args.k)
-        out = args.out or (args.run_dir / "checkpoints" / f"averaged-{args.mode}{len(paths)}.ckpt")
+        out = args.out or (RunDir.of(args.run_dir).checkpoints / f"{AVERAGED_PREFIX}{args.mode}{len(paths)}.ckpt")
         average(paths, out)
     except (FileNotFoundError, ValueError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -34,7 +34,7 @@ from omegaconf import OmegaConf
 from ds2exp.config import enum_value
 from ds2exp.data.labels import BLANK_INDEX, LABELS
 from ds2exp.models.graph_rnn import use_graph_rnns
-from ds2exp.training.checkpoint import load_checkpoint
+from ds2exp.training.loading import build_from_checkpoint, load_model
 from ds2exp.mindir import load_graph, write_export_info
 
 log = logging.getLogger("ds2exp.export")
@@ -56,20 +56,6 @@ class ExportResult:
     verify_seconds: float = 0.0
 
 
-def build_from_checkpoint(loaded, fallback_model_cfg, impl: Optional[str] = None):
-    from ds2exp.training.checkpoint import model_config_for
-    from ds2exp.models.deepspeech2 import build_model, load_state
-
-    mcfg = OmegaConf.create(OmegaConf.to_container(model_config_for(loaded, fallback_model_cfg), enum_to_str=True))
-    if impl:
-        mcfg.conv_impl = impl
-        mcfg.rnn_impl = impl
-    model = build_model(mcfg)
-    load_state(model, loaded.model_state)
-    model.set_train(False)
-    return model
-
-
 class InferenceGraph(nn.Cell):
     """What is exported: (features (B, 161, T), lengths (B,)) -> (log-probabilities (B, T', 29),
     output lengths (B,))."""
@@ -81,11 +67,6 @@ class InferenceGraph(nn.Cell):
     def construct(self, x, lengths):
         logits, out_lengths = self.model(x, lengths)
         return ops.log_softmax(logits, -1), out_lengths
-
-
-def graph_model(loaded, fallback_model_cfg):
-    """The checkpoint's model with MindSpore's plain conv ops and GraphRNN layers."""
-    return use_graph_rnns(build_from_checkpoint(loaded, fallback_model_cfg, impl="plain"))
 
 
 def export_info(loaded, fallback_model_cfg, frames: Optional[int]) -> dict:
@@ -135,15 +116,15 @@ def _max_diff(a: np.ndarray, b: np.ndarray, out_lengths: np.ndarray) -> float:
 def export_checkpoint(cfg) -> ExportResult:
     if not cfg.checkpoint:
         raise ExportError("give checkpoint=PATH")
-    from ds2exp.evaluation.compare import resolve_checkpoint
-
-    path = resolve_checkpoint(cfg.checkpoint, announce=log.info)
-    loaded = load_checkpoint(path)
+    model, loaded, why = load_model(cfg.checkpoint, cfg.model, impl="plain")
+    if why:
+        log.info(why)
+    path = loaded.path
     fmt = enum_value(cfg.format)
     out = Path(cfg.output) if cfg.output else path.with_suffix(SUFFIX[fmt])
     frames = int(cfg.frames) or None
     feats = verification_inputs(cfg, max(1, int(cfg.verify_utterances)))
-    graph = InferenceGraph(graph_model(loaded, cfg.model))
+    graph = InferenceGraph(use_graph_rnns(model))
     graph.set_train(False)
 
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -49,18 +49,13 @@ class CheckpointModel:
     """A checkpoint's model with the kernels it was trained with."""
 
     def __init__(self, ref: str):
-        from ds2exp.evaluation.compare import resolve_checkpoint
-        from ds2exp.export_model import build_from_checkpoint
-        from ds2exp.training.checkpoint import load_checkpoint
+        from ds2exp.training.loading import load_model
 
-        loaded = load_checkpoint(resolve_checkpoint(ref, announce=lambda line: print(line, file=sys.stderr)))
-        config = loaded.meta.get("config")
-        if not config:
-            raise ValueError(f"{loaded.path} carries no model config (a model zoo checkpoint?); score it with "
-                             f"evaluate.py model=... or export it with export.py model=...")
-        self.settings = feature_settings(config["dataset"]["feature"])
+        self.model, loaded, why = load_model(ref)  # no fallback: a checkpoint without its config is refused
+        if why:
+            print(why, file=sys.stderr)
+        self.settings = feature_settings(loaded.meta["config"]["dataset"]["feature"])
         self.max_frames = None
-        self.model = build_from_checkpoint(loaded, None)
 
     def __call__(self, feats: np.ndarray) -> np.ndarray:
         import mindspore as ms

@@ -6,52 +6,16 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List
 
 
 from ds2exp.evaluation.scores import CheckpointScore
-from ds2exp.training.checkpoint import CheckpointError, load_checkpoint, model_config_for
+from ds2exp.training.checkpoint import CheckpointError
+from ds2exp.training.loading import load_model, resolve_checkpoint
 from ds2exp.config import enum_value
-from ds2exp.checkpoints import LAST, LAST_PREV, RunDir
 
 log = logging.getLogger("ds2exp.evaluate")
 
-
-
-def resolve_checkpoint(ref: str, tracking_uri: Optional[str] = None,
-                       announce: Optional[Callable[[str], None]] = None) -> Path:
-    """A .ckpt path, a run directory (its best checkpoint by the run's trainer.monitor, else last) or
-    an MLflow run id. `announce` gets one line saying which checkpoint of a run was taken and why."""
-    from ds2exp.training.best import choose_best
-
-    p = Path(ref)
-    if p.is_file():
-        return p
-    if p.is_dir():
-        ckpt_dir = RunDir(p).checkpoint_folder
-        best = choose_best(ckpt_dir)
-        if best is not None:
-            if announce:
-                announce(best.describe())
-            return best.path
-        for name in (LAST, LAST_PREV):
-            if (ckpt_dir / name).is_file():
-                if announce:
-                    announce(f"using {name} (the run has no best checkpoint: no validation ran)")
-                return ckpt_dir / name
-        raise CheckpointError(f"no checkpoint in run directory {p}")
-    if tracking_uri and len(ref) >= 16 and ref.isalnum():
-        from mlflow.tracking import MlflowClient
-
-        try:
-            run = MlflowClient(tracking_uri).get_run(ref)
-        except Exception as exc:
-            raise CheckpointError(f"{ref}: not a file, a run directory or an MLflow run id ({exc})") from exc
-        run_dir = run.data.tags.get("ds2exp.run_dir")
-        if not run_dir:
-            raise CheckpointError(f"MLflow run {ref} has no ds2exp.run_dir tag")
-        return resolve_checkpoint(run_dir, announce=announce)
-    raise CheckpointError(f"checkpoint not found: {ref} (expected a .ckpt file, a run directory or an MLflow run id)")
 
 
 def build_eval_loader(cfg, split: str):
@@ -85,11 +49,9 @@ def make_decoder(dec_cfg):
 
 def score_checkpoint(path: Path, cfg, loader) -> CheckpointScore:
     from ds2exp.training.validate import evaluate_model
-    from ds2exp.models.deepspeech2 import build_model, count_parameters, load_state
+    from ds2exp.models.deepspeech2 import count_parameters
 
-    loaded = load_checkpoint(path)
-    model = build_model(model_config_for(loaded, cfg.model))
-    load_state(model, loaded.model_state)
+    model, loaded, _ = load_model(path, cfg.model)
     res = evaluate_model(model, loader, enum_value(cfg.metric), cfg.max_utterances, make_decoder(cfg.decoder),
                          progress=bool(cfg.progress), desc=f"evaluate {path.name} ({enum_value(cfg.decoder.name)})",
                          leave=True)

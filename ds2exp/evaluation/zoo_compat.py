@@ -220,16 +220,11 @@ def evaluate_like_zoo(model, utts: List[Utterance]) -> ZooResult:
 def score_checkpoint_zoo(path: Path, cfg, utts: List[Utterance]):
     """A CheckpointScore of `path` by the zoo's evaluation."""
     from ds2exp.evaluation.scores import CheckpointScore
-    from ds2exp.models.deepspeech2 import build_model, count_parameters, load_state
+    from ds2exp.models.deepspeech2 import count_parameters
     from ds2exp.models.graph_rnn import use_graph_rnns
-    from ds2exp.training.checkpoint import load_checkpoint, model_config_for
-    from omegaconf import OmegaConf
+    from ds2exp.training.loading import load_model
 
-    loaded = load_checkpoint(path)
-    mcfg = OmegaConf.create(OmegaConf.to_container(model_config_for(loaded, cfg.model), enum_to_str=True))
-    mcfg.conv_impl = mcfg.rnn_impl = "plain"
-    model = build_model(mcfg)
-    load_state(model, loaded.model_state)
+    model, loaded, _ = load_model(path, cfg.model, impl="plain")
     model = use_graph_rnns(model)
     res = evaluate_like_zoo(model, utts)
     m = loaded.meta

@@ -81,17 +81,25 @@ def _candidate(path: Path) -> Optional[Dict[str, Any]]:
             "step": int(m.group(1))}
 
 
-def choose_best(run_or_ckpt_dir: str | Path) -> Optional[BestChoice]:
-    """The best checkpoint of a run directory (or its checkpoints/ folder), with the reason; None
-    when it has no best checkpoint. Checkpoints ranked by another monitor than the newest one's
-    (a run resumed with a different trainer.monitor) are not compared with it."""
+def ranked_best(run_or_ckpt_dir: str | Path) -> List[Dict[str, Any]]:
+    """The best checkpoints of a run directory (or its checkpoints/ folder), best first by the newest
+    one's monitor and mode ({path, monitor, mode, value, step}). Checkpoints ranked by another monitor
+    (a run resumed with a different trainer.monitor) are left out."""
     d = Path(run_or_ckpt_dir)
     d = d / "checkpoints" if (d / "checkpoints").is_dir() else d
     found: List[Dict[str, Any]] = [c for c in map(_candidate, sorted(d.glob("best-*.ckpt"))) if c is not None]
     if not found:
-        return None
+        return []
     newest = max(found, key=lambda c: (c["step"] or 0, c["path"].stat().st_mtime))
-    same = [c for c in found if c["monitor"] == newest["monitor"]]
+    same = [{**c, "mode": newest["mode"]} for c in found if c["monitor"] == newest["monitor"]]
     sign = 1.0 if newest["mode"] == "min" else -1.0
-    pick = min(same, key=lambda c: (sign * c["value"], -(c["step"] or 0)))
-    return BestChoice(pick["path"], pick["monitor"], newest["mode"], pick["value"], pick["step"], len(same))
+    return sorted(same, key=lambda c: (sign * c["value"], -(c["step"] or 0)))
+
+
+def choose_best(run_or_ckpt_dir: str | Path) -> Optional[BestChoice]:
+    """The best checkpoint of a run (see ranked_best), with the reason; None when it has none."""
+    ranked = ranked_best(run_or_ckpt_dir)
+    if not ranked:
+        return None
+    pick = ranked[0]
+    return BestChoice(pick["path"], pick["monitor"], pick["mode"], pick["value"], pick["step"], len(ranked))
