@@ -283,9 +283,10 @@ def _train(cfg: DictConfig, run_dir: Path, resumed, continues: bool, rank: int =
                                tags={"ds2exp.run_dir": str(run_dir)}, spool_dir=run_dir, adopt_spool=continues)
         train_loader = data["train"]
         steps_per_epoch = len(train_loader.sampler)
-        trainer = Trainer(cfg, model, optimizer, train_loader, data["val"], tracker, run_dir, steps_per_epoch)
+        parallel = _join_data_parallel(model, world) if world > 1 else {}
+        trainer = Trainer(cfg, model, optimizer, train_loader, data["val"], tracker, run_dir, steps_per_epoch,
+                          **parallel)
         if world > 1:
-            _join_data_parallel(trainer, world)
             tracker.set_tags({"ds2exp.data_parallel_ranks": world,
                               "ds2exp.global_batch_size": world * int(cfg.dataset.batch_size)})
         if resumed:
@@ -409,15 +410,17 @@ def _end_interrupted(exc, trainer, tracker, cfg, run_dir: Path) -> Dict[str, Any
     return report
 
 
-def _join_data_parallel(trainer, world: int) -> None:
+def _join_data_parallel(model, world: int) -> Dict[str, Any]:
+    """The Trainer's data-parallel settings (reducer, rank, is_primary); gives every rank rank 0's weights."""
     from ds2exp.training.distributed import GradientAverager
 
     from mindspore.communication import get_rank
 
-    trainer.reducer = GradientAverager(world)
-    trainer.rank = int(get_rank())
+    reducer = GradientAverager(world)
     # the same seed gives every rank the same initial weights; rank 0's are made the rule anyway
-    trainer.reducer.broadcast_from_rank0(list(trainer.model.get_parameters()))
+    reducer.broadcast_from_rank0(list(model.get_parameters()))
+    rank = int(get_rank())
+    return {"reducer": reducer, "rank": rank, "is_primary": rank == 0}
 
 
 def _train_secondary(cfg: DictConfig, run_dir: Path, resumed, rank: int, world: int, interrupt) -> RunOutcome:
@@ -433,9 +436,8 @@ def _train_secondary(cfg: DictConfig, run_dir: Path, resumed, rank: int, world: 
     if cfg.pretrained:
         load_state(model, load_checkpoint(cfg.pretrained).model_state)
     optimizer = build_optimizer(model.trainable_params(), cfg.optimizer)
-    trainer = Trainer(cfg, model, optimizer, data["train"], None, NullTracker(), run_dir, len(data["train"].sampler))
-    trainer.is_primary = False
-    _join_data_parallel(trainer, world)
+    trainer = Trainer(cfg, model, optimizer, data["train"], None, NullTracker(), run_dir, len(data["train"].sampler),
+                      **_join_data_parallel(model, world))
     if resumed:
         prime_optimizer(optimizer)
         trainer.restore(resumed)

@@ -96,7 +96,10 @@ class TrainState:
 
 class Trainer:
     def __init__(self, cfg, model, optimizer, train_loader: BatchLoader, val_loader: Optional[BatchLoader],
-                 tracker: Tracker, run_dir: Path, steps_per_epoch: int):
+                 tracker: Tracker, run_dir: Path, steps_per_epoch: int, reducer=None, rank: int = 0,
+                 is_primary: bool = True):
+        """Data parallel (ds2exp.training.distributed): `reducer` averages gradients across ranks,
+        `rank` is this process's, and only the primary rank validates, checkpoints and logs."""
         self.cfg = cfg
         self.model = model
         self.optimizer = optimizer
@@ -124,11 +127,9 @@ class Trainer:
         self.recent: collections.deque = collections.deque(maxlen=20)  # (step, loss, grad_norm) of good steps
         self.detector = ExplosionDetector(t.divergence)
         self.diagnoses: List[Dict[str, Any]] = []
-        # Data parallel (ds2exp.training.distributed): the gradient averager, and whether this is
-        # rank 0, the one that validates, checkpoints and logs.
-        self.reducer = None
-        self.is_primary = True
-        self.rank = 0
+        self.reducer = reducer
+        self.rank = int(rank)
+        self.is_primary = bool(is_primary)
         self.deadline: Optional[float] = None
         self.interrupt = None  # ds2exp.training.signals.StopOnSignal: checked after every step
 

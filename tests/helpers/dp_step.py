@@ -43,11 +43,12 @@ def main() -> int:
         rank, world = distributed.init_data_parallel(world)
     model = build_model(cfg.model)
     optimizer = build_optimizer(model.trainable_params(), cfg.optimizer)
-    trainer = Trainer(cfg, model, optimizer, None, None, NullTracker(), out.parent, 1)
+    parallel = {}
     if world > 1:
-        trainer.reducer = distributed.GradientAverager(world)
-        trainer.reducer.broadcast_from_rank0(list(model.get_parameters()))
-        trainer.is_primary = rank == 0
+        reducer = distributed.GradientAverager(world)
+        reducer.broadcast_from_rank0(list(model.get_parameters()))
+        parallel = {"reducer": reducer, "rank": rank, "is_primary": rank == 0}
+    trainer = Trainer(cfg, model, optimizer, None, None, NullTracker(), out.parent, 1, **parallel)
     model.set_train(True)
 
     rng = np.random.default_rng(7)
