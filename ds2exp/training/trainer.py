@@ -32,6 +32,7 @@ from ds2exp.models.deepspeech2 import parameter_groups
 from ds2exp.training.best import best_filename
 from ds2exp.training.checkpoint import restore_optimizer, save_checkpoint
 from ds2exp.training.divergence import ExplosionDetector
+from ds2exp.training.faults import FaultInjector
 from ds2exp.training.optim import learning_rate, set_learning_rate
 from ds2exp.tracking.mlflow_tracker import Tracker
 from ds2exp.config import enum_value
@@ -97,9 +98,10 @@ class TrainState:
 class Trainer:
     def __init__(self, cfg, model, optimizer, train_loader: BatchLoader, val_loader: Optional[BatchLoader],
                  tracker: Tracker, run_dir: Path, steps_per_epoch: int, reducer=None, rank: int = 0,
-                 is_primary: bool = True):
+                 is_primary: bool = True, faults: Optional[FaultInjector] = None):
         """Data parallel (ds2exp.training.distributed): `reducer` averages gradients across ranks,
-        `rank` is this process's, and only the primary rank validates, checkpoints and logs."""
+        `rank` is this process's, and only the primary rank validates, checkpoints and logs.
+        `faults`: test fault injection (default: from trainer.inject_nan_grad_*)."""
         self.cfg = cfg
         self.model = model
         self.optimizer = optimizer
@@ -121,8 +123,7 @@ class Trainer:
         self.group_names = list(dict.fromkeys(self.param_groups))
         self.running_stats = [p for n, p in model.parameters_and_names() if "moving_" in n]
         self.grad_fn = ms.value_and_grad(self._forward, None, self.params, has_aux=True)
-        # Fault injection for tests and drills: 0-based steps whose gradients are replaced by NaN.
-        self.inject_nan_at: set = set(int(x) for x in (cfg.trainer.get("inject_nan_grad_steps") or []))
+        self.faults = faults if faults is not None else FaultInjector.from_config(cfg.trainer)
         self.started = time.time()
         self.recent: collections.deque = collections.deque(maxlen=20)  # (step, loss, grad_norm) of good steps
         self.detector = ExplosionDetector(t.divergence)
@@ -160,11 +161,7 @@ class Trainer:
                 ms.Tensor(batch.features), ms.Tensor(batch.feature_lengths), ms.Tensor(batch.labels),
                 ms.Tensor(batch.label_lengths), ms.Tensor(scale, ms.float32))
             loss = float(scaled_loss.asnumpy()) / scale
-        if self.state.step in self.inject_nan_at:  # fault injection (trainer.inject_nan_grad_steps), once per step
-            self.inject_nan_at.discard(self.state.step)
-            only = self.cfg.trainer.get("inject_nan_grad_rank")
-            if only is None or int(only) == self.rank:
-                grads = tuple(ops.full_like(g, float("nan")) for g in grads)
+        grads = self.faults.after_backward(self.state.step, self.rank, grads)
         peer_flags = None
         if self.reducer is not None:
             # Data parallel: every rank gets the mean gradient and loss, so a NaN on any rank is a
