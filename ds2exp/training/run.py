@@ -10,7 +10,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
@@ -233,139 +233,220 @@ def _note_continued_elsewhere(new_dir: Path, old_dir: Path) -> None:
         pass
 
 
+@dataclass
+class Run:
+    """What one training process works with. build_run fills it in part by part, so a failure
+    during set-up still finds the MLflow run (and trainer) made so far."""
+    cfg: DictConfig
+    run_dir: Path
+    interrupt: Any  # ds2exp.training.signals.StopOnSignal
+    resumes: int = 0  # times this run has been continued before this process
+    model: Any = None
+    optimizer: Any = None
+    data: Optional[Dict[str, Any]] = None
+    tracker: Any = None
+    trainer: Any = None
+
+
 def _train(cfg: DictConfig, run_dir: Path, resumed, continues: bool, rank: int = 0, world: int = 1,
            interrupt=None) -> RunOutcome:
     """`continues`: this process carries on the run in `run_dir` (its MLflow run and tracking spool),
     from `resumed` (a checkpoint), or from step 0 when that is None. `rank`/`world`: data parallel
     (see ds2exp.training.distributed); ranks other than 0 write nothing to the run directory."""
-    import mindspore as ms
-
-    from ds2exp.models.deepspeech2 import count_parameters, load_state
     from ds2exp.training import recovery
-    from ds2exp.training.checkpoint import load_checkpoint, prime_optimizer
-    from ds2exp.training.optim import build_optimizer
-    from ds2exp.training.trainer import Trainer, TrainingStopped
-    from ds2exp.tracking import make_tracker
-    from ds2exp.tracking.mlflow_tracker import flatten
-    from ds2exp.tracking.resilient import read_state
-    from ds2exp.training.signals import StopOnSignal, TrainingInterrupted, warm_up_runtime
+    from ds2exp.training.signals import StopOnSignal, TrainingInterrupted
 
     interrupt = interrupt or StopOnSignal()
     if rank > 0:
         return _train_secondary(cfg, run_dir, resumed, rank, world, interrupt)
+    run = Run(cfg, run_dir, interrupt, resumes=_mark_running(cfg, run_dir, continues))
+    try:
+        build_run(run, resumed, continues, world)
+        outcome, summary = fit(run)
+        report = finish_run(run, outcome, summary)
+    except TrainingInterrupted as exc:
+        _print_summary(_end_interrupted(exc, run.trainer, run.tracker, cfg, run_dir), run.tracker)
+        raise
+    except BaseException as exc:
+        _end_failed(run, exc)
+        raise
+    recovery.write_run_state(run_dir, status=outcome, mlflow_run_id=run.tracker.run_id, step=run.trainer.state.step)
+    _print_summary(report, run.tracker)
+    best = min((b["wer"] for b in run.trainer.state.best), default=float("nan"))
+    return RunOutcome(outcome, float(best))
+
+
+def _mark_running(cfg: DictConfig, run_dir: Path, continues: bool) -> int:
+    """run_state.json says `running`; returns how many times the run was resumed before."""
+    from ds2exp.training import recovery
+
     resumes = 0
     if continues:
         recovery.remove_partial_files(run_dir)
         resumes = int(recovery.read_run_state(run_dir).get("resumes", 0)) + 1
     recovery.write_run_state(run_dir, status="running", config_fingerprint=recovery.config_fingerprint(cfg),
                              pid=os.getpid(), resumes=resumes, started=time.strftime("%Y-%m-%dT%H:%M:%S"))
-    tracker = trainer = None
-    try:
-        if world == 1:
-            setup_mindspore(cfg.hardware, cfg.trainer.seed)
-            warm_up_runtime()  # MindSpore's runtime installs its SIGINT handler with its first op ...
-            interrupt.reassert()  # ... ours goes back on top (measured: MindSpore does not install it again)
-        data = build_data(cfg, run_dir, rank=rank, world=world)
-        model = build_model_for_precision(cfg)
-        if cfg.pretrained:
-            pre = load_checkpoint(cfg.pretrained)
-            load_state(model, pre.model_state)
-            log.info("initialised from %s", pre.path)
-        optimizer = build_optimizer(model.trainable_params(), cfg.optimizer)
-        run_id = None
-        if continues:
-            run_id = resumed.meta.get("mlflow_run_id") if resumed else None
-            # else the run created after the checkpoint (store down at start) or before the first one
-            state = read_state(run_dir)
-            if not run_id and state.get("tracking_uri") == str(cfg.logger.tracking_uri):
-                run_id = state.get("run_id")
-        tracker = make_tracker(cfg.logger, run_name=cfg.logger.run_name or run_dir.name, run_id=run_id,
-                               tags={"ds2exp.run_dir": str(run_dir)}, spool_dir=run_dir, adopt_spool=continues)
-        train_loader = data["train"]
-        steps_per_epoch = len(train_loader.sampler)
-        parallel = _join_data_parallel(model, world) if world > 1 else {}
-        trainer = Trainer(cfg, model, optimizer, train_loader, data["val"], tracker, run_dir, steps_per_epoch,
-                          **parallel)
-        if world > 1:
-            tracker.set_tags({"ds2exp.data_parallel_ranks": world,
-                              "ds2exp.global_batch_size": world * int(cfg.dataset.batch_size)})
-        if resumed:
-            prime_optimizer(optimizer)  # then restore: bitwise the uninterrupted run, denormals included
-            trainer.restore(resumed)
-            # Steps after this checkpoint that the interrupted process had already logged are logged
-            # again by the replay (same values on CPU); MLflow keeps both, the later one is "latest".
-            tracker.set_tags({"ds2exp.resume_count": resumes, "ds2exp.resumed_from_step": trainer.state.step})
-        else:
-            if continues:
-                tracker.set_tags({"ds2exp.resume_count": resumes, "ds2exp.resumed_from_step": 0})
-            resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-            params = flatten(resolved)
-            params.update({"git_commit": git_commit(), "mindspore_version": ms.__version__,
-                           "ds2exp_version": ds2exp.__version__, "device": enum_value(cfg.hardware.device_target),
-                           "platform": platform.platform(), "model_parameters": count_parameters(model),
-                           "train_utterances": len(train_loader.split.examples),
-                           "train_audio_hours": round(train_loader.split.total_audio_seconds / 3600, 4)})
-            tracker.log_params(params)
-            tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config/resolved.yaml")
-            overrides = _hydra_overrides()
-            tracker.log_text("\n".join(overrides) + "\n", "config/overrides.txt")
-            (run_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-            if cfg.trainer.get("auto_resume"):
-                trainer.save_last()  # step 0: a crash from here on resumes this run, not a new one
-        recovery.write_run_state(run_dir, mlflow_run_id=tracker.run_id)
-        dropped = train_loader.split.drop_counts()
-        if dropped:
-            log.info("train split: dropped %s", dropped)
-            tracker.log_dict({"train": train_loader.split.dropped}, "data/dropped_train.json")
-        log.info("run directory: %s", run_dir)
-        log.info("model: %s parameters; train: %d utterances (%.2f h), %d steps/epoch",
-                 f"{count_parameters(model):,}", len(train_loader.split.examples),
-                 train_loader.split.total_audio_seconds / 3600, steps_per_epoch)
-        status = "FINISHED"
-        interrupt.deferred = True  # from here a signal ends the run after the current step
-        trainer.interrupt = interrupt
-        try:
-            summary = trainer.fit()
-        except TrainingStopped as stop:
-            status = "FAILED"
-            from ds2exp.training.diagnosis import format_text
+    return resumes
 
-            d = stop.diagnosis
-            d.setdefault("diverged_at_step", d.get("step"))
-            d.setdefault("first_bad_step", d.get("step"))
-            summary = {"stop_reason": "nonfinite", **d}  # stop_reason: stopped by the divergence policy
-            tracker.set_tags({"diverged_at_step": d["diverged_at_step"], "first_bad_step": d["first_bad_step"],
-                              "divergence_cause": d.get("cause", "unknown"),
-                              "first_nonfinite_group": d.get("first_nonfinite_group")})
-            (run_dir / "diagnosis.json").write_text(json.dumps(d, indent=1, default=str))
-            tracker.log_artifact(run_dir / "diagnosis.json")
-            if "cause" in d:
-                (run_dir / "diagnosis.txt").write_text(format_text(d))
-                tracker.log_artifact(run_dir / "diagnosis.txt")
-            log.error("training stopped: %s", d.get("summary"))
-        outcome = "finished" if status == "FINISHED" else "diverged"
-        if interrupt.requested and outcome == "finished":
-            # data parallel: the ranks stopped together after the signal (fit saved last.ckpt)
-            raise TrainingInterrupted(interrupt.signum, trainer.state.step, RunDir(trainer.run_dir).last)
-        report = _finish(trainer, tracker, cfg, run_dir, summary, outcome)
-        tracker.end(status)
-    except TrainingInterrupted as exc:
-        report = _end_interrupted(exc, trainer, tracker, cfg, run_dir)
-        _print_summary(report, tracker)
-        raise
-    except BaseException as exc:
-        error = f"{type(exc).__name__}: {exc}"[:2000]
-        recovery.write_run_state(run_dir, status="failed", error=error)
-        if tracker is not None:
-            tracker.set_tags({"ds2exp.status": "failed", "ds2exp.error": error})
-            tracker.end("FAILED")
-        _print_summary(_report("failed", {"stop_reason": "error", "error": error}, trainer, cfg, run_dir, tracker),
-                       tracker)
-        raise
-    recovery.write_run_state(run_dir, status=outcome, mlflow_run_id=tracker.run_id, step=trainer.state.step)
-    _print_summary(report, tracker)
-    best = min((b["wer"] for b in trainer.state.best), default=float("nan"))
-    return RunOutcome(outcome, float(best))
+
+def build_run(run: Run, resumed, continues: bool, world: int = 1) -> Run:
+    """MindSpore, data, model, optimizer, the MLflow run and the Trainer (restored from `resumed`);
+    a new run logs its params and config."""
+    from ds2exp.models.deepspeech2 import count_parameters
+    from ds2exp.training import recovery
+    from ds2exp.training.checkpoint import prime_optimizer
+    from ds2exp.training.signals import warm_up_runtime
+    from ds2exp.training.trainer import Trainer
+    from ds2exp.tracking import make_tracker
+
+    cfg, run_dir = run.cfg, run.run_dir
+    if world == 1:
+        setup_mindspore(cfg.hardware, cfg.trainer.seed)
+        warm_up_runtime()  # MindSpore's runtime installs its SIGINT handler with its first op ...
+        run.interrupt.reassert()  # ... ours goes back on top (measured: MindSpore does not install it again)
+    run.data = build_data(cfg, run_dir, rank=0, world=world)
+    run.model, run.optimizer = _model_and_optimizer(cfg)
+    run_id = _continued_mlflow_run(cfg, run_dir, resumed) if continues else None
+    run.tracker = tracker = make_tracker(cfg.logger, run_name=cfg.logger.run_name or run_dir.name, run_id=run_id,
+                                         tags={"ds2exp.run_dir": str(run_dir)}, spool_dir=run_dir,
+                                         adopt_spool=continues)
+    train_loader = run.data["train"]
+    steps_per_epoch = len(train_loader.sampler)
+    parallel = _join_data_parallel(run.model, world) if world > 1 else {}
+    run.trainer = trainer = Trainer(cfg, run.model, run.optimizer, train_loader, run.data["val"], tracker, run_dir,
+                                    steps_per_epoch, **parallel)
+    if world > 1:
+        tracker.set_tags({"ds2exp.data_parallel_ranks": world,
+                          "ds2exp.global_batch_size": world * int(cfg.dataset.batch_size)})
+    if resumed:
+        prime_optimizer(run.optimizer)  # then restore: bitwise the uninterrupted run, denormals included
+        trainer.restore(resumed)
+        # Steps after this checkpoint that the interrupted process had already logged are logged
+        # again by the replay (same values on CPU); MLflow keeps both, the later one is "latest".
+        tracker.set_tags({"ds2exp.resume_count": run.resumes, "ds2exp.resumed_from_step": trainer.state.step})
+    else:
+        if continues:
+            tracker.set_tags({"ds2exp.resume_count": run.resumes, "ds2exp.resumed_from_step": 0})
+        _log_new_run(run)
+    recovery.write_run_state(run_dir, mlflow_run_id=tracker.run_id)
+    dropped = train_loader.split.drop_counts()
+    if dropped:
+        log.info("train split: dropped %s", dropped)
+        tracker.log_dict({"train": train_loader.split.dropped}, "data/dropped_train.json")
+    log.info("run directory: %s", run_dir)
+    log.info("model: %s parameters; train: %d utterances (%.2f h), %d steps/epoch",
+             f"{count_parameters(run.model):,}", len(train_loader.split.examples),
+             train_loader.split.total_audio_seconds / 3600, steps_per_epoch)
+    return run
+
+
+def _model_and_optimizer(cfg: DictConfig, announce: bool = True):
+    """The model (initialised from `pretrained` when set) and its optimizer."""
+    from ds2exp.models.deepspeech2 import load_state
+    from ds2exp.training.checkpoint import load_checkpoint
+    from ds2exp.training.optim import build_optimizer
+
+    model = build_model_for_precision(cfg)
+    if cfg.pretrained:
+        pre = load_checkpoint(cfg.pretrained)
+        load_state(model, pre.model_state)
+        if announce:
+            log.info("initialised from %s", pre.path)
+    return model, build_optimizer(model.trainable_params(), cfg.optimizer)
+
+
+def _continued_mlflow_run(cfg: DictConfig, run_dir: Path, resumed) -> Optional[str]:
+    """The MLflow run a continued run logs to: its checkpoint's, else the one created after that
+    checkpoint (store down at start) or before the first one."""
+    from ds2exp.tracking.resilient import read_state
+
+    run_id = resumed.meta.get("mlflow_run_id") if resumed else None
+    state = read_state(run_dir)
+    if not run_id and state.get("tracking_uri") == str(cfg.logger.tracking_uri):
+        run_id = state.get("run_id")
+    return run_id
+
+
+def _log_new_run(run: Run) -> None:
+    """Params (config, versions, model and data size) and the config files of a run starting at step 0."""
+    import mindspore as ms
+
+    from ds2exp.models.deepspeech2 import count_parameters
+    from ds2exp.tracking.mlflow_tracker import flatten
+
+    cfg, train_loader = run.cfg, run.data["train"]
+    resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    params = flatten(resolved)
+    params.update({"git_commit": git_commit(), "mindspore_version": ms.__version__,
+                   "ds2exp_version": ds2exp.__version__, "device": enum_value(cfg.hardware.device_target),
+                   "platform": platform.platform(), "model_parameters": count_parameters(run.model),
+                   "train_utterances": len(train_loader.split.examples),
+                   "train_audio_hours": round(train_loader.split.total_audio_seconds / 3600, 4)})
+    run.tracker.log_params(params)
+    run.tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config/resolved.yaml")
+    overrides = _hydra_overrides()
+    run.tracker.log_text("\n".join(overrides) + "\n", "config/overrides.txt")
+    (run.run_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if cfg.trainer.get("auto_resume"):
+        run.trainer.save_last()  # step 0: a crash from here on resumes this run, not a new one
+
+
+def fit(run: Run) -> Tuple[str, Dict[str, Any]]:
+    """Train until a limit or the divergence policy stops; returns (outcome, summary), outcome
+    finished or diverged. A signal ends the run after the current step: TrainingInterrupted."""
+    from ds2exp.training.signals import TrainingInterrupted
+    from ds2exp.training.trainer import TrainingStopped
+
+    trainer, interrupt = run.trainer, run.interrupt
+    interrupt.deferred = True  # from here a signal ends the run after the current step
+    trainer.interrupt = interrupt
+    try:
+        summary, outcome = trainer.fit(), "finished"
+    except TrainingStopped as stop:
+        summary, outcome = _record_divergence(run, stop.diagnosis), "diverged"
+    if interrupt.requested and outcome == "finished":
+        # data parallel: the ranks stopped together after the signal (fit saved last.ckpt)
+        raise TrainingInterrupted(interrupt.signum, trainer.state.step, RunDir(trainer.run_dir).last)
+    return outcome, summary
+
+
+def _record_divergence(run: Run, d: Dict[str, Any]) -> Dict[str, Any]:
+    """Tags, diagnosis.json and diagnosis.txt of a run the divergence policy stopped; returns its summary."""
+    from ds2exp.training.diagnosis import format_text
+
+    tracker, run_dir = run.tracker, run.run_dir
+    d.setdefault("diverged_at_step", d.get("step"))
+    d.setdefault("first_bad_step", d.get("step"))
+    tracker.set_tags({"diverged_at_step": d["diverged_at_step"], "first_bad_step": d["first_bad_step"],
+                      "divergence_cause": d.get("cause", "unknown"),
+                      "first_nonfinite_group": d.get("first_nonfinite_group")})
+    (run_dir / "diagnosis.json").write_text(json.dumps(d, indent=1, default=str))
+    tracker.log_artifact(run_dir / "diagnosis.json")
+    if "cause" in d:
+        (run_dir / "diagnosis.txt").write_text(format_text(d))
+        tracker.log_artifact(run_dir / "diagnosis.txt")
+    log.error("training stopped: %s", d.get("summary"))
+    return {"stop_reason": "nonfinite", **d}  # stop_reason: stopped by the divergence policy
+
+
+def finish_run(run: Run, outcome: str, summary: Dict[str, Any]) -> Dict[str, Any]:
+    """summary.json, curves and artifacts; ends the MLflow run (FINISHED, or FAILED when diverged)."""
+    report = _finish(run.trainer, run.tracker, run.cfg, run.run_dir, summary, outcome)
+    run.tracker.end("FINISHED" if outcome == "finished" else "FAILED")
+    return report
+
+
+def _end_failed(run: Run, exc: BaseException) -> None:
+    """A crash: run_state failed, the error tagged, MLflow FAILED, and the summary printed."""
+    from ds2exp.training import recovery
+
+    error = f"{type(exc).__name__}: {exc}"[:2000]
+    recovery.write_run_state(run.run_dir, status="failed", error=error)
+    if run.tracker is not None:
+        run.tracker.set_tags({"ds2exp.status": "failed", "ds2exp.error": error})
+        run.tracker.end("FAILED")
+    _print_summary(_report("failed", {"stop_reason": "error", "error": error}, run.trainer, run.cfg, run.run_dir,
+                           run.tracker), run.tracker)
 
 
 def _report(outcome: str, base: Dict[str, Any], trainer, cfg, run_dir: Path, tracker,
@@ -425,17 +506,12 @@ def _join_data_parallel(model, world: int) -> Dict[str, Any]:
 
 def _train_secondary(cfg: DictConfig, run_dir: Path, resumed, rank: int, world: int, interrupt) -> RunOutcome:
     """Ranks 1..N-1: train on their shard, in step with rank 0; no MLflow, no files."""
-    from ds2exp.models.deepspeech2 import load_state
-    from ds2exp.training.checkpoint import load_checkpoint, prime_optimizer
-    from ds2exp.training.optim import build_optimizer
+    from ds2exp.training.checkpoint import prime_optimizer
     from ds2exp.training.trainer import Trainer, TrainingStopped
     from ds2exp.tracking.mlflow_tracker import NullTracker
 
     data = build_data(cfg, None, rank=rank, world=world)
-    model = build_model_for_precision(cfg)
-    if cfg.pretrained:
-        load_state(model, load_checkpoint(cfg.pretrained).model_state)
-    optimizer = build_optimizer(model.trainable_params(), cfg.optimizer)
+    model, optimizer = _model_and_optimizer(cfg, announce=False)
     trainer = Trainer(cfg, model, optimizer, data["train"], None, NullTracker(), run_dir, len(data["train"].sampler),
                       **_join_data_parallel(model, world))
     if resumed:
