@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -20,14 +19,11 @@ def test_tracking_store_unreachable_training_goes_on_and_the_spool_is_sent_later
     run_dir = tmp_path / "outputs" / "run"
     uri = f"http://127.0.0.1:{free_port()}"
     env = train_env(tmp_path, DS2EXP_TRACKING_RETRY_S="0.5", DS2EXP_TRACKING_DRAIN_S="1")
-    t0 = time.monotonic()
     r = run(tmp_path, synth_data_dir, run_dir, *SMALL, "trainer.max_steps=6", "trainer.log_every=1",
             "trainer.eval_every=3", f"logger.tracking_uri={uri}", env=env)
-    elapsed = time.monotonic() - t0
     out = r.stdout + r.stderr
     assert f"MLflow at {uri} is unavailable" in out and "training goes on" in out
     assert "records could not be sent" in out and "python -m ds2exp.tracking.resilient" in out
-    assert elapsed < 120
     assert json.loads((run_dir / "run_state.json").read_text())["status"] == "finished"
     from ds2exp.tracking.resilient import read_spool
 
