@@ -18,6 +18,13 @@ def test_disk_full_mid_run_fails_with_the_checkpoint_path(tmp_path, synth_data_d
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of death, as ENOSPC would be
         resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
 
+    # One unlimited step first: on a fresh checkout that run writes numba's compiled-kernel cache
+    # (__pycache__/*.nbc, some over the limit below), as any first run does; the limited run then
+    # meets the limit at its checkpoint write only.
+    warm = train_cmd(synth_data_dir, tmp_path / "outputs" / "warm", *SMALL, "trainer.max_steps=1", "logger=none",
+                     "dataset.feature.cache=false")
+    w = subprocess.run(warm, capture_output=True, text=True, cwd=ROOT, env=train_env(tmp_path), timeout=1200)
+    assert w.returncode == 0, w.stderr[-3000:]
     run_dir = tmp_path / "outputs" / "run"
     cmd = train_cmd(synth_data_dir, run_dir, *SMALL, "trainer.max_steps=4", "trainer.checkpoint_every=2",
                     "logger=none", "dataset.feature.cache=false")
