@@ -54,86 +54,25 @@ def enum_value(x) -> str:
     return str(x.value if hasattr(x, "value") else x)
 
 
-class DatasetSource(str, Enum):
-    synth = "synth"
-    librispeech = "librispeech"
-    manifest = "manifest"
+def choices(name: str, values: str) -> type[Enum]:
+    """A str-valued Enum whose member names are its values, for a config field with a fixed set of choices."""
+    return Enum(name, [(v, v) for v in values.split()], type=str, module=__name__)
 
 
-class RNNType(str, Enum):
-    lstm = "lstm"
-    gru = "gru"
-
-
-class MergeMode(str, Enum):
-    sum = "sum"
-    concat = "concat"
-
-
-class Activation(str, Enum):
-    hardtanh = "hardtanh"
-    tanh = "tanh"
-    relu = "relu"
-
-
-class KernelImpl(str, Enum):
-    fast = "fast"
-    plain = "plain"
-
-
-class OptimizerName(str, Enum):
-    adam = "adam"
-    adamw = "adamw"
-    sgd = "sgd"
-
-
-class Schedule(str, Enum):
-    constant = "constant"
-    exponential = "exponential"
-    warmup_cosine = "warmup_cosine"
-
-
-class DeviceTarget(str, Enum):
-    CPU = "CPU"
-    GPU = "GPU"
-    Ascend = "Ascend"
-
-
-class ExecutionMode(str, Enum):
-    pynative = "pynative"
-    graph = "graph"
-
-
-class FeatureWindow(str, Enum):
-    hamming = "hamming"
-    hamming_symmetric = "hamming_symmetric"
-    hann = "hann"
-    hanning = "hanning"
-    hann_symmetric = "hann_symmetric"
-    blackman = "blackman"
-    bartlett = "bartlett"
-
-
-class DType(str, Enum):
-    fp32 = "fp32"
-    fp16 = "fp16"
-    bf16 = "bf16"
-
-
-class LoggerBackend(str, Enum):
-    mlflow = "mlflow"
-    none = "none"
-
-
-class NonFinitePolicy(str, Enum):
-    skip = "skip"
-    stop = "stop"
-    rollback = "rollback"
-
-
-class MetricDefinition(str, Enum):
-    reference = "reference"
-    standard = "standard"
+DatasetSource = choices("DatasetSource", "synth librispeech manifest")
+RNNType = choices("RNNType", "lstm gru")
+MergeMode = choices("MergeMode", "sum concat")
+Activation = choices("Activation", "hardtanh tanh relu")
+KernelImpl = choices("KernelImpl", "fast plain")
+OptimizerName = choices("OptimizerName", "adam adamw sgd")
+Schedule = choices("Schedule", "constant exponential warmup_cosine")
+DeviceTarget = choices("DeviceTarget", "CPU GPU Ascend")
+ExecutionMode = choices("ExecutionMode", "pynative graph")
+FeatureWindow = choices("FeatureWindow", "hamming hamming_symmetric hann hanning hann_symmetric blackman bartlett")
+DType = choices("DType", "fp32 fp16 bf16")
+LoggerBackend = choices("LoggerBackend", "mlflow none")
+NonFinitePolicy = choices("NonFinitePolicy", "skip stop rollback")
+MetricDefinition = choices("MetricDefinition", "reference standard")
 
 
 @dataclass
@@ -261,9 +200,7 @@ class LoggerConfig:
 MONITORS = ("val/cer", "val/wer", "val/loss")
 
 
-class MonitorMode(str, Enum):
-    min = "min"
-    max = "max"
+MonitorMode = choices("MonitorMode", "min max")
 
 
 @dataclass
@@ -318,13 +255,19 @@ class TrainerConfig:
 
 
 @dataclass
-class TrainConfig:
+class CorpusModelConfig:
+    """The groups shared by the commands that read a corpus and build a model (train, evaluate, export).
+    The model group also describes checkpoints that carry no config of their own (model zoo checkpoints)."""
     defaults: List[Any] = field(default_factory=list)
     paths: PathsConfig = field(default_factory=PathsConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
+
+
+@dataclass
+class TrainConfig(CorpusModelConfig):
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -332,9 +275,7 @@ class TrainConfig:
     pretrained: Optional[str] = None
 
 
-class DecoderName(str, Enum):
-    greedy = "greedy"
-    beam = "beam"
+DecoderName = choices("DecoderName", "greedy beam")
 
 
 @dataclass
@@ -349,19 +290,11 @@ class DecoderConfig:
     unk_score_offset: float = -10.0
 
 
-class EvalCompat(str, Enum):
-    none = "none"
-    zoo = "zoo"
+EvalCompat = choices("EvalCompat", "none zoo")
 
 
 @dataclass
-class EvaluateConfig:
-    defaults: List[Any] = field(default_factory=list)
-    paths: PathsConfig = field(default_factory=PathsConfig)
-    dataset: DatasetConfig = field(default_factory=DatasetConfig)
-    # Architecture for checkpoints that carry no config (model zoo checkpoints).
-    model: ModelConfig = field(default_factory=ModelConfig)
-    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+class EvaluateConfig(CorpusModelConfig):
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     checkpoint: Optional[str] = None  # a .ckpt, a run directory or an MLflow run id
@@ -374,19 +307,11 @@ class EvaluateConfig:
     compat: EvalCompat = EvalCompat.none
 
 
-class ExportFormat(str, Enum):
-    MINDIR = "MINDIR"
-    ONNX = "ONNX"
-    AIR = "AIR"
+ExportFormat = choices("ExportFormat", "MINDIR ONNX AIR")
 
 
 @dataclass
-class ExportConfig:
-    defaults: List[Any] = field(default_factory=list)
-    paths: PathsConfig = field(default_factory=PathsConfig)
-    dataset: DatasetConfig = field(default_factory=DatasetConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)  # for checkpoints without a config
-    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+class ExportConfig(CorpusModelConfig):
     checkpoint: Optional[str] = None
     format: ExportFormat = ExportFormat.MINDIR
     output: Optional[str] = None  # default: beside the checkpoint

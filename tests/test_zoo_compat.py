@@ -300,6 +300,8 @@ def zoo_eval(manifest, ckpt):
     import mindspore as ms
     from mindspore.train.serialization import load_checkpoint, load_param_into_net
 
+    from ds2exp.evaluation.zoo_compat import split_targets as split_targets_like_eval_py
+
     ms.set_context(mode=ms.GRAPH_MODE)
     labels = ZOO_LABELS
     model = zoo_network()
@@ -322,17 +324,9 @@ def zoo_eval(manifest, ckpt):
     try:
         for index in zoo_sampler_order(len(ds_eval)):
             inputs, input_length, target_indices, targets = ds_eval[index]
-            split_targets = []
-            start, count, last_id = 0, 0, 0
-            for i in range(np.shape(targets)[0]):
-                if target_indices[i, 0] == last_id:
-                    count += 1
-                else:
-                    split_targets.append(list(targets[start:count]))
-                    last_id += 1
-                    start = count
-                    count += 1
-            split_targets.append(list(targets[start:]))
+            # eval.py's inline split of the flat targets, which zoo_compat.split_targets reproduces line for
+            # line (test_split_targets_shifts_like_the_zoo pins it on a batch with a dropped row)
+            split_targets = split_targets_like_eval_py(target_indices, targets)
             out, output_sizes = model(ms.Tensor(inputs), ms.Tensor(input_length))
             decoded_output, _ = decoder.decode(out, output_sizes)
             target_strings = target_decoder.convert_to_strings(split_targets)
@@ -414,6 +408,16 @@ def zoo_split(tmp_path_factory, say):
 # ------------------------------------------------------------------------------------------------
 # tests
 # ------------------------------------------------------------------------------------------------
+def test_split_targets_shifts_like_the_zoo():
+    # utterance 2's transcript filtered to nothing, so it has no row in target_indices: eval.py (and so
+    # compat=zoo) gives utterance 3's targets to the third slot instead of an empty list
+    target_indices = np.array([[0, 0], [0, 1], [1, 0], [1, 1], [1, 2], [3, 0]])
+    targets = np.array([5, 6, 7, 8, 9, 10])
+    from ds2exp.evaluation import zoo_compat
+
+    assert zoo_compat.split_targets(target_indices, targets) == [[5, 6], [7, 8, 9], [10]]
+
+
 def test_reference_filter_drops_apostrophe_and_lower_case():
     from ds2exp.evaluation.zoo_compat import labels_to_text, reference_labels
 

@@ -6,6 +6,7 @@ False then). All take float32 C-contiguous arrays and write into the output arra
 import numpy as np
 
 from ds2exp.kernels.settings import HAVE_NUMBA
+from ds2exp.kernels.tanh_fit import CLAMP, P, Q
 
 # fastmath without the no-NaN/no-Inf assumptions: reassociation lets LLVM vectorise the dot
 # products, while an Inf or NaN (a diverging run) still propagates as IEEE says - with nnan/ninf
@@ -123,23 +124,22 @@ def rows_w(g, w, out):
 # batches that Python overhead is as large as the arithmetic. These kernels run the whole time
 # loop compiled, without the GIL, so the two directions of a layer also run on two cores.
 # numba's tanh is a scalar libm call that does not vectorise (an earlier whole-loop kernel was
-# slower than numpy for that reason), so they use Eigen's float32 rational approximation of
-# tanh (clamped rational fit; largest absolute error 3.5e-7 over [-20, 20], measured), which the
-# compiler vectorises.
+# slower than numpy for that reason), so they use the clamped rational fit of kernels/tanh_fit.py,
+# which the compiler vectorises. numba reads the global tuples as constants.
 @_jit(inline="always")
 def tanh(x):
-    x = min(max(x, np.float32(-7.90531110763549805)), np.float32(7.90531110763549805))
+    x = min(max(x, np.float32(-CLAMP)), np.float32(CLAMP))
     x2 = x * x
-    p = x2 * np.float32(-2.76076847742355e-16) + np.float32(2.00018790482477e-13)
-    p = p * x2 + np.float32(-8.60467152213735e-11)
-    p = p * x2 + np.float32(5.12229709037114e-08)
-    p = p * x2 + np.float32(1.48572235717979e-05)
-    p = p * x2 + np.float32(6.37261928875436e-04)
-    p = p * x2 + np.float32(4.89352455891786e-03)
+    p = x2 * np.float32(P[0]) + np.float32(P[1])
+    p = p * x2 + np.float32(P[2])
+    p = p * x2 + np.float32(P[3])
+    p = p * x2 + np.float32(P[4])
+    p = p * x2 + np.float32(P[5])
+    p = p * x2 + np.float32(P[6])
     p = p * x
-    q = x2 * np.float32(1.19825839466702e-06) + np.float32(1.18534705686654e-04)
-    q = q * x2 + np.float32(2.26843463243900e-03)
-    q = q * x2 + np.float32(4.89352518554385e-03)
+    q = x2 * np.float32(Q[0]) + np.float32(Q[1])
+    q = q * x2 + np.float32(Q[2])
+    q = q * x2 + np.float32(Q[3])
     return p / q
 
 

@@ -95,22 +95,29 @@ def time_shifts(dy, sT, kT):
     return dZ.reshape(B * Tu * Fo, kT * O)
 
 
+def _tap_columns(x, w, stride, padding):
+    """What both numpy references start from: the frequency-only im2col Xf (B, Tu, Fo, kF*C) of x,
+    the weight as Wr (kF*C, kT, O) with rows [kf*C + c], and the output time length To."""
+    x = np.asarray(x, np.float32)
+    w = np.asarray(w, np.float32)
+    C, F, T = x.shape[1:]
+    O, _, kF, kT = w.shape
+    pt, pb, pl, _ = padding
+    Fo, To = conv_output_size(F, T, (kF, kT), stride, padding)
+    Tu = (To - 1) * stride[1] + kT          # padded time frames the conv reads
+    Xf = freq_im2col(x, kF, stride[0], Fo, pt, pb, pl, Tu)
+    Wr = np.ascontiguousarray(w.transpose(2, 1, 3, 0)).reshape(kF * C, kT, O)
+    return Xf, Wr, To
+
+
 def conv_backward_np(x, w, dy, stride, padding):
     """Gradients (dx, dw) of the no-bias conv y = conv2d(x, w, stride, pad=(top, bottom, left, right)),
     in numpy: the frequency-only im2col Xf (B, Tu, Fo, kF*C), then one pair of GEMMs per time tap."""
-    x = np.asarray(x, np.float32)
-    w = np.asarray(w, np.float32)
-    dy = np.asarray(dy, np.float32)
-    B, C, F, T = x.shape
-    O, _, kF, kT = w.shape
-    sF, sT = stride
-    pt, pb, pl, _ = padding
-    Fo, To = conv_output_size(F, T, (kF, kT), stride, padding)
-    Tu = (To - 1) * sT + kT          # padded time frames the conv reads
-    K = kF * C
-    Xf = freq_im2col(x, kF, sF, Fo, pt, pb, pl, Tu)                   # (B, Tu, Fo, K)
-    dY2 = np.ascontiguousarray(dy.transpose(0, 3, 2, 1)).reshape(B * To * Fo, O)
-    Wr = np.ascontiguousarray(w.transpose(2, 1, 3, 0)).reshape(K, kT, O)   # [kf*C + c, kt, o]
+    Xf, Wr, To = _tap_columns(x, w, stride, padding)
+    B, Tu, Fo, K = Xf.shape
+    _, kT, O = Wr.shape
+    sT = stride[1]
+    dY2 = np.ascontiguousarray(np.asarray(dy, np.float32).transpose(0, 3, 2, 1)).reshape(B * To * Fo, O)
     tspan = (To - 1) * sT + 1
     dWr = np.empty((K, kT, O), np.float32)
     dXf = np.zeros((B, Tu, Fo, K), np.float32)
@@ -118,24 +125,21 @@ def conv_backward_np(x, w, dy, stride, padding):
         Xk = np.ascontiguousarray(Xf[:, kt:kt + tspan:sT]).reshape(B * To * Fo, K)
         dWr[:, kt, :] = Xk.T @ dY2
         dXf[:, kt:kt + tspan:sT] += (dY2 @ Wr[:, kt, :].T).reshape(B, To, Fo, K)
+    C, F, T = np.shape(x)[1:]
+    kF = K // C
     dw = np.ascontiguousarray(dWr.reshape(kF, C, kT, O).transpose(3, 1, 0, 2))
-    dx = freq_col2im(dXf, C, kF, sF, F, T, pt, pb, pl)
+    pt, pb, pl, _ = padding
+    dx = freq_col2im(dXf, C, kF, stride[0], F, T, pt, pb, pl)
     return dx, dw
 
 
 def conv_forward_np(x, w, stride, padding):
     """numpy reference of the forward (im2col over frequency, one GEMM, shift-add over time taps)."""
-    x = np.asarray(x, np.float32)
-    w = np.asarray(w, np.float32)
-    B, C, F, T = x.shape
-    O, _, kF, kT = w.shape
-    sF, sT = stride
-    pt, pb, pl, _ = padding
-    Fo, To = conv_output_size(F, T, (kF, kT), stride, padding)
-    Tu = (To - 1) * sT + kT
-    K = kF * C
-    Xf = freq_im2col(x, kF, sF, Fo, pt, pb, pl, Tu).reshape(B * Tu * Fo, K)
-    Z = (Xf @ np.ascontiguousarray(w.transpose(2, 1, 3, 0)).reshape(K, kT * O)).reshape(B, Tu, Fo, kT, O)
+    Xf, Wr, To = _tap_columns(x, w, stride, padding)
+    B, Tu, Fo, K = Xf.shape
+    _, kT, O = Wr.shape
+    sT = stride[1]
+    Z = (Xf.reshape(B * Tu * Fo, K) @ Wr.reshape(K, kT * O)).reshape(B, Tu, Fo, kT, O)
     Y = np.zeros((B, To, Fo, O), np.float32)
     tspan = (To - 1) * sT + 1
     for kt in range(kT):

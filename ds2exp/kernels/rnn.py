@@ -93,12 +93,13 @@ def row_chunks(B, D):
     return [(b, min(B, b + size)) for b in range(0, B, size)]
 
 
-def _run_compiled(fn, args, batched, Tm):
+def _run_compiled(fn, args, Tm):
     """fn(*(a[d] ...), Tm) for every direction d (args have a leading direction axis), cut further
-    into row chunks (row_chunks) on the arrays marked in `batched` (rows on axis 1 of a[d]); each
-    chunk runs on contiguous copies, which are written back."""
+    into row chunks (row_chunks) on the per-step arrays (D, T, B, ...), whose rows are axis 1 of a[d]
+    (W_hh and biases have no rows); each chunk runs on contiguous copies, which are written back."""
     D, B = args[0].shape[0], args[0].shape[2]
     chunks = row_chunks(B, D)
+    batched = [a.ndim == 4 for a in args]
 
     def task(item):
         d, (b0, b1) = item
@@ -112,6 +113,16 @@ def _run_compiled(fn, args, batched, Tm):
                 a[d][:, b0:b1] = p
 
     run_tasks([(d, c) for d in range(D) for c in chunks], task)
+
+
+def _run_recurrence(compiled_kernel, numpy_loop, args, Tm):
+    """One recurrence pass over every direction: the compiled kernel when it applies to this batch
+    (_compiled), else the numpy loop over direction groups. args: (per-step input, W_hh, ...)."""
+    B, w = args[0].shape[2], args[1]
+    if _compiled(B):
+        _run_compiled(compiled_kernel, args, Tm)
+    else:
+        run_tasks(_direction_groups(w), lambda sl: numpy_loop(*(a[sl] for a in args), Tm))
 
 
 def _direction_groups(w):
@@ -173,11 +184,7 @@ def lstm_forward(xp, lengths, w, b, b_ih=None):
     C = np.zeros((D, T, B, H), np.float32)
     Hs = np.zeros((D, T, B, H), np.float32)
     w = np.ascontiguousarray(w, dtype=np.float32)
-    if _compiled(B):
-        _run_compiled(compiled.lstm_fwd, (X, w, A, C, Hs), (True, False, True, True, True), Tm)
-    else:
-        run_tasks(_direction_groups(w),
-                  lambda sl: _lstm_fwd_loop(X[sl], w[sl], A[sl], C[sl], Hs[sl], Tm))
+    _run_recurrence(compiled.lstm_fwd, _lstm_fwd_loop, (X, w, A, C, Hs), Tm)
     Y = Hs * _valid_mask(lengths, T)
     return _from_aligned(Y, lengths), A, C, Hs
 
@@ -259,11 +266,7 @@ def lstm_backward(lengths, w, A, C, Hs, dy):
     _, T, B, _ = A.shape
     lengths, dY, Tm, w = _backward_inputs(lengths, w, dy, T, B)
     dG = np.zeros((D, T, B, G), np.float32)
-    if _compiled(B):
-        _run_compiled(compiled.lstm_bwd, (dY, w, A, C, dG), (True, False, True, True, True), Tm)
-    else:
-        run_tasks(_direction_groups(w),
-                  lambda sl: _lstm_bwd_loop(dY[sl], w[sl], A[sl], C[sl], dG[sl], Tm))
+    _run_recurrence(compiled.lstm_bwd, _lstm_bwd_loop, (dY, w, A, C, dG), Tm)
     dw, db = _recurrent_weight_grads(dG, Hs)
     return _from_aligned(dG, lengths), dw, db
 
@@ -319,11 +322,7 @@ def gru_forward(xp, lengths, w, b, b_ih=None):
     Hs = np.zeros((D, T, B, H), np.float32)
     w = np.ascontiguousarray(w, dtype=np.float32)
     b = np.asarray(b, np.float32)
-    if _compiled(B):
-        _run_compiled(compiled.gru_fwd, (X, w, b, A, S, Hs), (True, False, False, True, True, True), Tm)
-    else:
-        run_tasks(_direction_groups(w),
-                  lambda sl: _gru_fwd_loop(X[sl], w[sl], b[sl], A[sl], S[sl], Hs[sl], Tm))
+    _run_recurrence(compiled.gru_fwd, _gru_fwd_loop, (X, w, b, A, S, Hs), Tm)
     Y = Hs * _valid_mask(lengths, T)
     return _from_aligned(Y, lengths), A, S, Hs
 
@@ -366,11 +365,7 @@ def gru_backward(lengths, w, A, S, Hs, dy):
     lengths, dY, Tm, w = _backward_inputs(lengths, w, dy, T, B)
     dX = np.zeros((D, T, B, G), np.float32)
     dGh = np.zeros((D, T, B, G), np.float32)
-    if _compiled(B):
-        _run_compiled(compiled.gru_bwd, (dY, w, A, S, Hs, dX, dGh), (True, False, True, True, True, True, True), Tm)
-    else:
-        run_tasks(_direction_groups(w),
-                  lambda sl: _gru_bwd_loop(dY[sl], w[sl], A[sl], S[sl], Hs[sl], dX[sl], dGh[sl], Tm))
+    _run_recurrence(compiled.gru_bwd, _gru_bwd_loop, (dY, w, A, S, Hs, dX, dGh), Tm)
     dw, db = _recurrent_weight_grads(dGh, Hs)
     return _from_aligned(dX, lengths), dw, db
 

@@ -20,34 +20,21 @@ import mindspore as ms
 import numpy as np
 from mindspore import Parameter, nn, ops
 
+from ds2exp.kernels import tanh_fit
+
 __all__ = ["GraphRNN", "accurate_tanh", "use_graph_rnns"]
 
 # MindSpore 2.8's CPU Tanh kernel is off by up to 1e-4 (measured over [-12, 12]: tanh(-5) = -1, where
 # float32 holds -0.9999092), which a trained GRU carries into its outputs: 1e-4 in the log-probabilities
 # against a float64 reference, where ds2exp's compiled recurrences are within 6e-6. The GRU's candidate
-# state uses Eigen's float32 rational fit of tanh instead (largest absolute error 3.5e-7 on [-20, 20]),
-# the fit the compiled recurrences use, written with MindSpore's elementwise ops. Its Sigmoid kernel is
-# within 8e-7 and stays (the gates). The fused LSTM kernel is accurate (its outputs within 2e-6 of the
-# compiled recurrences').
-_TANH_CLAMP = 7.90531110763549805
-_TANH_P = (-2.76076847742355e-16, 2.00018790482477e-13, -8.60467152213735e-11, 5.12229709037114e-08,
-           1.48572235717979e-05, 6.37261928875436e-04, 4.89352455891786e-03)
-_TANH_Q = (1.19825839466702e-06, 1.18534705686654e-04, 2.26843463243900e-03, 4.89352518554385e-03)
-
-
+# state uses the rational fit the compiled recurrences use (kernels/tanh_fit.py), written with
+# MindSpore's elementwise ops. Its Sigmoid kernel is within 8e-7 and stays (the gates). The fused LSTM
+# kernel is accurate (its outputs within 2e-6 of the compiled recurrences').
 GRU_UNROLL = 8  # GRU steps per pass of the graph's loop
 
 
 def accurate_tanh(x):
-    x = ops.clamp(x, -_TANH_CLAMP, _TANH_CLAMP)
-    x2 = x * x
-    p = x2 * _TANH_P[0] + _TANH_P[1]
-    for c in _TANH_P[2:]:
-        p = p * x2 + c
-    q = x2 * _TANH_Q[0] + _TANH_Q[1]
-    for c in _TANH_Q[2:]:
-        q = q * x2 + c
-    return p * x / q
+    return tanh_fit.rational_tanh(ops.clamp(x, -tanh_fit.CLAMP, tanh_fit.CLAMP))
 
 
 class GraphRNN(nn.Cell):

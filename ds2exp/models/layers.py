@@ -167,27 +167,25 @@ class _PlainRNNMixin:
     stock names (``weight_ih_l0`` ...), exactly like the fast implementation's, also when nested.
     """
 
-    def _setup(self, rnn_type, hidden_size, bidirectional):
-        self.rnn_type = rnn_type
+    rnn_type = ""
+
+    def __init__(self, input_size, hidden_size, bidirectional):
+        super().__init__(input_size, hidden_size, num_layers=1, has_bias=True, batch_first=True,
+                         bidirectional=bidirectional)
         self.hidden_size = hidden_size
         self.num_directions = 2 if bidirectional else 1
 
 
+# construct names its stock class: GRAPH mode cannot compile super().construct
 class PlainLSTM(_PlainRNNMixin, nn.LSTM):
-    def __init__(self, input_size, hidden_size, bidirectional):
-        nn.LSTM.__init__(self, input_size, hidden_size, num_layers=1, has_bias=True, batch_first=True,
-                         bidirectional=bidirectional)
-        self._setup("lstm", hidden_size, bidirectional)
+    rnn_type = "lstm"
 
     def construct(self, x, lengths):
         return nn.LSTM.construct(self, x, None, lengths)[0]
 
 
 class PlainGRU(_PlainRNNMixin, nn.GRU):
-    def __init__(self, input_size, hidden_size, bidirectional):
-        nn.GRU.__init__(self, input_size, hidden_size, num_layers=1, has_bias=True, batch_first=True,
-                        bidirectional=bidirectional)
-        self._setup("gru", hidden_size, bidirectional)
+    rnn_type = "gru"
 
     def construct(self, x, lengths):
         return nn.GRU.construct(self, x, None, lengths)[0]
