@@ -50,18 +50,24 @@ SMALL = ["model.conv_channels=4", "model.rnn_hidden=32", "model.rnn_layers=1", "
          "dataset.num_buckets=2", "trainer.checkpoint_every=5", "trainer.log_every=1", "trainer.eval_every=50"]
 
 
-def _max_step(db: Path) -> int:
-    """Highest train/loss step in the store (0 when none yet)."""
+def _store_value(db: Path, sql: str, unreadable):
+    """The single value `sql` selects from the MLflow store, read-only: None before the store exists,
+    `unreadable` when it stays locked (a killed writer's journal is being rolled back)."""
     for _ in range(20):
         if not db.exists():
-            return 0
+            return None
         try:
             with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:
-                row = con.execute("SELECT max(step) FROM metrics WHERE key='train/loss'").fetchone()
-            return 0 if row is None or row[0] is None else int(row[0])
-        except sqlite3.Error:  # e.g. the killed writer's journal is being rolled back
+                return con.execute(sql).fetchone()[0]
+        except sqlite3.Error:
             time.sleep(0.25)
-    return -1
+    return unreadable
+
+
+def _max_step(db: Path) -> int:
+    """Highest train/loss step in the store (0 when none yet, -1 when it cannot be read)."""
+    value = _store_value(db, "SELECT max(step) FROM metrics WHERE key='train/loss'", -1)
+    return 0 if value is None else int(value)
 
 
 def _checkpoint_step(run_dir: Path) -> int:
@@ -84,15 +90,7 @@ def _env(work: Path, threads: int) -> dict:
 
 def _logged_rows(db: Path) -> int:
     """train/loss rows in the store: a replayed step adds a row too, so this counts steps done."""
-    for _ in range(20):
-        if not db.exists():
-            return 0
-        try:
-            with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:
-                return int(con.execute("SELECT count(*) FROM metrics WHERE key='train/loss'").fetchone()[0])
-        except sqlite3.Error:  # e.g. the killed writer's journal is being rolled back
-            time.sleep(0.25)
-    return 0
+    return int(_store_value(db, "SELECT count(*) FROM metrics WHERE key='train/loss'", 0) or 0)
 
 
 def _kill_point(proc, db: Path, rng: random.Random, resumed_from: int) -> tuple:

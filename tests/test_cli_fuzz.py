@@ -93,75 +93,50 @@ def assert_refused(code, lines, key, expected_code=2):
     assert key in lines[0], (key, lines[0])
 
 
-# (command, overrides, key named in the message, exit status); {name} is a file from `ckpts`
-CASES = [
-    ("train", ["dataset.feature.window_size=0"], "dataset.feature.window_size", 2),
-    ("train", ["dataset.feature.window_stride=-0.01"], "dataset.feature.window_stride", 2),
-    ("train", ["trainer.seed=-1"], "trainer.seed", 2),
-    ("train", ["trainer.seed=99999999999999999999"], "trainer.seed", 2),
-    ("train", ["optimizer.lr=inf"], "optimizer.lr", 2),
-    ("train", ["optimizer.eps=inf"], "optimizer.eps", 2),
-    ("train", ["dataset.name="], "dataset.name", 2),
-    ("train", ["dataset=manifest", "dataset.train_manifest=/nonexistent.jsonl"], "dataset.train_manifest", 2),
-    ("train", ["hydra.run.dir=/proc/x"], "hydra.run.dir", 3),
-    ("train", ["resume={boundary}"], "resume", 2),
-    ("train", ["pretrained={good}"], "pretrained", 2),  # ds2_tiny's shapes differ from the file's
-    ("train", ["resume={text}"], "resume", 2),
-    ("train", ["resume={truncated}"], "resume", 2),
-    ("train", ["resume={empty_dir}"], "resume", 2),
-    ("train", ["resume={pickle}"], "resume", 2),
-    ("train", ["pretrained={text}"], "pretrained", 2),
-    ("train", ["pretrained={truncated}"], "pretrained", 2),
-    ("train", ["pretrained={empty_dir}"], "pretrained", 2),
-    ("train", ["pretrained={pickle}"], "pretrained", 2),
-    ("train", ["pretrained={boundary}"], "pretrained", 2),
-    ("train", ["optimizer.min_lr_ratio=-1"], "optimizer.min_lr_ratio", 2),
-    ("train", ["optimizer.min_lr_ratio=5"], "optimizer.min_lr_ratio", 2),
-    ("train", ["optimizer.min_lr_ratio=nan"], "optimizer.min_lr_ratio", 2),
-    ("train", ["precision.loss_scale=inf"], "precision.loss_scale", 2),
-    ("train", ["precision.scale_factor=0"], "precision.scale_factor", 2),
-    ("train", ["precision.scale_window=0"], "precision.scale_window", 2),
-    ("train", ["optimizer.anneal=inf"], "optimizer.anneal", 2),
-    ("train", ["dataset.spec_augment.freq_width=-3"], "dataset.spec_augment.freq_width", 2),
-    ("train", ["trainer.inject_nan_grad_steps=[-1]"], "trainer.inject_nan_grad_steps", 2),
-    ("train", ["trainer.max_eval_utterances=0"], "trainer.max_eval_utterances", 2),
-    ("train", ["hydra.run.dir="], "hydra.run.dir", 2),
-    ("train", ["hydra.run.dir=."], "hydra.run.dir", 2),
-    ("train", ["-m", "hydra.sweep.dir=", "optimizer.lr=1e-4,1e-3"], "hydra.sweep.dir", 2),
-    ("train", ["logger.tracking_uri="], "logger.tracking_uri", 2),
-    ("train", ["logger.tracking_uri=foo://bar"], "logger.tracking_uri", 2),
-    ("train", ["logger.tracking_uri=mlruns"], "logger.tracking_uri", 2),
-    ("train", ["optimizer.lr=1e-3,nan"], "optimizer.lr", 2),
-    ("evaluate", ["checkpoint={good}", "decoder.lm_path=/nonexistent"], "decoder.lm_path", 2),
-    ("evaluate", ["checkpoint={good}", "decoder.lm_path={empty_dir}"], "decoder.lm_path", 2),
-    ("evaluate", ["checkpoint=/nonexistent"], "checkpoint", 2),
-    ("evaluate", ["checkpoint={text}"], "checkpoint", 2),
-    ("evaluate", ["checkpoint={truncated}"], "checkpoint", 2),
-    ("evaluate", ["checkpoint={boundary}"], "checkpoint", 2),
-    ("evaluate", ["checkpoint={empty_dir}"], "checkpoint", 2),
-    ("evaluate", ["checkpoint={pickle}"], "checkpoint", 2),
-    ("evaluate", ["checkpoints=[{good},/nonexistent]"], "checkpoints[1]", 2),
-    ("evaluate", ["checkpoint={good}", "max_utterances=0"], "max_utterances", 2),
-    ("evaluate", ["checkpoint={good}", "max_utterances=-3"], "max_utterances", 2),
-    ("evaluate", [], "checkpoint", 2),
-    ("export", ["checkpoint=/nonexistent"], "checkpoint", 2),
-    ("export", ["checkpoint={text}"], "checkpoint", 2),
-    ("export", ["checkpoint={truncated}"], "checkpoint", 2),
-    ("export", ["checkpoint={boundary}"], "checkpoint", 2),
-    ("export", ["checkpoint={empty_dir}"], "checkpoint", 2),
-    ("export", ["checkpoint={pickle}"], "checkpoint", 2),
-    ("export", ["checkpoint={good}", "output=/proc/nope/x.mindir"], "output", 3),
-    ("export", ["checkpoint={good}", "verify_utterances=-1"], "verify_utterances", 2),
-    ("export", ["checkpoint={good}", "tolerance=nan"], "tolerance", 2),
-    ("lr_find", ["optimizer.lr=nan"], "optimizer.lr", 2),
-    ("lr_find", ["hydra.run.dir="], "hydra.run.dir", 2),
-    ("lr_find", ["trainer.seed=-1"], "trainer.seed", 2),
-    ("lr_find", ["logger.tracking_uri=foo://bar"], "logger.tracking_uri", 2),
-]
-if (ROOT / "conf" / "transcribe.yaml").is_file():  # python -m ds2exp.transcribe, once it composes with Hydra
-    CASES += [("transcribe", ["checkpoint=/nonexistent", "audio=[a.wav]"], "checkpoint", 2),
-              ("transcribe", ["checkpoint={pickle}", "audio=[a.wav]"], "checkpoint", 2),
-              ("transcribe", ["checkpoint={good}", "audio=[a.wav]", "chunk_seconds=nan"], "chunk_seconds", 2)]
+def _case(command, line, status=2):
+    """(command, overrides, key named in the message, exit status) from "a=1 b=2" or "a=1 b=2 -> key";
+    the key defaults to the one the last override sets."""
+    line, _, key = line.partition("->")
+    overrides = line.split()
+    return command, overrides, key.strip() or overrides[-1].split("=")[0], status
+
+
+# Files that are not usable checkpoints; {name} is a file from `ckpts`.
+BAD_FILES = ["{boundary}", "{text}", "{truncated}", "{empty_dir}", "{pickle}"]
+# Command lines found by probing, each refused with exit 2.
+REFUSED = {
+    "train": [
+        "dataset.feature.window_size=0", "dataset.feature.window_stride=-0.01", "trainer.seed=-1",
+        "trainer.seed=99999999999999999999", "optimizer.lr=inf", "optimizer.eps=inf", "dataset.name=",
+        "dataset=manifest dataset.train_manifest=/nonexistent.jsonl",
+        "pretrained={good}",  # ds2_tiny's shapes differ from the file's
+        *[f"{key}={bad}" for key in ("resume", "pretrained") for bad in BAD_FILES],
+        "optimizer.min_lr_ratio=-1", "optimizer.min_lr_ratio=5", "optimizer.min_lr_ratio=nan",
+        "precision.loss_scale=inf", "precision.scale_factor=0", "precision.scale_window=0", "optimizer.anneal=inf",
+        "dataset.spec_augment.freq_width=-3", "trainer.inject_nan_grad_steps=[-1]", "trainer.max_eval_utterances=0",
+        "hydra.run.dir=", "hydra.run.dir=.", "-m hydra.sweep.dir= optimizer.lr=1e-4,1e-3 -> hydra.sweep.dir",
+        "logger.tracking_uri=", "logger.tracking_uri=foo://bar", "logger.tracking_uri=mlruns", "optimizer.lr=1e-3,nan",
+    ],
+    "evaluate": [
+        "checkpoint={good} decoder.lm_path=/nonexistent", "checkpoint={good} decoder.lm_path={empty_dir}",
+        *[f"checkpoint={bad}" for bad in ["/nonexistent", *BAD_FILES]],
+        "checkpoints=[{good},/nonexistent] -> checkpoints[1]",
+        "checkpoint={good} max_utterances=0", "checkpoint={good} max_utterances=-3", "-> checkpoint",
+    ],
+    "export": [
+        *[f"checkpoint={bad}" for bad in ["/nonexistent", *BAD_FILES]],
+        "checkpoint={good} verify_utterances=-1", "checkpoint={good} tolerance=nan",
+    ],
+    "lr_find": ["optimizer.lr=nan", "hydra.run.dir=", "trainer.seed=-1", "logger.tracking_uri=foo://bar"],
+    "transcribe": [
+        "checkpoint=/nonexistent audio=[a.wav] -> checkpoint", "checkpoint={pickle} audio=[a.wav] -> checkpoint",
+        "checkpoint={good} audio=[a.wav] chunk_seconds=nan",
+    ],
+}
+CASES = [_case(command, line) for command, lines in REFUSED.items() for line in lines]
+# an output location that cannot be created: exit 3
+CASES += [_case("train", "hydra.run.dir=/proc/x", 3),
+          _case("export", "checkpoint={good} output=/proc/nope/x.mindir", 3)]
 
 
 @pytest.mark.parametrize("command, overrides, key, status", CASES,

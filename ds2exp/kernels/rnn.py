@@ -221,15 +221,20 @@ def _lstm_bwd_loop(dY, w, A, C, dG, Tm):
         dh = _g_w(d, w)
 
 
-def _backward_inputs(lengths, w, dy, T, B):
-    """Shared preamble of the RNN backward passes: clipped lengths, the output gradient in the
-    aligned (D, T, B, H) layout with padded frames zeroed, the last valid step, contiguous W_hh."""
-    D = w.shape[0]
+def _backward(lengths, w, dy, Hs, compiled_kernel, numpy_loop, saved, dX, dGh):
+    """What the RNN backward passes share: clip the lengths, bring the output gradient into the
+    aligned (D, T, B, H) layout with padded frames zeroed, run the recurrence backward on
+    (dY, W_hh, *saved), then d W_hh and d b from dGh (the recurrent pre-activations' gradient) and Hs.
+    Returns d_xp from dX (D, T, B, G) in the (B, T, D*G) layout, d_w, d_b."""
+    D, T, B = dX.shape[:3]
     lengths = _clip_lengths(lengths, T)
     dY = _to_aligned(np.asarray(dy, np.float32), lengths, D)
     dY *= _valid_mask(lengths, T)
     Tm = int(lengths.max()) if B else 0
-    return lengths, dY, Tm, np.ascontiguousarray(w, dtype=np.float32)
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    _run_recurrence(compiled_kernel, numpy_loop, (dY, w) + saved, Tm)
+    dw, db = _recurrent_weight_grads(dGh, Hs)
+    return _from_aligned(dX, lengths), dw, db
 
 
 # d W_hh's product is cut into this many gate-row blocks per direction whatever the thread count
@@ -262,13 +267,8 @@ def _recurrent_weight_grads(dGh, Hs):
 @kernel("rnn_bwd")
 def lstm_backward(lengths, w, A, C, Hs, dy):
     """Gradients of lstm_forward: returns d_xp (B, T, D*4H), d_w (D, 4H, H), d_b (D, 4H)."""
-    D, G, H = w.shape
-    _, T, B, _ = A.shape
-    lengths, dY, Tm, w = _backward_inputs(lengths, w, dy, T, B)
-    dG = np.zeros((D, T, B, G), np.float32)
-    _run_recurrence(compiled.lstm_bwd, _lstm_bwd_loop, (dY, w, A, C, dG), Tm)
-    dw, db = _recurrent_weight_grads(dG, Hs)
-    return _from_aligned(dG, lengths), dw, db
+    dG = np.zeros(A.shape, np.float32)  # input and recurrent pre-activations share one gradient
+    return _backward(lengths, w, dy, Hs, compiled.lstm_bwd, _lstm_bwd_loop, (A, C, dG), dX=dG, dGh=dG)
 
 
 def _gru_fwd_loop(X, w, b, A, S, Hs, Tm):
@@ -360,14 +360,9 @@ def _gru_bwd_loop(dY, w, A, S, Hs, dX, dGh, Tm):
 @kernel("rnn_bwd")
 def gru_backward(lengths, w, A, S, Hs, dy):
     """Gradients of gru_forward: returns d_xp (B, T, D*3H), d_w (D, 3H, H), d_b (D, 3H)."""
-    D, G, H = w.shape
-    _, T, B, _ = A.shape
-    lengths, dY, Tm, w = _backward_inputs(lengths, w, dy, T, B)
-    dX = np.zeros((D, T, B, G), np.float32)
-    dGh = np.zeros((D, T, B, G), np.float32)
-    _run_recurrence(compiled.gru_bwd, _gru_bwd_loop, (dY, w, A, S, Hs, dX, dGh), Tm)
-    dw, db = _recurrent_weight_grads(dGh, Hs)
-    return _from_aligned(dX, lengths), dw, db
+    dX = np.zeros(A.shape, np.float32)   # input pre-activations
+    dGh = np.zeros(A.shape, np.float32)  # recurrent pre-activations (r scales the candidate's)
+    return _backward(lengths, w, dy, Hs, compiled.gru_bwd, _gru_bwd_loop, (A, S, Hs, dX, dGh), dX, dGh)
 
 
 KERNELS = {"lstm": (lstm_forward, lstm_backward), "gru": (gru_forward, gru_backward)}
