@@ -113,6 +113,7 @@ def _wall(run):
     return run.info.start_time, run.info.end_time
 
 
+@pytest.mark.slow
 def test_joblib_sweep_runs_two_jobs_in_parallel_processes_under_one_parent_run(tmp_path, shared_data_dir):
     sweep_dir = tmp_path / "multirun" / "joblib"
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "-m", "hydra/launcher=joblib",

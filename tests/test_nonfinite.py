@@ -2,6 +2,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from tests.test_train import SMALL, mlflow_runs, train
 
@@ -65,6 +66,7 @@ def test_skip_stops_after_patience_consecutive(tmp_path, shared_data_dir):
     assert json.loads((tmp_path / "outputs" / "run" / "summary.json").read_text())["stop_reason"] == "nonfinite"
 
 
+@pytest.mark.slow
 def test_rollback_recovers_and_finishes(tmp_path, shared_data_dir):
     train(tmp_path, shared_data_dir, "trainer.max_steps=8", "trainer.nonfinite=rollback",
           "trainer.nonfinite_patience=2", "trainer.checkpoint_every=2", "trainer.eval_every=100",

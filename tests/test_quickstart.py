@@ -21,6 +21,7 @@ def _rows(folder):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_quickstart_trains_and_scores_greedy_and_with_the_training_transcripts_lm(tmp_path, shared_data_dir):
     run_dir = tmp_path / "run"
     env = {**os.environ, "DS2EXP_ROOT": str(tmp_path)}

@@ -145,6 +145,7 @@ def test_lr_batch_sweep_gives_its_verdict_and_names_its_runs(tmp_path, shared_da
     assert table_cells(out_dir) == table_cells(out_run) == cells  # the two sources agree with the sweep's own
 
 
+@pytest.mark.slow
 def test_crashed_and_diverged_jobs_do_not_stop_the_sweep(tmp_path, shared_data_dir, report):
     # max_duration=0.5 s filters out every utterance: the job raises DatasetError at runtime (the
     # config itself is valid). lr=1e8 makes the gradients NaN at step 2: the job diverges.
@@ -172,6 +173,7 @@ def test_crashed_and_diverged_jobs_do_not_stop_the_sweep(tmp_path, shared_data_d
     assert "dataset.batch_size=4: largest stable lr 0.0001, smallest diverged lr 1e+08" in stdout
 
 
+@pytest.mark.slow
 def test_optuna_preset_records_diverged_trials_as_failed_and_goes_on(tmp_path, shared_data_dir):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     # the preset's lr interval, narrowed to a choice so that the sampler (seed 1234) draws both a

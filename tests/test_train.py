@@ -70,6 +70,7 @@ def _params(path: Path):
     return c.model_state, c.optimizer_state, c.meta
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(tmp_path, shared_data_dir):
     a, b = tmp_path / "a", tmp_path / "b"
     common = SMALL + ["trainer.eval_every=4", "trainer.checkpoint_every=2", "trainer.log_every=2",
@@ -109,6 +110,7 @@ def test_other_optimizers_and_schedules_train(tmp_path, shared_data_dir, optimiz
     assert meta["step"] == 3 and meta["config"]["optimizer"]["name"] == optimizer
 
 
+@pytest.mark.slow
 def test_fp16_trains_with_dynamic_loss_scale(tmp_path, shared_data_dir):
     r = train(tmp_path, shared_data_dir, "precision=fp16", "trainer.max_steps=3", "trainer.log_every=1", *SMALL)
     assert "using the plain MindSpore kernels" in r.stdout + r.stderr
@@ -125,6 +127,7 @@ def test_bf16_on_cpu_is_a_config_error(tmp_path, shared_data_dir):
     assert "no bfloat16 CPU kernels" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_time_limited_cosine_decays_over_max_minutes(tmp_path, shared_data_dir):
     # 20,000 planned steps would barely start the cosine; a 15-second budget carries it to its floor
     train(tmp_path, shared_data_dir, "trainer.max_minutes=0.25", "trainer.max_steps=20000", "trainer.log_every=1",

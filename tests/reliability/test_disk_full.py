@@ -5,10 +5,13 @@ import json
 import signal
 import subprocess
 
+import pytest
+
 from tests.helpers import ROOT
 from tests.helpers.processes import SMALL, train_cmd, train_env
 
 
+@pytest.mark.slow
 def test_disk_full_mid_run_fails_with_the_checkpoint_path(tmp_path, synth_data_dir):
     """A file-size limit (as a full disk) in the training process: the checkpoint write fails, the run
     stops with one error line naming the file, and the run is marked failed, not resumable."""

@@ -49,6 +49,7 @@ def test_sigkill_then_resume_continues_the_same_run_bitwise(tmp_path, synth_data
     assert_same_parameters(ref_dir, run_dir)
 
 
+@pytest.mark.slow
 def test_auto_resume_finds_the_killed_run_of_the_same_config(tmp_path, synth_data_dir):
     root = tmp_path
     first, second = root / "outputs" / "first", root / "outputs" / "second"

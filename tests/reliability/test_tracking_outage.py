@@ -13,6 +13,7 @@ from tests.helpers.processes import SMALL, run, start, train_env
 from tests.helpers.tracking import MlflowServer, free_port, history, mlflow_client, runs_of
 
 
+@pytest.mark.slow
 def test_tracking_store_unreachable_training_goes_on_and_the_spool_is_sent_later(tmp_path, synth_data_dir):
     """Nothing listens at the tracking URI for the whole run: training finishes normally, every record
     waits in the run's spool, and `python -m ds2exp.tracking.resilient` sends it once a store is there."""
