@@ -1,4 +1,4 @@
-"""One DeepSpeech2 training step, three ways, side by side in one run: ds2exp vs naive MindSpore vs PyTorch.
+"""One DeepSpeech2 training step, four ways, side by side in one run: ds2exp vs naive MindSpore vs PyTorch.
 
     .venv/bin/python -m bench.bench_step             # ds2_tiny and ds2_reference (10-15 minutes)
     .venv/bin/python -m bench.bench_step --quick     # ds2_tiny only (about 5 minutes)
@@ -11,6 +11,9 @@ Rows (each in its own subprocess, so peak memory and thread settings are isolate
            optimizer. The step is split into value_and_grad / numpy gradient handling / Adam by
            timing wrappers around ``trainer.grad_fn`` and ``trainer.optimizer``, and value_and_grad
            further by timers around the numpy/numba kernels of the fast layers.
+  graph    the same Trainer with ``hardware.mode=graph``: value_and_grad compiled as one MindSpore
+           graph (``mindspore.jit``) with the fast layers' Custom ops inside; its own A B B A duel
+           with a second PyTorch process, whose steps its PyTorch ratios are taken against.
   naive    what the MindSpore model zoo recipe builds: nn.Conv2d + nn.LSTM (impl="plain"), default
            asynchronous launch, every utterance padded to 1250 frames, batch 1,
            value_and_grad + nn.Adam. Audio s/s counts the real (unpadded) audio of the utterance.
@@ -89,8 +92,9 @@ def check(name: str, value: Optional[float], target: float, higher_is_better: bo
     return f"  {name}: {shown} (target {sign} {format(target, fmt)}) ... {verdict}"
 
 
-PATH_LABEL = {"ds2exp": "ds2exp Trainer (fast, blocking)", "naive": "naive zoo (plain, async, pad 1250)",
-              "pytorch": "PyTorch 2.13 fp32"}
+PATH_LABEL = {"ds2exp": "ds2exp Trainer (fast, blocking)", "graph": "ds2exp Trainer, hardware.mode=graph",
+              "naive": "naive zoo (plain, async, pad 1250)", "pytorch": "PyTorch 2.13 fp32"}
+DS2EXP_PATHS = ("ds2exp", "graph")  # PYNATIVE, and the step compiled as one graph
 
 
 def cores() -> int:
@@ -115,6 +119,10 @@ def plan(quick: bool, naive_timeout: float = 360.0) -> List[Dict[str, Any]]:
         rows.append(dict(model=m, path="pytorch", batch=b, frames=t, padded=t, steps=steps,
                          kw=dict(child="torch", model=m, batch=b, frames=t, warmup=2 if tiny else 1,
                                  threads=cores())))
+        # its own duel with a second PyTorch process; the graph is compiled during the warm-up
+        rows.append(dict(model=m, path="graph", batch=b, frames=t, padded=t, steps=steps,
+                         kw=dict(child="ds2exp", mode="graph", model=m, batch=b, frames=t, warmup=2 if tiny else 1,
+                                 threads=cores())))
         rows.append(dict(model=m, path="naive", batch=1, frames=t, padded=NAIVE_FRAMES, steps=1,
                          timeout=(240 if quick else 300) if tiny else naive_timeout,
                          kw=dict(child="naive", model=m, batch=1, frames=t, pad_to=NAIVE_FRAMES,
@@ -135,6 +143,9 @@ def run(quick: bool = False, out: Callable[[str], None] = print, naive_timeout: 
         a, b, nv = by[(m, "ds2exp")], by[(m, "pytorch")], by[(m, "naive")]
         out(f"  ... {m}: ds2exp and PyTorch, {a['steps']} alternating steps each")
         a["res"], b["res"] = run_duel(a["kw"], b["kw"], a["steps"])
+        g = by[(m, "graph")]
+        out(f"  ... {m}: ds2exp with hardware.mode=graph and PyTorch, {g['steps']} alternating steps each")
+        g["res"], g["partner"] = run_duel(g["kw"], b["kw"], g["steps"])
         out(f"  ... {m}: naive (up to {nv['timeout']:.0f} s)")
         nv["res"] = run_child(timeout=nv["timeout"], **nv["kw"])
     peak_end = run_child("peak", timeout=300, steps=5)
@@ -163,6 +174,12 @@ def run(quick: bool = False, out: Callable[[str], None] = print, naive_timeout: 
         r["vs_naive"] = r["audio_per_s"] / nv["audio_per_s"] if r.get("step") and nv.get("step") else None
         r["vs_naive_bound"] = bool(nv.get("bound")) and not r.get("bound")
         r["vs_torch"] = r["step"] / pt["step"] if r.get("step") and pt.get("step") else None
+        r["torch_times"] = pt.get("res", {}).get("times")
+        partner = r.get("partner")
+        if partner is not None:  # the graph row: against the PyTorch process it alternated with
+            ok = r.get("step") and partner.get("s") and "error" not in partner
+            r["vs_torch"] = r["step"] / partner["s"] if ok else None
+            r["torch_times"] = partner.get("times") if ok else None
 
     out(f"\nTraining step {where()}:")
     out("forward + CTC + backward + Adam (+ the Trainer's gradient checks and clipping); median "
@@ -244,20 +261,20 @@ def run(quick: bool = False, out: Callable[[str], None] = print, naive_timeout: 
     out(f"\nTargets {where()}:")
     checks = []
     for m in dict.fromkeys(r["model"] for r in rows):
-        a = by.get((m, "ds2exp"), {})
-        checks.append(check(f"{m}: ds2exp audio s/s / naive audio s/s", a.get("vs_naive"), TARGET_SPEEDUP, True,
-                            ".1f", lower_bound=a.get("vs_naive_bound", False)))
-        checks.append(check(f"{m}: ds2exp s/step / PyTorch s/step, median", a.get("vs_torch"), TARGET_TORCH_RATIO,
-                            False, ".2f"))
-        pt = by.get((m, "pytorch"), {})
-        best = (min(a["res"]["times"]) / min(pt["res"]["times"])
-                if a.get("step") and pt.get("step") and a["res"].get("times") and pt["res"].get("times") else None)
-        checks.append(check(f"{m}: ds2exp s/step / PyTorch s/step, fastest vs fastest", best, TARGET_TORCH_RATIO,
-                            False, ".2f"))
-    if not quick:
-        a = by.get(("ds2_reference", "ds2exp"), {})
-        share = a["gflops"] / peak_g if a.get("gflops") and peak_g else None
-        checks.append(check("ds2_reference: ds2exp GFLOP/s / GEMM peak", share, TARGET_PEAK_SHARE, True, ".2f"))
+        for path in DS2EXP_PATHS:
+            a = by.get((m, path), {})
+            name = f"{m}: {'ds2exp' if path == 'ds2exp' else 'ds2exp graph'}"
+            checks.append(check(f"{name} audio s/s / naive audio s/s", a.get("vs_naive"), TARGET_SPEEDUP, True,
+                                ".1f", lower_bound=a.get("vs_naive_bound", False)))
+            checks.append(check(f"{name} s/step / PyTorch s/step, median", a.get("vs_torch"), TARGET_TORCH_RATIO,
+                                False, ".2f"))
+            mine, theirs = a.get("res", {}).get("times"), a.get("torch_times")
+            best = min(mine) / min(theirs) if a.get("step") and mine and theirs else None
+            checks.append(check(f"{name} s/step / PyTorch s/step, fastest vs fastest", best, TARGET_TORCH_RATIO,
+                                False, ".2f"))
+            if m == "ds2_reference":
+                share = a["gflops"] / peak_g if a.get("gflops") and peak_g else None
+                checks.append(check(f"{name} GFLOP/s / GEMM peak", share, TARGET_PEAK_SHARE, True, ".2f"))
     checks.append(check(f"{SCALING_MODEL}: ds2exp step speed-up, 2 threads vs 1", scaling.get("speedup"),
                         TARGET_TWO_THREAD_SPEEDUP, True, ".2f"))
     for c in checks:

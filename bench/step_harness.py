@@ -92,8 +92,8 @@ def child_peak(args) -> Dict[str, Any]:
             "read_gbs": v.nbytes / bw / 1e9}
 
 
-def _ds2exp_trainer(model_name: str, batch_size: int, threads: Optional[int] = None):
-    """A real Trainer (and its config) as train.py builds it, minus MLflow."""
+def _ds2exp_trainer(model_name: str, batch_size: int, threads: Optional[int] = None, mode: str = "pynative"):
+    """A real Trainer (and its config) as train.py builds it, minus MLflow; mode: hardware.mode."""
     from ds2exp.cli import compose_config
     from ds2exp.models.deepspeech2 import build_model
     from ds2exp.tracking.mlflow_tracker import NullTracker
@@ -101,7 +101,8 @@ def _ds2exp_trainer(model_name: str, batch_size: int, threads: Optional[int] = N
     from ds2exp.training.run import setup_mindspore
     from ds2exp.training.trainer import Trainer
 
-    overrides = [f"model={model_name}", "logger=none", "trainer.progress=false", f"dataset.batch_size={batch_size}"]
+    overrides = [f"model={model_name}", "logger=none", "trainer.progress=false", f"dataset.batch_size={batch_size}",
+                 f"hardware.mode={mode}"]
     if threads:
         overrides.append(f"hardware.threads={threads}")
     if os.environ.get("DS2EXP_BENCH_DATA"):  # as bench/run_all.py's feature section
@@ -162,7 +163,7 @@ def child_ds2exp(args) -> Dict[str, Any]:
     from ds2exp import kernels
 
     times = KernelTimes()
-    cfg, model, trainer = _ds2exp_trainer(args.model, args.batch, args.threads)
+    cfg, model, trainer = _ds2exp_trainer(args.model, args.batch, args.threads, args.mode)
     kernels.settings.timing_hook = times
     x, xl, y, yl = synthetic_batch(args.batch, args.frames)
     batch = Batch(x, xl, y, yl, [f"u{i}" for i in range(args.batch)], [args.frames / FRAMES_PER_SECOND] * args.batch,
@@ -305,6 +306,7 @@ def child_main(argv: List[str]) -> int:
     ap.add_argument("--gemm-n", type=int, default=2048)
     ap.add_argument("--data-steps", type=int, default=0)
     ap.add_argument("--gemm-probe", action="store_true")
+    ap.add_argument("--mode", default="pynative", choices=["pynative", "graph"], help="ds2exp: hardware.mode")
     args = ap.parse_args(argv)
     emit("BENCH_JSON", CHILDREN[args.child](args))
     return 0

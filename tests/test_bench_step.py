@@ -104,10 +104,11 @@ def test_machine_line_names_the_cpu_and_cores():
     assert "cores" in line and "load" in line and "Python" in line
 
 
-def test_plan_covers_the_three_paths():
+def test_plan_covers_the_four_paths():
     rows = report.plan(quick=False)
     assert {(r["model"], r["path"]) for r in rows} == {(m, p) for m in ("ds2_tiny", "ds2_reference")
-                                                       for p in ("ds2exp", "naive", "pytorch")}
+                                                       for p in ("ds2exp", "graph", "naive", "pytorch")}
+    assert all(r["kw"].get("mode") == "graph" for r in rows if r["path"] == "graph")
     for r in rows:
         if r["path"] == "naive":
             assert r["batch"] == 1 and r["padded"] == bs.NAIVE_FRAMES

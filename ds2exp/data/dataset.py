@@ -181,6 +181,11 @@ class BucketBatchSampler:
         self.examples = examples
         self.batch_size = batch_size
         self.lengths = bucket_lengths([e.frames for e in examples], num_buckets)
+        # the longest transcript (in labels) of each bucket: a compiled step pads labels to it too
+        self.label_lengths: Dict[int, int] = {}
+        for e in examples:
+            b = self.bucket_of(e.frames)
+            self.label_lengths[b] = max(self.label_lengths.get(b, 0), len(e.labels))
         self.seed = seed
         self.sortagrad = sortagrad
         self.drop_last = drop_last
@@ -224,8 +229,12 @@ class BatchLoader:
     """Builds padded batches in background threads (feature decode and cache I/O overlap the step)."""
 
     def __init__(self, split: SplitData, sampler: BucketBatchSampler, cache: FeatureCache,
-                 num_workers: int = 2, spec_augment_cfg=None, seed: int = 0, prefetch: int = 4):
+                 num_workers: int = 2, spec_augment_cfg=None, seed: int = 0, prefetch: int = 4,
+                 fixed_label_length: bool = False):
+        """fixed_label_length: pad labels to the bucket's longest transcript rather than the batch's, so
+        that a step compiled per input shape (hardware.mode=graph) sees one label shape per bucket."""
         self.split = split
+        self.fixed_label_length = fixed_label_length
         self.sampler = sampler
         self.cache = cache
         self.num_workers = max(1, num_workers)
@@ -255,6 +264,8 @@ class BatchLoader:
         bins = keep[0][1].shape[0]
         x = np.zeros((len(keep), bins, length), dtype=np.float32)
         lmax = max(len(e.labels) for e, _ in keep)
+        if self.fixed_label_length:
+            lmax = max(lmax, self.sampler.label_lengths.get(self.sampler.bucket_of(length), 0))
         y = np.zeros((len(keep), lmax), dtype=np.int32)
         rng = np.random.default_rng((self.seed, epoch, batch_no))
         sa = self.spec_augment_cfg

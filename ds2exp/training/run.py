@@ -24,12 +24,19 @@ log = logging.getLogger("ds2exp.train")
 
 
 
+def compiled_step(hw_cfg) -> bool:
+    """hardware.mode=graph: the training step's forward and backward run as one compiled MindSpore graph
+    (mindspore.jit, the fast layers' Custom ops inside it); everything else stays in PYNATIVE mode."""
+    return enum_value(hw_cfg.mode) == "graph"
+
+
 def setup_mindspore(hw_cfg, seed: int, threads: Optional[int] = None) -> None:
-    """Device, execution mode, launch mode, threads (`threads` overrides hardware.threads) and seeds."""
+    """Device, launch mode, threads (`threads` overrides hardware.threads) and seeds. The context stays in
+    PYNATIVE mode; hardware.mode=graph compiles the training step only (compiled_step)."""
     import mindspore as ms
 
     target = enum_value(hw_cfg.device_target)
-    mode = ms.GRAPH_MODE if enum_value(hw_cfg.mode) == "graph" else ms.PYNATIVE_MODE
+    mode = ms.PYNATIVE_MODE
     if hasattr(ms, "set_device"):
         ms.set_device(target)
         ms.set_context(mode=mode)
@@ -98,7 +105,8 @@ def build_data(cfg, run_dir: Optional[Path] = None, need_test: bool = False, ran
                                      sortagrad=train and d.sortagrad, rank=rank if train else 0,
                                      world=world if train else 1)
         out[split] = BatchLoader(data, sampler, cache, d.num_workers,
-                                 spec_augment_cfg=d.spec_augment if train else None, seed=cfg.trainer.seed)
+                                 spec_augment_cfg=d.spec_augment if train else None, seed=cfg.trainer.seed,
+                                 fixed_label_length=train and compiled_step(cfg.hardware))
     return out
 
 

@@ -123,6 +123,11 @@ class Trainer:
         self.group_names = list(dict.fromkeys(self.param_groups))
         self.running_stats = [p for n, p in model.parameters_and_names() if "moving_" in n]
         self.grad_fn = ms.value_and_grad(self._forward, None, self.params, has_aux=True)
+        if enum_value(cfg.hardware.mode) == "graph":
+            # One graph per input shape (compiled on its first batch, ~1-3 s on 2 cores): the loader pads
+            # frames to the bucket lengths and labels to each bucket's longest transcript. It saves
+            # MindSpore's per-op dispatch (docs/performance.md); same losses and gradients.
+            self.grad_fn = ms.jit(self.grad_fn)
         self.faults = faults if faults is not None else FaultInjector.from_config(cfg.trainer)
         self.started = time.time()
         self.recent: collections.deque = collections.deque(maxlen=20)  # (step, loss, grad_norm) of good steps
