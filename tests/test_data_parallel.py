@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from tests.conftest import ROOT
 from tests.test_train import SMALL, mlflow_runs, train
@@ -53,6 +54,7 @@ def test_launch_command_runs_this_script_under_msrun(tmp_path):
     assert cmd[cmd.index(str(ROOT / "train.py")) + 1:-1] == ["hardware.num_devices=2", "optimizer.lr=1"]
 
 
+@pytest.mark.slow
 def test_two_process_step_equals_one_process_step_with_double_batch(tmp_path):
     """One data-parallel step on 2 processes with batch B each == one step on 1 process with batch 2B."""
     single, parallel = tmp_path / "single.npz", tmp_path / "parallel.npz"

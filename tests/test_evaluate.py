@@ -58,6 +58,7 @@ def test_evaluate_run_dir_links_training_run_and_beam_decoder(trained_run, share
     assert evals and evals[0].data.tags["ds2exp.training_run_id"] == training.info.run_id
 
 
+@pytest.mark.slow
 def test_evaluate_by_mlflow_run_id(trained_run, shared_data_dir):
     root, _ = trained_run
     client, runs = mlflow_runs(root)
@@ -82,6 +83,7 @@ def export(root, data_dir, *overrides):
                           capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
 
 
+@pytest.mark.slow  # tests/test_export.py exports and verifies MindIR files in the default suite
 def test_export_mindir_round_trip_within_tolerance(trained_run, shared_data_dir, tmp_path):
     import re
 

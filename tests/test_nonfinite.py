@@ -13,6 +13,7 @@ def diagnosis_of(root):
     return json.loads((root / "outputs" / "run" / "diagnosis.json").read_text())
 
 
+@pytest.mark.slow
 def test_huge_learning_rate_stops_naming_step_and_cause(tmp_path, shared_data_dir):
     # the explosion detector would stop this run while it is still finite (tests/test_divergence.py);
     # off here, the run goes on to its first non-finite step
@@ -39,6 +40,7 @@ def test_huge_learning_rate_stops_naming_step_and_cause(tmp_path, shared_data_di
     assert client.get_metric_history(run.info.run_id, "train/nonfinite_steps")[-1].value == 1
 
 
+@pytest.mark.slow
 def test_skip_keeps_weights_unchanged_through_nan_gradients(tmp_path, shared_data_dir):
     from ds2exp.training.checkpoint import load_checkpoint
 

@@ -14,6 +14,7 @@ KILL_RUN = SMALL + [f"trainer.max_steps={STEPS}", "trainer.checkpoint_every=4", 
                     "trainer.eval_every=8"]
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_continues_the_same_run_bitwise(tmp_path, synth_data_dir):
     """Kill -9 after the first checkpoint, resume: same MLflow run, every step logged, the weights
     bitwise equal to an uninterrupted run with the same seed."""
