@@ -24,24 +24,17 @@ log = logging.getLogger("ds2exp.train")
 
 
 
-def compiled_step(hw_cfg) -> bool:
-    """hardware.mode=graph: the training step's forward and backward run as one compiled MindSpore graph
-    (mindspore.jit, the fast layers' Custom ops inside it); everything else stays in PYNATIVE mode."""
-    return enum_value(hw_cfg.mode) == "graph"
-
-
 def setup_mindspore(hw_cfg, seed: int, threads: Optional[int] = None) -> None:
     """Device, launch mode, threads (`threads` overrides hardware.threads) and seeds. The context stays in
     PYNATIVE mode; hardware.mode=graph compiles the training step only (compiled_step)."""
     import mindspore as ms
 
     target = enum_value(hw_cfg.device_target)
-    mode = ms.PYNATIVE_MODE
     if hasattr(ms, "set_device"):
         ms.set_device(target)
-        ms.set_context(mode=mode)
+        ms.set_context(mode=ms.PYNATIVE_MODE)
     else:
-        ms.set_context(mode=mode, device_target=target)
+        ms.set_context(mode=ms.PYNATIVE_MODE, device_target=target)
     if target == "CPU" and getattr(hw_cfg, "blocking_launch", True):
         # Measured on 2 cores: MindSpore's default asynchronous op launch makes small CPU ops
         # wait on each other (bi-LSTM fwd+bwd 2.7 s -> 0.09 s with blocking launch).
@@ -85,6 +78,7 @@ def build_data(cfg, run_dir: Optional[Path] = None, need_test: bool = False, ran
     epoch's training batches, and only rank 0 (the one that validates) gets the val loader."""
     from ds2exp.data.dataset import BatchLoader, BucketBatchSampler, DatasetError, load_split, resolve_manifests
     from ds2exp.data.features import FeatureCache, FeatureSettings
+    from ds2exp.training.trainer import compiled_step
 
     d = cfg.dataset
     settings = FeatureSettings.from_config(d.feature)
