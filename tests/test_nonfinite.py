@@ -82,6 +82,7 @@ def test_rollback_recovers_and_finishes(tmp_path, shared_data_dir):
     assert summary["step"] == 8 and summary["rollbacks"] == 1 and summary["stop_reason"] == "max_steps"
 
 
+@pytest.mark.slow
 def test_impossible_transcript_is_classified_infeasible_ctc(tmp_path, shared_data_dir, say):
     from tests.conftest import write_flac
 

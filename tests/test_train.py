@@ -101,7 +101,7 @@ def test_logger_none_writes_no_store(tmp_path, shared_data_dir):
     assert (tmp_path / "outputs" / "run" / "checkpoints" / "last.ckpt").is_file()
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+@pytest.mark.parametrize("optimizer", [pytest.param("adamw", marks=pytest.mark.slow), "sgd"])  # adamw: Adam's path
 def test_other_optimizers_and_schedules_train(tmp_path, shared_data_dir, optimizer):
     train(tmp_path, shared_data_dir, f"optimizer={optimizer}", "trainer.max_steps=3", "logger=none", *SMALL)
     from ds2exp.training.checkpoint import load_checkpoint

@@ -104,6 +104,7 @@ def test_help_starts_with_examples():
     assert "python -m ds2exp.transcribe checkpoint=" in r.stdout and "exported=" in r.stdout
 
 
+@pytest.mark.slow
 def test_exported_file_alone_gives_the_checkpoints_text(overfit_model, tmp_path):
     """export.py's MindIR, run by transcribe exported= without ds2exp's model code: the same transcripts and
     character times as transcribe checkpoint=, on a file in one chunk and a long one in several."""
