@@ -12,6 +12,7 @@ Rows:
   plain        the stock cells: nn.Conv2d; nn.LSTM / nn.GRU with seq_length (what make_*(impl="plain") builds)
   plain-noseq  nn.LSTM without seq_length (MindSpore's fused CPU LSTM kernel; cannot honour lengths)
   fast         make_*(impl="fast")
+  fast:S       FastConv2d with conv strategy S (gemm: MindSpore's forward; direct_gemm: the direct forward)
   fast-jit     the same under mindspore.jit (first-call compile time in the note column)
 The machine is shared: compare rows of one run, not numbers across runs.
 """
@@ -85,7 +86,10 @@ def bench_conv(name, B, C, O, k, s, p, F, T, impls, repeats):
     flops = 2 * B * O * Fo * To * C * k[0] * k[1]
     ref = None
     for impl in impls:
-        cell = L.make_conv2d(C, O, k, s, p, impl=impl)
+        if impl.startswith("fast:"):  # one strategy of FastConv2d, e.g. fast:gemm
+            cell = L.FastConv2d(C, O, k, s, p, strategy=impl.split(":", 1)[1])
+        else:
+            cell = L.make_conv2d(C, O, k, s, p, impl=impl)
         if ref is None:
             ref = cell
         else:
@@ -158,6 +162,12 @@ def main(argv=None):
         # DS2 conv1 on 2 s of 10 ms frames; conv2 on its output (T/2)
         bench_conv("conv1", 8, 1, 32, (41, 11), (2, 2), (20, 20, 5, 5), 161, 200, ["plain", "fast"], rep)
         bench_conv("conv2", 8, 32, 32, (21, 11), (2, 1), (10, 10, 5, 5), 81, 100, ["plain", "fast"], rep)
+        # conv2's forward, MindSpore's Conv2D (gemm) against the direct kernel (direct_gemm), at the
+        # channel counts of ds2_tiny (8), 16 and ds2_reference (32): where FastConv2d's auto choice
+        # switches (layers.DIRECT_FORWARD_MAX_CHANNEL_PAIRS)
+        for B, ch, T in ((16, 8, 150), (8, 16, 150), (4, 32, 200)):
+            bench_conv("conv2", B, ch, ch, (21, 11), (2, 1), (10, 10, 5, 5), 81, T,
+                       ["fast:gemm", "fast:direct_gemm"], max(rep, 3))
     if args.only in (None, "rnn"):
         T = 100 if args.quick else 200
         for mode in ("lstm", "gru"):

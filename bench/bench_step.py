@@ -294,12 +294,12 @@ def _print_profile(rows, by, peak, out) -> None:
             continue
         p = res["profile"]
         tot = res["s"]
-        conv1 = p.get("conv1_fwd", 0.0) + p.get("conv1_dw", 0.0)
+        direct = p.get("conv_fwd", 0.0) + p.get("conv1_dw", 0.0)
         for k in ("rnn_fwd", "rnn_bwd", "im2col", "col2im", "time_shifts"):
             p.setdefault(k, 0.0)
             p.setdefault(k + "_cores", 0.0)
         conv2 = p["im2col"] + p["col2im"] + p["time_shifts"]
-        host = p["rnn_fwd"] + p["rnn_bwd"] + conv2 + conv1
+        host = p["rnn_fwd"] + p["rnn_bwd"] + conv2 + direct
         other = max(0.0, p["fwd_bwd"] - host)
 
         def pc(v, cores=None):
@@ -309,9 +309,9 @@ def _print_profile(rows, by, peak, out) -> None:
             f"finite={res['finite']}")
         out(f"    value_and_grad {pc(p['fwd_bwd'], p['fwd_bwd_cores'])} = LSTM recurrence fwd "
             f"{pc(p['rnn_fwd'], p['rnn_fwd_cores'])} + bwd {pc(p['rnn_bwd'], p['rnn_bwd_cores'])}")
-        out(f"      + conv1 direct forward + weight gradient {pc(conv1)} + conv2 backward im2col/shifts/col2im "
-            f"{pc(conv2)}")
-        out(f"      + MindSpore ops (input projections, conv2, BN, CTC, ...) {pc(other)}")
+        out(f"      + direct conv forwards (conv1; conv2 where FastConv2d picks direct_gemm) + conv1 "
+            f"weight gradient {pc(direct)} + conv2 backward im2col/shifts/col2im {pc(conv2)}")
+        out(f"      + MindSpore ops (input projections, conv2 backward GEMMs, BN, CTC, ...) {pc(other)}")
         out(f"    Trainer's numpy gradient handling {pc(p['numpy_grads'])};  Adam {pc(p['adam'])}")
         arch = model_arch(r["model"])
         _, _, _, t2 = conv_shapes(r["frames"])

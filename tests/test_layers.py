@@ -83,12 +83,13 @@ CONVS = {
     # name: (C_in, C_out, kernel, stride, padding (top, bottom, left, right), F, T, B)
     "ds2_conv1": (1, 32, (41, 11), (2, 2), (20, 20, 5, 5), 161, 14, 2),
     "ds2_conv2": (32, 32, (21, 11), (2, 1), (10, 10, 5, 5), 81, 7, 2),
+    "ds2_tiny_conv2": (8, 8, (21, 11), (2, 1), (10, 10, 5, 5), 81, 9, 2),
     "odd": (3, 5, (5, 4), (3, 2), (2, 1, 0, 3), 17, 13, 3),
 }
 
 
 @pytest.mark.parametrize("name", sorted(CONVS))
-@pytest.mark.parametrize("strategy", ["auto", "ms", "native"])
+@pytest.mark.parametrize("strategy", ["auto", "gemm", "direct_gemm", "native"])
 def test_conv_fast_matches_plain(name, strategy, numba_mode):
     C, O, k, s, p, F, T, B = CONVS[name]
     plain = L.make_conv2d(C, O, k, s, p, impl="plain")
@@ -101,7 +102,9 @@ def test_conv_fast_matches_plain(name, strategy, numba_mode):
 
 
 def test_conv_auto_strategy():
-    assert L.make_conv2d(32, 32, (21, 11), (2, 1), (10, 10, 5, 5)).strategy == "ms"
+    assert L.make_conv2d(32, 32, (21, 11), (2, 1), (10, 10, 5, 5)).strategy == "gemm"
+    assert L.make_conv2d(8, 8, (21, 11), (2, 1), (10, 10, 5, 5)).strategy == "direct_gemm"
+    assert L.make_conv2d(16, 16, (21, 11), (2, 1), (10, 10, 5, 5)).strategy == "direct_gemm"
     assert L.make_conv2d(1, 32, (41, 11), (2, 2), (20, 20, 5, 5)).strategy == "native"
     assert L.make_conv2d(1, 32, (41, 11), (2, 2), (20, 20, 5, 5), input_grad=False).strategy == "direct"
     with pytest.raises(ValueError, match="one input channel with input_grad=False"):
@@ -264,18 +267,21 @@ def test_rnn_threads_are_bitwise_one_thread(rnn_type, monkeypatch, numba_mode):
     assert np.abs(outs[1][0]).max() > 0 and np.abs(outs[1][1]).max() > 0
 
 
-def test_conv1_weight_gradient_is_bitwise_the_same_for_any_thread_count(monkeypatch, numba_mode):
-    """The direct conv1 kernels cut the batch into the same chunks whatever the thread count and add
+def test_direct_conv_kernels_are_bitwise_the_same_for_any_thread_count(monkeypatch, numba_mode):
+    """The direct conv kernels cut the batch into the same chunks whatever the thread count and add
     the partial weight gradients in chunk order: 1, 2, 3 or 16 threads give the same bits."""
     rng = np.random.default_rng(11)
     k, s, p = (41, 11), (2, 2), (20, 20, 5, 5)
     x = rng.standard_normal((13, 1, 161, 40)).astype(np.float32)
     w = rng.standard_normal((6, 1) + k).astype(np.float32)
     dy = rng.standard_normal((13, 6) + KC.conv_output_size(161, 40, k, s, p)).astype(np.float32)
+    x8 = rng.standard_normal((13, 8, 81, 20)).astype(np.float32)   # conv2 of ds2_tiny: 8 -> 8 channels
+    w8 = rng.standard_normal((8, 8, 21, 11)).astype(np.float32)
     outs = {}
     for threads in (1, 2, 3, 16):
         monkeypatch.setattr(K.settings, "threads", threads)
-        outs[threads] = (KC.direct_conv_forward(x, w, s, p), KC.direct_conv_weight_grad(x, dy, k, s, p))
+        outs[threads] = (KC.direct_conv_forward(x, w, s, p), KC.direct_conv_weight_grad(x, dy, k, s, p),
+                         KC.direct_conv_forward(x8, w8, (2, 1), (10, 10, 5, 5)))
     for threads in (2, 3, 16):
         for one, many in zip(outs[1], outs[threads]):
             assert np.array_equal(one, many), threads

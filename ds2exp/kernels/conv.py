@@ -3,8 +3,8 @@
 * The GEMM backward's data movement (models/layers.py does the two GEMMs in MindSpore):
   ``freq_im2col`` (im2col over frequency rows only - kF/sF times the input, not kF*kT times),
   ``time_shifts`` (the kT time shifts of the output gradient side by side), ``freq_col2im``.
-* Direct kernels for one input channel without an input gradient (DS2 conv1 over the features):
-  ``direct_conv_forward``, ``direct_conv_weight_grad``.
+* Direct kernels: ``direct_conv_forward`` (any number of channels: DS2 conv1 and conv2) and
+  ``direct_conv_weight_grad`` (one input channel without an input gradient: DS2 conv1 over the features).
 * numpy references: ``conv_forward_np``, ``conv_backward_np`` (also the fallback without numba).
 """
 import numpy as np
@@ -147,14 +147,17 @@ def conv_forward_np(x, w, stride, padding):
     return np.ascontiguousarray(Y.transpose(0, 3, 2, 1))
 
 
-# ---- one input channel (DS2 conv1): direct compiled kernels ------------------------------------
-# MindSpore's CPU Conv2D and its filter gradient run DS2 conv1 (1 input channel, 41x11 kernel,
-# stride 2x2) at a small fraction of the machine's speed: measured at B=16, 300 frames, 8 output
-# channels, forward + weight gradient 73-91 ms inside a training step. Written directly - the
-# input split into its sT time phases so that every kernel tap reads a contiguous row, the loop
-# over output frames innermost so that it vectorises - the same takes 44 ms (batch chunks on two
-# cores). The input gradient is not computed: conv1's input is the features, which nothing
-# differentiates (input_grad=False; its gradient is returned as zeros).
+# ---- direct compiled kernels: the forward (DS2 conv1 and conv2), conv1's weight gradient ---------
+# MindSpore's CPU Conv2D runs DS2's convolutions at a small fraction of the machine's speed.
+# Measured inside a ds2_tiny training step (B=16, 300 frames, 8 output channels): conv1's forward +
+# weight gradient 73-91 ms; conv2's forward (8 -> 8 channels, 21x11 taps) 370-420 ms (MindSpore's
+# profiler, machine load 3), the largest single op of the step. Written directly - the input split
+# into its sT time phases so that every kernel tap reads a contiguous row, the loop over output
+# frames innermost so that it vectorises, batch chunks on the cores - conv1 takes 44 ms, and conv2's
+# forward 0.121 s against Conv2D's 0.298 s side by side (bench/bench_layers.py --only conv, load 5;
+# at 32 -> 32 channels the two tie, see layers.DIRECT_FORWARD_MAX_CHANNEL_PAIRS). conv1's input
+# gradient is not computed: its input is the features, which nothing differentiates
+# (input_grad=False; the gradient is returned as zeros).
 
 # The batch is cut into this many chunks (fewer for a smaller batch) whatever the thread count:
 # the weight gradient is the sum of one partial sum per chunk, added in chunk order, so its bits do
@@ -170,39 +173,39 @@ def batch_chunks(B):
 
 
 def _conv_phases_np(x, pt, pl, sT, Fp, Tq):
-    """x (B, F, T) -> (B, sT, Fp, Tq): out[b, p, fp, q] = xpad[b, fp, sT*q + p] (zero padding)."""
-    B, F, T = x.shape
-    out = np.zeros((B, sT, Fp, Tq), np.float32)
+    """x (B, C, F, T) -> (B, C, sT, Fp, Tq): out[b, c, p, fp, q] = xpad[b, c, fp, sT*q + p] (zero padding)."""
+    B, C, F, T = x.shape
+    out = np.zeros((B, C, sT, Fp, Tq), np.float32)
     for p in range(sT):
         # padded column u = sT*q + p holds input column u - pl
         q0 = max(0, -((p - pl) // sT))                      # first q with sT*q + p - pl >= 0
         t0 = sT * q0 + p - pl
         n = min(Tq - q0, max(0, (T - 1 - t0) // sT + 1)) if t0 < T else 0
         if n > 0:
-            out[:, p, pt:pt + F, q0:q0 + n] = x[:, :, t0:t0 + sT * (n - 1) + 1:sT]
+            out[:, :, p, pt:pt + F, q0:q0 + n] = x[:, :, :, t0:t0 + sT * (n - 1) + 1:sT]
     return out
 
 
 def direct_geometry(shape, kernel_size, stride, padding):
-    """Output (Fo, To) and the phase buffer's (Fp, Tq) for an input of shape (B, 1, F, T)."""
+    """Output (Fo, To) and the phase buffer's (Fp, Tq) for an input of shape (B, C, F, T)."""
     F, T = shape[2], shape[3]
     Fo, To = conv_output_size(F, T, kernel_size, stride, padding)
     return Fo, To, F + padding[0] + padding[1], To + (kernel_size[1] - 1) // stride[1] + 1
 
 
-@kernel("conv1_fwd")
+@kernel("conv_fwd")
 def direct_conv_forward(x, w, stride, padding):
-    """conv2d of x (B, 1, F, T) with w (O, 1, kF, kT): the direct kernels (numpy reference without numba)."""
+    """conv2d of x (B, C, F, T) with w (O, C, kF, kT): the direct kernel (numpy reference without numba)."""
     x = np.asarray(x, np.float32)
     w = np.asarray(w, np.float32)
     if not settings.use_numba:
         return conv_forward_np(x, w, stride, padding)
     B, O = x.shape[0], w.shape[0]
     Fo, To, Fp, Tq = direct_geometry(x.shape, w.shape[2:], stride, padding)
-    xph = _conv_phases_np(x[:, 0], padding[0], padding[2], stride[1], Fp, Tq)
-    w3 = np.ascontiguousarray(w[:, 0])
+    xph = _conv_phases_np(x, padding[0], padding[2], stride[1], Fp, Tq)
+    w = np.ascontiguousarray(w)
     out = np.empty((B, O, Fo, To), np.float32)
-    run_tasks(batch_chunks(B), lambda r: compiled.conv1_fwd(xph, w3, stride[0], stride[1], out, r[0], r[1]))
+    run_tasks(batch_chunks(B), lambda r: compiled.conv_fwd(xph, w, stride[0], stride[1], out, r[0], r[1]))
     return out
 
 
@@ -216,7 +219,7 @@ def direct_conv_weight_grad(x, dy, kernel_size, stride, padding):
     if not settings.use_numba:
         return conv_backward_np(x, np.zeros((O, 1, kF, kT), np.float32), dy, stride, padding)[1]
     _, _, Fp, Tq = direct_geometry(x.shape, kernel_size, stride, padding)
-    xph = _conv_phases_np(x[:, 0], padding[0], padding[2], stride[1], Fp, Tq)
+    xph = _conv_phases_np(x, padding[0], padding[2], stride[1], Fp, Tq)[:, 0]
     chunks = batch_chunks(x.shape[0])
     parts = np.empty((len(chunks), O, kF, kT), np.float32)
     run_tasks(list(enumerate(chunks)),

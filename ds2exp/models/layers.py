@@ -6,13 +6,14 @@ Each layer comes in two implementations behind one interface, selected by ``impl
     the stock MindSpore cells: ``nn.Conv2d(pad_mode="pad", has_bias=False)``; ``nn.LSTM`` /
     ``nn.GRU`` (one layer, batch_first) called with ``seq_length``. The reference.
 ``"fast"``
-    *conv*: forward with MindSpore's own convolution kernel (it is competitive), backward by a
-    custom bprop built from large matrix multiplies: numpy pyfunc ops (ds2exp.kernels.conv) do the data movement
+    *conv*: forward by a direct compiled kernel (ds2exp.kernels.conv.direct_conv_forward; MindSpore's
+    CPU Conv2D ran DS2's conv2 at about 7 GFLOP/s), backward by a custom bprop built from large
+    matrix multiplies: numpy pyfunc ops (ds2exp.kernels.conv) do the data movement
     (im2col over frequency rows only - kF/sF times the input, not kF*kT times; the kT time
     shifts of dy; col2im) and MindSpore's matmul (about 2x OpenBLAS's here) does the two GEMMs.
     With a single input channel and no input gradient needed (DS2 conv1 over the features,
-    ``input_grad=False``), forward and weight gradient are direct numba kernels instead; with one
-    input channel and an input gradient, MindSpore's own backward is as fast, so it is kept.
+    ``input_grad=False``), the weight gradient is a direct kernel too; with one input channel and
+    an input gradient, MindSpore's own forward and backward are kept.
     *RNN*: the input projection of all time steps and both directions is ONE MindSpore matmul;
     the recurrence - forward and a hand-written backward, both directions, ragged lengths - runs
     in a ``mindspore.ops.Custom(func_type="pyfunc")`` op (ds2exp.kernels.rnn) with a custom bprop, so autodiff works
@@ -260,17 +261,29 @@ def make_rnn(rnn_type, input_size, hidden_size, bidirectional, impl="fast") -> n
 # Convolution
 # --------------------------------------------------------------------------------------------
 class _ConvFn(nn.Cell):
-    """conv2d(x, w) with MindSpore's forward kernel and a GEMM backward (custom bprop): the data
-    movement (frequency im2col of x, the kT time shifts of dy, col2im of the input gradient) runs in
-    numpy/numba pyfunc ops (ds2exp.kernels.conv), the two big GEMMs in MindSpore (its matmul is
-    ~2x OpenBLAS's here)."""
+    """conv2d(x, w) with a GEMM backward (custom bprop): the data movement (frequency im2col of x,
+    the kT time shifts of dy, col2im of the input gradient) runs in numpy/numba pyfunc ops
+    (ds2exp.kernels.conv), the two big GEMMs in MindSpore (its matmul is ~2x OpenBLAS's here).
+    The forward is the direct kernel (ds2exp.kernels.conv.direct_conv_forward) with
+    direct_forward=True, else MindSpore's Conv2D."""
 
-    def __init__(self, out_channels, kernel_size, stride, padding):
+    def __init__(self, out_channels, kernel_size, stride, padding, direct_forward=False):
         super().__init__()
-        self.conv = ops.Conv2D(out_channel=out_channels, kernel_size=kernel_size, mode=1, pad_mode="pad",
-                               pad=padding, stride=stride)
         self.matmul_ta = ops.MatMul(transpose_a=True)
         self.matmul_tb = ops.MatMul(transpose_b=True)
+
+        def fwd(x, w):
+            return direct_conv_forward(x, w, stride, padding)
+
+        def fwd_shape(xs, ws):
+            Fo, To, _, _ = direct_geometry(xs, kernel_size, stride, padding)
+            return (xs[0], out_channels, Fo, To)
+
+        if direct_forward:
+            self.fwd_op = ops.Custom(fwd, out_shape=fwd_shape, out_dtype=lambda xt, wt: xt, func_type="pyfunc")
+        else:
+            self.fwd_op = ops.Conv2D(out_channel=out_channels, kernel_size=kernel_size, mode=1, pad_mode="pad",
+                                     pad=padding, stride=stride)
         sF, sT = stride
         pt, pb, pl, _ = padding
         kF, kT = kernel_size
@@ -299,14 +312,14 @@ class _ConvFn(nn.Cell):
             return freq_col2im(dxf.reshape(B, Tu, Fo, kF * C), C, kF, sF, F, T, pt, pb, pl)
 
         # the pyfunc registry is keyed by id(): keep the callables alive
-        self._keep = (im2col, shifts, col2im)
+        self._keep = (fwd, im2col, shifts, col2im)
         self.im2col = ops.Custom(im2col, out_shape=im2col_shape, out_dtype=lambda xt, dt: xt, func_type="pyfunc")
         self.shifts = ops.Custom(shifts, out_shape=shifts_shape, out_dtype=lambda dt: dt, func_type="pyfunc")
         self.col2im = ops.Custom(col2im, out_shape=lambda fs, xs, ds: xs, out_dtype=lambda ft, xt, dt: xt,
                                  func_type="pyfunc")
 
     def construct(self, x, w):
-        return self.conv(x, w)
+        return self.fwd_op(x, w)
 
     def bprop(self, x, w, out, dout):
         O, C, kF, kT = w.shape
@@ -364,17 +377,24 @@ class _DirectConvFn(nn.Cell):
         return self.fwd_op(x, w)
 
 
-# "ms": MindSpore's forward, GEMM backward (_ConvFn); "native": MindSpore's conv forward and
-# backward; "direct": the one-channel kernels without input gradient (_DirectConvFn)
-CONV_STRATEGIES = ("ms", "native", "direct")
+# "gemm": MindSpore's conv forward, GEMM backward (_ConvFn); "direct_gemm": the direct forward, GEMM
+# backward; "native": MindSpore's conv forward and backward; "direct": the one-channel kernels without
+# input gradient (_DirectConvFn)
+CONV_STRATEGIES = ("gemm", "direct_gemm", "native", "direct")
+
+# Measured (bench/bench_layers.py --only conv, 2 threads, machine load 5), DS2's conv2 (21x11 taps)
+# forward, the direct kernel against MindSpore's Conv2D: 0.121 vs 0.298 s at 8 -> 8 channels (B=16,
+# 150 frames), 0.208 vs 0.307 s at 16 -> 16 (B=8), 0.499 vs 0.501 s at 32 -> 32 (B=4, 200 frames):
+# the direct forward up to this many input x output channels, MindSpore's kernel above.
+DIRECT_FORWARD_MAX_CHANNEL_PAIRS = 256
 
 
-def _auto_conv_strategy(in_channels, kernel_size, input_grad=True):
+def _auto_conv_strategy(in_channels, out_channels, kernel_size, input_grad=True):
     # measured (bench/bench_layers.py): the GEMM backward wins when the im2col rows are long
     # (DS2 conv2: kF*C = 672); with one input channel (conv1: kF*C = 41) the direct kernels win
     # where no input gradient is needed, and MindSpore's own conv otherwise.
     if in_channels * kernel_size[0] >= 128:
-        return "ms"
+        return "direct_gemm" if in_channels * out_channels <= DIRECT_FORWARD_MAX_CHANNEL_PAIRS else "gemm"
     return "direct" if in_channels == 1 and not input_grad else "native"
 
 
@@ -395,7 +415,7 @@ class FastConv2d(nn.Cell):
         shape = (out_channels, in_channels) + self.kernel_size
         self.weight = Parameter(initializer(HeUniform(math.sqrt(5)), shape, ms.float32), name="weight")
         if strategy == "auto":
-            strategy = _auto_conv_strategy(in_channels, self.kernel_size, input_grad)
+            strategy = _auto_conv_strategy(in_channels, out_channels, self.kernel_size, input_grad)
         if strategy not in CONV_STRATEGIES:
             raise ValueError(f"conv strategy must be one of {('auto',) + CONV_STRATEGIES}, got {strategy!r}")
         if strategy == "direct" and (in_channels != 1 or input_grad):
@@ -408,7 +428,8 @@ class FastConv2d(nn.Cell):
         elif strategy == "direct":
             self.fn = _DirectConvFn(out_channels, self.kernel_size, self.stride, self.padding)
         else:
-            self.fn = _ConvFn(out_channels, self.kernel_size, self.stride, self.padding)
+            self.fn = _ConvFn(out_channels, self.kernel_size, self.stride, self.padding,
+                              direct_forward=strategy == "direct_gemm")
 
     def construct(self, x):
         return self.fn(x, self.weight)
