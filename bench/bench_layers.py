@@ -13,6 +13,7 @@ Rows:
   plain-noseq  nn.LSTM without seq_length (MindSpore's fused CPU LSTM kernel; cannot honour lengths)
   fast         make_*(impl="fast")
   fast:S       FastConv2d with conv strategy S (gemm: MindSpore's forward; direct_gemm: the direct forward)
+  ms matmul / numpy 2 blk   the RNN input projection's GEMM in MindSpore vs numpy's BLAS (fwd = fwd+bwd = one product)
   fast-jit     the same under mindspore.jit (first-call compile time in the note column)
 The machine is shared: compare rows of one run, not numbers across runs.
 """
@@ -100,6 +101,33 @@ def bench_conv(name, B, C, O, k, s, p, F, T, impls, repeats):
         row(impl, name, f"{B}x{C}x{F}x{T}", fwd, fb, flops)
 
 
+def bench_projection_gemm(repeats):
+    """The RNN input projection's products (ds2_tiny, B=16 x 150 frames, both directions) in MindSpore's
+    MatMul, as FastRNN runs them, against numpy's BLAS as it would run inside the recurrence op (one
+    BLAS thread, pinned for reproducible bits; two row blocks on the kernel threads)."""
+    from mindspore import ops
+
+    from ds2exp.kernels.settings import pin_blas_threads, run_tasks
+
+    pin_blas_threads()
+    matmul_t = ops.MatMul(transpose_b=True)
+    for M, K, N, what in ((2400, 328, 1536, "layer-1 forward"), (2400, 192, 1536, "layer-2 forward"),
+                          (2400, 1536, 328, "layer-1 input gradient")):
+        x = np.random.randn(M, K).astype(np.float32)
+        w = np.random.randn(N, K).astype(np.float32)
+        xt, wt = Tensor(x), Tensor(w)
+        out = np.empty((M, N), np.float32)
+
+        def blocks():
+            run_tasks([(0, M // 2), (M // 2, M)], lambda r: np.matmul(x[r[0]:r[1]], w.T, out=out[r[0]:r[1]]))
+            return out
+
+        flops = 2 * M * K * N / 3  # row() reports 3 x flops / time
+        for impl, fn in (("ms matmul", lambda: matmul_t(xt, wt)), ("numpy 2 blk", blocks)):
+            t, _ = timed(fn, repeats)
+            row(impl, "proj", f"{M}x{K} @ {K}x{N}", t, t, flops, what)
+
+
 def bench_rnn(mode, B, T, In, H, bidir, impls, repeats, jit=False):
     D = 2 if bidir else 1
     G = (4 if mode == "lstm" else 3) * H
@@ -145,7 +173,7 @@ def bench_rnn(mode, B, T, In, H, bidir, impls, repeats, jit=False):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=["conv", "rnn"], default=None)
+    ap.add_argument("--only", choices=["conv", "rnn", "gemm"], default=None)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="T=100 for the RNNs, skip plain GRU and H=1024")
     ap.add_argument("--no-plain-gru", action="store_true", help="skip nn.GRU (its Python loop takes minutes)")
@@ -168,6 +196,8 @@ def main(argv=None):
         for B, ch, T in ((16, 8, 150), (8, 16, 150), (4, 32, 200)):
             bench_conv("conv2", B, ch, ch, (21, 11), (2, 1), (10, 10, 5, 5), 81, T,
                        ["fast:gemm", "fast:direct_gemm"], max(rep, 3))
+    if args.only in (None, "gemm"):
+        bench_projection_gemm(max(rep, 5))
     if args.only in (None, "rnn"):
         T = 100 if args.quick else 200
         for mode in ("lstm", "gru"):

@@ -355,13 +355,17 @@ def thread_scaling(out: Callable[[str], None]) -> Dict[str, Any]:
     p = amdahl(t1, t2)
     prof = one["profile"]
     rec = min(p, (prof.get("rnn_fwd", 0.0) + prof.get("rnn_bwd", 0.0)) / t1)
+    # the recurrence splits each direction's rows into chunks of at least 4 (ds2exp.kernels.rnn.row_chunks)
+    cap = 2 * -(-b // 4)
     out(f"  1 thread {t1:.3f} s/step, 2 threads {t2:.3f} s/step: speed-up {t1 / t2:.2f}x; cores busy "
         f"{one['cores']:.1f} and {two['cores']:.1f}")
-    out(f"  model: T(n) = T1 ((1 - p) + (p - r) / n + r / min(n, 2)); p = 2 (1 - T2/T1) = {p:.2f} (Amdahl's parallel "
-        f"fraction), r = {rec:.2f} = the recurrence's share of T1, which runs one thread per direction")
+    out(f"  model: T(n) = T1 ((1 - p) + (p - r) / n + r / min(n, {cap})); p = 2 (1 - T2/T1) = {p:.2f} (Amdahl's "
+        f"parallel fraction), r = {rec:.2f} = the recurrence's share of T1, which can use at most {cap} threads "
+        f"(2 directions x row chunks of at least 4 of the {b} rows)")
     for n in (8, 16):
-        out(f"  projected {n:2d} cores: {projected_speedup(p, n, rec):.2f}x ({t1 / projected_speedup(p, n, rec):.3f} "
-            f"s/step); if the recurrence also split across cores: {projected_speedup(p, n):.2f}x")
+        sp = projected_speedup(p, n, rec, cap)
+        out(f"  projected {n:2d} cores: {sp:.2f}x ({t1 / sp:.3f} s/step); with no cap on the recurrence: "
+            f"{projected_speedup(p, n):.2f}x")
     return {"t1": t1, "t2": t2, "speedup": t1 / t2, "p": p, "recurrence_share": rec}
 
 

@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench.recipe_study                      # every variant, 900 steps each
     .venv/bin/python -m bench.recipe_study --steps 900 --only baseline specaugment
+    .venv/bin/python -m bench.recipe_study --speed --only gru_192   # s/step side by side, no training runs
 
 Each variant is `python -m ds2exp.quickstart experiment=quickstart <its overrides>` with a fixed step
 budget instead of the 10-minute one (trainer.max_minutes=null, trainer.max_steps=--steps; the cosine
@@ -9,8 +10,11 @@ then runs over those steps), so its CER does not depend on how loaded the machin
 Give --steps the number of steps `make train` reaches in 10 minutes on the machine in question (its
 last line says it). Variants that change the cost of a step (model size, batch) also print their
 measured seconds per step, so that their step budget in 10 minutes can be worked out; measure those
-on a quiet machine. Prints one table: steps, s/step, test CER greedy and with the LM (when KenLM is
-installed), and the difference from the baseline. Runs go under outputs/recipe_study/<time>/<variant>.
+on a quiet machine, or side by side with --speed: the Trainer of each variant built in one process
+and stepped in turn (A B B A) on the same synthetic batch of 240 frames (synth_tiny's mean length),
+so that every variant sees the same load. Prints one table: steps, s/step, test CER greedy and with
+the LM (when KenLM is installed), and the difference from the baseline. Runs go under
+outputs/recipe_study/<time>/<variant>.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import platform
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
@@ -73,14 +78,65 @@ def run_variant(name: str, overrides, steps: int, out_root: Path) -> dict:
     return row
 
 
+def measure_speed(names, rounds: int = 4) -> dict:
+    """Median s/step of each variant's Trainer (train.py's model, optimizer and step), stepped in turn
+    in this process on one synthetic batch of the variant's batch size."""
+    import numpy as np
+
+    from bench.flops import FRAMES_PER_SECOND, synthetic_batch
+    from ds2exp.cli import compose_config
+    from ds2exp.data.dataset import Batch
+    from ds2exp.models.deepspeech2 import build_model
+    from ds2exp.tracking.mlflow_tracker import NullTracker
+    from ds2exp.training.optim import build_optimizer
+    from ds2exp.training.run import setup_mindspore
+    from ds2exp.training.trainer import Trainer
+
+    frames = 240
+    trainers = {}
+    for name in names:
+        cfg = compose_config(["experiment=quickstart", "logger=none", "trainer.progress=false", *VARIANTS[name]])
+        if not trainers:
+            setup_mindspore(cfg.hardware, int(cfg.trainer.seed))
+        model = build_model(cfg.model)
+        model.set_train(True)
+        trainer = Trainer(cfg, model, build_optimizer(model.trainable_params(), cfg.optimizer), None, None,
+                          NullTracker(), Path(tempfile.mkdtemp(prefix="ds2exp-recipe-")), steps_per_epoch=1)
+        b = int(cfg.dataset.batch_size)
+        x, xl, y, yl = synthetic_batch(b, frames)
+        batch = Batch(x, xl, y, yl, [f"u{i}" for i in range(b)], [frames / FRAMES_PER_SECOND] * b, [""] * b)
+        trainers[name] = (trainer, batch)
+    times = {n: [] for n in names}
+    order = list(names) + list(reversed(names))
+    for r in range(rounds + 1):
+        for name in order:
+            trainer, batch = trainers[name]
+            t0 = time.perf_counter()
+            trainer.train_step(batch)
+            if r:  # the first round warms up (numba compiles, MindSpore builds its kernels)
+                times[name].append(time.perf_counter() - t0)
+    return {n: float(np.median(t)) for n, t in times.items()}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=900, help="step budget of every variant")
     ap.add_argument("--only", nargs="*", choices=sorted(VARIANTS), help="variants to run (default: all)")
+    ap.add_argument("--speed", action="store_true", help="only time each variant's step, side by side")
     args = ap.parse_args(argv)
     names = args.only or list(VARIANTS)
     if "baseline" not in names:
         names = ["baseline", *names]
+    if args.speed:
+        print(f"[recipe] machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+              f"load {os.getloadavg()[0]:.1f}; s/step of each variant, stepped in turn", flush=True)
+        speed = measure_speed(names)
+        base = speed["baseline"]
+        for name in names:
+            print(f"{name:<20} {' '.join(VARIANTS[name]) or '(experiment=quickstart)':<52} {speed[name]:.3f} s/step "
+                  f"({base / speed[name]:.2f}x the baseline's steps in the same time)")
+        print(f"[recipe] load at the end {os.getloadavg()[0]:.1f}")
+        return 0
     out_root = Path(project_root()) / "outputs" / "recipe_study" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     out_root.mkdir(parents=True, exist_ok=True)
     print(f"[recipe] machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
