@@ -97,6 +97,8 @@ def test_scaling_model():
     # a share that uses at most 2 threads caps the speed-up: p = 1, half of it capped -> 1 / (0.5/16 + 0.5/2)
     assert report.projected_speedup(1.0, 16, capped=0.5) == pytest.approx(1 / (0.5 / 16 + 0.25))
     assert report.projected_speedup(0.5, 2, capped=0.5) == pytest.approx(report.projected_speedup(0.5, 2))
+    # the recurrence's row chunks let it use 8 threads at batch 16: a higher cap, a higher ceiling
+    assert report.projected_speedup(1.0, 16, capped=0.5, cap=8) == pytest.approx(1 / (0.5 / 16 + 0.5 / 8))
 
 
 def test_machine_line_names_the_cpu_and_cores():
