@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -30,6 +29,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+from bench.bench_step import where
 from ds2exp.config import project_root
 
 VARIANTS = {
@@ -128,8 +128,7 @@ def main(argv=None) -> int:
     if "baseline" not in names:
         names = ["baseline", *names]
     if args.speed:
-        print(f"[recipe] machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-              f"load {os.getloadavg()[0]:.1f}; s/step of each variant, stepped in turn", flush=True)
+        print(f"[recipe] {where()}: s/step of each variant, stepped in turn", flush=True)
         speed = measure_speed(names)
         base = speed["baseline"]
         for name in names:
@@ -139,8 +138,7 @@ def main(argv=None) -> int:
         return 0
     out_root = Path(project_root()) / "outputs" / "recipe_study" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     out_root.mkdir(parents=True, exist_ok=True)
-    print(f"[recipe] machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-          f"load {os.getloadavg()[0]:.1f}; {args.steps} steps per variant; runs under {out_root}", flush=True)
+    print(f"[recipe] {where()}: {args.steps} steps per variant; runs under {out_root}", flush=True)
     rows = [run_variant(n, VARIANTS[n], args.steps, out_root) for n in names]
     (out_root / "results.json").write_text(json.dumps(rows, indent=1))
     base = next((r for r in rows if r["name"] == "baseline" and "error" not in r), None)

@@ -5,7 +5,8 @@
    (fast kernels, blocking launch) against the naive path the model zoo recipe builds (nn.Conv2d +
    nn.LSTM, default asynchronous launch, padded to 1250 frames, batch 1) and the same architecture
    in PyTorch; GFLOP/s against a GEMM peak, data wait, peak memory, epoch projection, targets.
-3. The layer benchmark (bench/bench_layers.py --quick).
+3. The ds2_tiny step op by op under MindSpore's profiler (bench/profile_step.py).
+4. The layer benchmark (bench/bench_layers.py --quick).
 
 Every table says the machine it ran on and its load.
 """
@@ -63,6 +64,11 @@ def main() -> int:
     from bench import bench_step
 
     bench_step.run(out=lambda line: print(line, flush=True))
+    print("\nThe ds2_tiny step op by op (python -m bench.profile_step):", flush=True)
+    prof = subprocess.run([sys.executable, "-m", "bench.profile_step"], cwd=ROOT, check=False, capture_output=True,
+                          text=True)  # the profiler's own progress lines go to stderr: shown only on failure
+    print(prof.stdout + (f"  failed (exit {prof.returncode}): {prof.stderr[-2000:]}" if prof.returncode else ""),
+          flush=True)
     print(f"\nLayers (python -m bench.bench_layers --quick) {where()}:", flush=True)
     subprocess.run([sys.executable, "-m", "bench.bench_layers", "--quick"], cwd=ROOT, check=False)
     print(f"\n(make bench total wall time {time.perf_counter() - t_start:.0f} s)")
