@@ -36,9 +36,11 @@ VARIANTS = {
     "baseline": [],
     "specaugment": ["dataset.spec_augment.enabled=true"],
     "lr_3e-3_warmup": ["optimizer.lr=3e-3", "optimizer.warmup_steps=100"],
+    "lr_5e-3_warmup": ["optimizer.lr=5e-3", "optimizer.warmup_steps=150"],
     "lr_8e-4": ["optimizer.lr=8e-4"],
     "gru_192": ["model.rnn_hidden=192"],
     "batch_16": ["dataset.batch_size=16"],
+    "batch_4": ["dataset.batch_size=4"],
     "one_gru_layer_320": ["model.rnn_layers=1", "model.rnn_hidden=320"],
 }
 
@@ -125,7 +127,7 @@ def main(argv=None) -> int:
     ap.add_argument("--speed", action="store_true", help="only time each variant's step, side by side")
     args = ap.parse_args(argv)
     names = args.only or list(VARIANTS)
-    if "baseline" not in names:
+    if args.speed and "baseline" not in names:
         names = ["baseline", *names]
     if args.speed:
         print(f"[recipe] {where()}: s/step of each variant, stepped in turn", flush=True)
@@ -141,7 +143,7 @@ def main(argv=None) -> int:
     print(f"[recipe] {where()}: {args.steps} steps per variant; runs under {out_root}", flush=True)
     rows = [run_variant(n, VARIANTS[n], args.steps, out_root) for n in names]
     (out_root / "results.json").write_text(json.dumps(rows, indent=1))
-    base = next((r for r in rows if r["name"] == "baseline" and "error" not in r), None)
+    base = next((r for r in rows if r["name"] == "baseline" and "error" not in r), None)  # when it ran
     print(f"\n{'variant':<20} {'overrides':<52} {'steps':>5} {'s/step':>7} {'CER greedy':>10} {'vs base':>8} "
           f"{'CER LM':>7}")
     for r in rows:
