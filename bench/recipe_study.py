@@ -34,6 +34,8 @@ from ds2exp.config import project_root
 
 VARIANTS = {
     "baseline": [],
+    # the same recipe from another seed (initial weights, data order): how far apart two runs land by chance
+    "baseline_seed_2": ["trainer.seed=2"],
     "specaugment": ["dataset.spec_augment.enabled=true"],
     "lr_3e-3_warmup": ["optimizer.lr=3e-3", "optimizer.warmup_steps=100"],
     "lr_5e-3_warmup": ["optimizer.lr=5e-3", "optimizer.warmup_steps=150"],
