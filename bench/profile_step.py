@@ -15,6 +15,7 @@ import argparse
 import csv
 import glob
 import os
+import sys
 import tempfile
 
 from bench.bench_step import where
@@ -36,7 +37,17 @@ def profile(model: str, batch: int, frames: int, steps: int, out_dir: str):
     for _ in range(steps):
         trainer.train_step(data)
     prof.stop()
-    prof.analyse()
+    # the profiler's parser (a child process among them) reports its progress on standard output:
+    # send that to standard error, so that standard output is the table alone
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        prof.analyse()
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
     found = glob.glob(os.path.join(out_dir, "**", "cpu_op_type_info_*.csv"), recursive=True)
     if not found:
         raise RuntimeError(f"MindSpore's profiler wrote no cpu_op_type_info_*.csv under {out_dir}")

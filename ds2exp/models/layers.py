@@ -260,6 +260,22 @@ def make_rnn(rnn_type, input_size, hidden_size, bidirectional, impl="fast") -> n
 # --------------------------------------------------------------------------------------------
 # Convolution
 # --------------------------------------------------------------------------------------------
+def _direct_forward_op(out_channels, kernel_size, stride, padding, bprop=None):
+    """The direct conv forward (ds2exp.kernels.conv.direct_conv_forward) as a Custom pyfunc op, and the
+    callables to keep alive (the pyfunc registry is keyed by id())."""
+
+    def fwd(x, w):
+        return direct_conv_forward(x, w, stride, padding)
+
+    def fwd_shape(xs, ws):
+        Fo, To, _, _ = direct_geometry(xs, kernel_size, stride, padding)
+        return (xs[0], out_channels, Fo, To)
+
+    kw = {} if bprop is None else {"bprop": bprop}
+    op = ops.Custom(fwd, out_shape=fwd_shape, out_dtype=lambda xt, wt: xt, func_type="pyfunc", **kw)
+    return op, (fwd, fwd_shape)
+
+
 class _ConvFn(nn.Cell):
     """conv2d(x, w) with a GEMM backward (custom bprop): the data movement (frequency im2col of x,
     the kT time shifts of dy, col2im of the input gradient) runs in numpy/numba pyfunc ops
@@ -271,16 +287,9 @@ class _ConvFn(nn.Cell):
         super().__init__()
         self.matmul_ta = ops.MatMul(transpose_a=True)
         self.matmul_tb = ops.MatMul(transpose_b=True)
-
-        def fwd(x, w):
-            return direct_conv_forward(x, w, stride, padding)
-
-        def fwd_shape(xs, ws):
-            Fo, To, _, _ = direct_geometry(xs, kernel_size, stride, padding)
-            return (xs[0], out_channels, Fo, To)
-
+        fwd_keep = ()
         if direct_forward:
-            self.fwd_op = ops.Custom(fwd, out_shape=fwd_shape, out_dtype=lambda xt, wt: xt, func_type="pyfunc")
+            self.fwd_op, fwd_keep = _direct_forward_op(out_channels, kernel_size, stride, padding)
         else:
             self.fwd_op = ops.Conv2D(out_channel=out_channels, kernel_size=kernel_size, mode=1, pad_mode="pad",
                                      pad=padding, stride=stride)
@@ -312,7 +321,7 @@ class _ConvFn(nn.Cell):
             return freq_col2im(dxf.reshape(B, Tu, Fo, kF * C), C, kF, sF, F, T, pt, pb, pl)
 
         # the pyfunc registry is keyed by id(): keep the callables alive
-        self._keep = (fwd, im2col, shifts, col2im)
+        self._keep = fwd_keep + (im2col, shifts, col2im)
         self.im2col = ops.Custom(im2col, out_shape=im2col_shape, out_dtype=lambda xt, dt: xt, func_type="pyfunc")
         self.shifts = ops.Custom(shifts, out_shape=shifts_shape, out_dtype=lambda dt: dt, func_type="pyfunc")
         self.col2im = ops.Custom(col2im, out_shape=lambda fs, xs, ds: xs, out_dtype=lambda ft, xt, dt: xt,
@@ -353,15 +362,8 @@ class _DirectConvFn(nn.Cell):
         super().__init__()
         kF, kT = kernel_size
 
-        def fwd(x, w):
-            return direct_conv_forward(x, w, stride, padding)
-
         def dw(x, dy):
             return direct_conv_weight_grad(x, dy, kernel_size, stride, padding)
-
-        def fwd_shape(xs, ws):
-            Fo, To, _, _ = direct_geometry(xs, kernel_size, stride, padding)
-            return (xs[0], out_channels, Fo, To)
 
         self.dw_op = ops.Custom(dw, out_shape=lambda xs, ds: (out_channels, 1, kF, kT),
                                 out_dtype=lambda xt, dt: xt, func_type="pyfunc")
@@ -369,9 +371,8 @@ class _DirectConvFn(nn.Cell):
         def bprop(x, w, out, dout):
             return ops.zeros_like(x), self.dw_op(x, dout)
 
-        self.fwd_op = ops.Custom(fwd, out_shape=fwd_shape, out_dtype=lambda xt, wt: xt, func_type="pyfunc",
-                                 bprop=bprop)
-        self._keep = (fwd, dw, bprop)  # the pyfunc registry is keyed by id(): keep them alive
+        self.fwd_op, fwd_keep = _direct_forward_op(out_channels, kernel_size, stride, padding, bprop=bprop)
+        self._keep = fwd_keep + (dw, bprop)  # the pyfunc registry is keyed by id(): keep them alive
 
     def construct(self, x, w):
         return self.fwd_op(x, w)
