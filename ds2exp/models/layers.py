@@ -7,7 +7,8 @@ Each layer comes in two implementations behind one interface, selected by ``impl
     ``nn.GRU`` (one layer, batch_first) called with ``seq_length``. The reference.
 ``"fast"``
     *conv*: forward by a direct compiled kernel (ds2exp.kernels.conv.direct_conv_forward; MindSpore's
-    CPU Conv2D ran DS2's conv2 at about 7 GFLOP/s), backward by a custom bprop built from large
+    CPU Conv2D ran DS2's conv2 at about 7 GFLOP/s) up to DIRECT_FORWARD_MAX_CHANNEL_PAIRS input x
+    output channels, MindSpore's Conv2D above that; backward by a custom bprop built from large
     matrix multiplies: numpy pyfunc ops (ds2exp.kernels.conv) do the data movement
     (im2col over frequency rows only - kF/sF times the input, not kF*kT times; the kT time
     shifts of dy; col2im) and MindSpore's matmul (about 2x OpenBLAS's here) does the two GEMMs.
