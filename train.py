@@ -21,15 +21,8 @@ def main(cfg: DictConfig) -> float:
 
     if in_multirun():  # a crashed or diverged job is recorded as failed; the sweep goes on
         return run_sweep_job(cfg, run_training)
-    from ds2exp.training.checkpoint import CheckpointError
-    from ds2exp.training.recovery import RunDirBusy
-
-    try:
-        status = train_command(cfg)  # prints how the run ended
-    except (CheckpointError, RunDirBusy) as exc:  # disk full, damaged checkpoint, run dir in use: one line
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(1)
-    if status:  # 1 diverged, 130 SIGINT, 143 SIGTERM
+    status = train_command(cfg)  # prints how the run ended; a failure adds one `error:` line
+    if status:  # 1 diverged or failed, 130 SIGINT, 143 SIGTERM
         sys.exit(status)
 
 
@@ -40,11 +33,19 @@ if __name__ == "__main__":
         distributed.run_scheduler()
         sys.exit(0)
     checked = preflight(sys.argv[1:])
+    if checked is not None and checked.get("resume") and not any(
+            a.startswith("hydra.run.dir=") or a in ("-m", "--multirun") for a in sys.argv[1:]):
+        from ds2exp.training.run import resume_in_place
+
+        sys.argv += resume_in_place(checked.resume)  # the resumed session logs into the run it continues
     try:  # hardware.num_devices > 1: the same command again, under msrun
         status = distributed.relaunch_under_msrun(Path(__file__).resolve(), sys.argv[1:], checked)
     except ValueError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         sys.exit(EXIT_CONFIG_ERROR)
+    except Exception as exc:  # noqa: BLE001 - e.g. the corpus cannot be prepared before the ranks start
+        print(f"error: {' '.join(str(exc).split()) or type(exc).__name__}", file=sys.stderr)
+        sys.exit(1)
     if status is not None:
         sys.exit(status)
     main()

@@ -198,7 +198,7 @@ def _check_variant(cfg: DictConfig, extra_check, checked_inputs: set) -> None:
     if extra_check is not None:
         extra_check(job)
     inputs = repr([job.get(k) for k in ("resume", "pretrained", "checkpoint", "checkpoints", "decoder", "model",
-                                        "precision", "dataset")])
+                                        "precision", "dataset", "hardware")])
     if inputs not in checked_inputs:  # a sweep over lr need not re-read its checkpoint per value
         check_inputs(job)
         checked_inputs.add(inputs)

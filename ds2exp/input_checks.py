@@ -16,6 +16,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from ds2exp.config import ConfigValueError
+from ds2exp.data.layout import describe_missing, missing_subsets
 
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 CHECKPOINT_KINDS = "a .ckpt file or a run directory holding checkpoints"
@@ -100,8 +101,19 @@ def _file(key: str, value: Optional[str], what: str) -> None:
         raise InputError(key, value, f"is a {'directory' if p.is_dir() else 'special file'}; expected {what}")
 
 
+def check_device(cfg: DictConfig) -> None:
+    """hardware=gpu|ascend: the installed MindSpore build can use that device (asked in a child process)."""
+    from ds2exp.runtime import device_problem
+
+    h = cfg.get("hardware")
+    why = device_problem(h.device_target) if h is not None else None
+    if why:
+        raise InputError("hardware", h.get("name") or str(h.device_target), why)
+
+
 def check_inputs(cfg: DictConfig) -> None:
     """Every file the config names; the keys present decide which command it is."""
+    check_device(cfg)
     d = cfg.get("dataset")
     if d is not None:
         source = getattr(d.source, "value", d.source)
@@ -112,7 +124,11 @@ def check_inputs(cfg: DictConfig) -> None:
             root = Path(str(d.root))
             if not root.is_dir():
                 raise ConfigValueError("dataset.root", str(d.root), "an existing folder holding LibriSpeech/<subset>/ "
-                                                                    "or manifests/<subset>.jsonl")
+                                                                    "(or LibriSpeech/ itself) or manifests/<subset>.jsonl")
+            subsets = [s for key in ("train_subsets", "val_subsets", "test_subsets") for s in (d.get(key) or [])]
+            missing = missing_subsets(root, subsets)
+            if missing:
+                raise InputError("dataset.root", str(d.root), describe_missing(root, missing))
     dec = cfg.get("decoder")
     if dec is not None and dec.get("lm_path") is not None:
         _file("decoder.lm_path", dec.lm_path, "KenLM language model file (ARPA or binary)")
@@ -125,7 +141,29 @@ def check_inputs(cfg: DictConfig) -> None:
         if cfg.checkpoint is None and not cfg.get("checkpoints") and cfg.get("exported") is None:  # transcribe
             raise ConfigValueError("checkpoint", None, f"{CHECKPOINT_KINDS}" + (
                 " or an MLflow run id (or checkpoints='[a,b]')" if evaluating else ""))
-        if cfg.checkpoint is not None:
-            check_checkpoint("checkpoint", cfg.checkpoint, allow_run_id=evaluating)
-        for i, ref in enumerate(cfg.get("checkpoints") or []):
-            check_checkpoint(f"checkpoints[{i}]", ref, allow_run_id=evaluating)
+        refs = [("checkpoint", cfg.checkpoint)] if cfg.checkpoint is not None else []
+        refs += [(f"checkpoints[{i}]", ref) for i, ref in enumerate(cfg.get("checkpoints") or [])]
+        for key, ref in refs:
+            if check_checkpoint(key, ref, allow_run_id=evaluating) is None:
+                check_run_id(key, ref, cfg.get("logger"))
+
+
+def check_run_id(key: str, value: str, logger_cfg) -> None:
+    """An MLflow run id: the configured store has that run and its run directory a checkpoint."""
+    from ds2exp.config import enum_value
+
+    if logger_cfg is None or enum_value(logger_cfg.backend) != "mlflow":
+        raise InputError(key, value, "an MLflow run id is looked up in the MLflow store, which logger=none turns "
+                                     "off; give the run directory or .ckpt, or drop logger=none")
+    uri = str(logger_cfg.tracking_uri)
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():  # asking would create it
+        raise InputError(key, value, f"not a file or run directory, and there is no MLflow store at {uri} to look "
+                                     f"a run id up in")
+    from ds2exp.training.checkpoint import CheckpointError
+    from ds2exp.training.loading import locate_checkpoint
+
+    try:
+        locate_checkpoint(str(value), uri)
+    except CheckpointError as exc:
+        why = " ".join(str(exc).split())
+        raise InputError(key, value, f"{why[:300]} (store: {uri})") from exc

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import queue
 import threading
@@ -15,10 +16,14 @@ import numpy as np
 from ds2exp.data.audio import AudioError
 from ds2exp.data.features import FeatureCache, FeatureSettings, spec_augment
 from ds2exp.data.labels import TranscriptError, encode
+from ds2exp.data.layout import describe_missing, manifest_path, subset_folder
 from ds2exp.atomic import atomic_write_text
 from ds2exp.data.manifest import ManifestError, Utterance, read_manifest
 from ds2exp.config import enum_value
 from ds2exp.geometry import output_frames  # noqa: F401  (also imported from here)
+
+
+_log = logging.getLogger(__name__)
 
 
 class DatasetError(Exception):
@@ -69,23 +74,22 @@ def resolve_manifests(cfg, progress: bool = True) -> Dict[str, List[Path]]:
             raise DatasetError(f"dataset.name={d.name!r} is not a synthetic preset; allowed: "
                                f"{', '.join(SYNTH_PRESETS)}")
         build_corpus(SYNTH_PRESETS[d.name], root, workers=max(1, d.num_workers), progress=progress)
-    manifest_dir = root / "manifests"
     out: Dict[str, List[Path]] = {}
     for split, subsets in (("train", d.train_subsets), ("val", d.val_subsets), ("test", d.test_subsets)):
         paths = []
         for subset in subsets:
-            m = manifest_dir / f"{subset}.jsonl"
-            folder = root / "LibriSpeech" / subset
+            m = manifest_path(root, subset)
+            folder = subset_folder(root, subset)
             # A manifest older than its subset folder describes audio that has since been replaced
             # (a synthetic corpus rebuilt after its preset changed): prepare it again.
-            stale = m.exists() and folder.is_dir() and m.stat().st_mtime < folder.stat().st_mtime
+            stale = m.exists() and folder is not None and m.stat().st_mtime < folder.stat().st_mtime
             if not m.exists() or stale:
                 from ds2exp.data.librispeech import prepare_subset
 
-                if not folder.is_dir():
-                    raise DatasetError(f"LibriSpeech subset folder not found: {folder} "
-                                       f"(dataset.root={root}, subset {subset!r})")
-                prepare_subset(subset, folder, manifest_dir, workers=max(1, d.num_workers), progress=progress)
+                if folder is None:
+                    raise DatasetError(f"dataset.root={root}: {describe_missing(root, [subset])}")
+                _log.info("%s: preparing %s into %s", subset, folder, m.parent)
+                prepare_subset(subset, folder, m.parent, workers=max(1, d.num_workers), progress=progress)
             paths.append(m)
         out[split] = paths
     return out

@@ -74,6 +74,8 @@ def _sweep_tags(config: DictConfig, sweep_dir: str) -> Dict[str, str]:
         key, _, value = o.partition("=")
         if is_sweep_value(value):
             swept[key.lstrip("+~")] = value
+        else:  # one value on the command line replaces the preset's list
+            swept.pop(key.lstrip("+~"), None)
     for key, value in swept.items():
         tags[f"ds2exp.sweep.{key}"] = value
     return tags
@@ -145,6 +147,9 @@ class MlflowSweepCallback(Callback):
         self.sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
         log.info("sweep %s: starting", self.sweep_dir)
         tags = _sweep_tags(config, str(self.sweep_dir))
+        from ds2exp.sweeps.plan import describe
+
+        print(describe(config, {k: tags[f"ds2exp.sweep.{k}"] for k in _swept_from_tags(tags)}), flush=True)
         self._previous_env = {k: os.environ.get(k) for k in (ENV_PARENT, ENV_SWEPT)}
         publish_swept(_swept_from_tags(tags), self.sweep_dir)
         self._closed = False
@@ -299,8 +304,12 @@ class MlflowSweepCallback(Callback):
         if sweep_dir is None:
             try:
                 from hydra.core.hydra_config import HydraConfig
+                from hydra.types import RunMode
 
-                sweep_dir = Path(HydraConfig.get().sweep.dir).resolve()
+                hc = HydraConfig.get()
+                if hc.mode != RunMode.MULTIRUN:  # a single run leaves nothing under multirun/
+                    return
+                sweep_dir = Path(hc.sweep.dir).resolve()
             except (ImportError, ValueError, AttributeError):
                 return
         self.sweep_dir = sweep_dir

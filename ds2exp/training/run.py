@@ -7,10 +7,11 @@ import os
 import platform
 import random
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
@@ -139,13 +140,40 @@ class RunOutcome:
 
 def train_command(cfg: DictConfig) -> int:
     """One `python train.py` run: train, print how it ended, return the exit status (0 finished,
-    1 diverged; 130 SIGINT and 143 SIGTERM after an interrupt; a crash raises)."""
+    1 diverged or failed; 130 SIGINT and 143 SIGTERM after an interrupt). A failure ends with the
+    summary and one `error:` line; its traceback goes to train.log and the MLflow run, not the console."""
     from ds2exp.training.signals import TrainingInterrupted
 
     try:
         return train_run(cfg).exit_status
     except TrainingInterrupted as exc:
         return exc.exit_status
+    except Exception as exc:  # noqa: BLE001 - every failure is reported the same way, then exit 1
+        log_traceback(exc)
+        if not getattr(exc, "summary_printed", False):  # it failed before its run was set up
+            run_dir = run_dir_from_hydra()
+            _print_summary(_report("failed", {"stop_reason": "error", "error": one_line_error(exc), "step": None},
+                                   None, cfg, run_dir, None, write=run_dir.is_dir()), None)
+        print(f"error: {one_line_error(exc)}", file=sys.stderr, flush=True)
+        return 1
+
+
+# Errors whose message is the whole story; anything else is named by its type.
+_EXPECTED_ERRORS = ("CheckpointError", "RunDirBusy", "DatasetError", "ManifestError", "ConfigValueError")
+
+
+def one_line_error(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if type(exc).__name__ in _EXPECTED_ERRORS else f"{type(exc).__name__}: {text}"
+
+
+def log_traceback(exc: BaseException) -> None:
+    """The traceback into the log files (Hydra's train.log), not onto the console."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, "run failed: %s", (one_line_error(exc),),
+                            (type(exc), exc, exc.__traceback__))
+    for handler in logging.getLogger().handlers + log.handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 def run_training(cfg: DictConfig) -> float:
@@ -215,6 +243,16 @@ def _train_run(cfg: DictConfig, interrupt) -> RunOutcome:
     finally:
         if lock is not None:
             lock.release()
+
+
+def resume_in_place(resume: str) -> List[str]:
+    """Hydra overrides that make a `resume=` session run in the run directory it continues, so that its
+    train.log is appended there (its own .hydra/ files go to .hydra/resumed/, keeping the first ones)."""
+    from ds2exp.input_checks import check_checkpoint
+
+    info = check_checkpoint("resume", resume, need_training_state=True)
+    run_dir = str(_resumed_run_dir(resume, info.meta or {}).resolve()).replace("\\", "\\\\").replace("'", "\\'")
+    return [f"hydra.run.dir='{run_dir}'", "hydra.output_subdir=.hydra/resumed"]
 
 
 def _resumed_run_dir(resume: str, meta: Dict[str, Any]) -> Path:
@@ -442,13 +480,19 @@ def _end_failed(run: Run, exc: BaseException) -> None:
     """A crash: run_state failed, the error tagged, MLflow FAILED, and the summary printed."""
     from ds2exp.training import recovery
 
-    error = f"{type(exc).__name__}: {exc}"[:2000]
+    import traceback
+
+    error = one_line_error(exc)[:2000]
     recovery.write_run_state(run.run_dir, status="failed", error=error)
     if run.tracker is not None:
         run.tracker.set_tags({"ds2exp.status": "failed", "ds2exp.error": error})
+        run.tracker.log_text("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+                             "error/traceback.txt")
         run.tracker.end("FAILED")
     _print_summary(_report("failed", {"stop_reason": "error", "error": error}, run.trainer, run.cfg, run.run_dir,
                            run.tracker), run.tracker)
+    if isinstance(exc, Exception):
+        exc.summary_printed = True  # type: ignore[attr-defined]
 
 
 def _report(outcome: str, base: Dict[str, Any], trainer, cfg, run_dir: Path, tracker,

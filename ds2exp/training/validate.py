@@ -55,22 +55,24 @@ def evaluate_model(model, loader: BatchLoader, definition: str = "reference", ma
             bad = infeasible_rows(batch)
             label_lengths = np.where(bad, 1, batch.label_lengths).astype(np.int32)  # kernel refuses them
             loss = ctc_losses(logits, out_lengths, ms.Tensor(batch.labels), ms.Tensor(label_lengths)).asnumpy()
-            losses.extend(np.where(bad, np.inf, loss).tolist())
+            # max_utterances counts utterances, not batches: the last batch is cut to what is left
+            take = batch.size if not max_utterances else min(batch.size, max_utterances - seen)
+            losses.extend(np.where(bad, np.inf, loss)[:take].tolist())
             t0 = time.perf_counter()
-            log_probs = logits.astype(ms.float32).asnumpy()
-            lengths = out_lengths.asnumpy()
+            log_probs = logits.astype(ms.float32).asnumpy()[:take]
+            lengths = out_lengths.asnumpy()[:take]
             if decode is None:
                 hyps = batch_greedy_decode(log_probs, lengths)
-                bar.update(min(batch.size, max(0, bar.total - bar.n)))
+                bar.update(min(take, max(0, bar.total - bar.n)))
             else:
                 hyps = []
-                for i in range(batch.size):
+                for i in range(take):
                     hyps += decode(log_probs[i:i + 1], lengths[i:i + 1])
                     bar.update(1)
             decode_time += time.perf_counter() - t0
-            for uid, ref, hyp in zip(batch.ids, batch.transcripts, hyps):
+            for uid, ref, hyp in zip(batch.ids[:take], batch.transcripts[:take], hyps):
                 acc.add(ref, hyp, uid)
-            seen += batch.size
+            seen += take
             if max_utterances and seen >= max_utterances:
                 break
     finally:
