@@ -123,8 +123,8 @@ def check_inputs(cfg: DictConfig) -> None:
         elif source == "librispeech":
             root = Path(str(d.root))
             if not root.is_dir():
-                raise ConfigValueError("dataset.root", str(d.root), "an existing folder holding LibriSpeech/<subset>/ "
-                                                                    "(or LibriSpeech/ itself) or manifests/<subset>.jsonl")
+                raise ConfigValueError("dataset.root", str(d.root), "an existing folder holding LibriSpeech/<subset>/"
+                                       " (or LibriSpeech/ itself) or manifests/<subset>.jsonl")
             subsets = [s for key in ("train_subsets", "val_subsets", "test_subsets") for s in (d.get(key) or [])]
             missing = missing_subsets(root, subsets)
             if missing:
