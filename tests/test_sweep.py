@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import open_dict
 import yaml
 
 from tests.conftest import ROOT
@@ -105,6 +106,8 @@ def test_lr_batch_sweep_gives_its_verdict_and_names_its_runs(tmp_path, shared_da
     exp = client.get_experiment(parent.info.experiment_id)
     assert exp.tags.get("mlflow.experimentKind") == "custom_model_development"
 
+    # the plan, printed before the first job
+    assert "sweep: 4 jobs (optimizer.lr x 2; dataset.batch_size x 2); each stops at trainer.max_steps=" in stdout
     # the verdict, printed at the end of the sweep and written into the sweep folder without another command
     assert "4 jobs: 2 finished, 2 diverged, 0 crashed" in stdout
     for bs in ("2", "4"):
@@ -186,6 +189,29 @@ def test_optuna_preset_records_diverged_trials_as_failed_and_goes_on(tmp_path, s
     assert len(parents) == 1 and len(children) == 3
     statuses = sorted((r.data.params["optimizer.lr"], r.info.status) for r in children)
     assert ("0.001", "FINISHED") in statuses and ("100000000.0", "FAILED") in statuses
+
+
+def test_preset_sweeps_carry_a_budget_and_say_it_before_the_first_job():
+    from ds2exp.cli import check_overrides
+    from ds2exp.sweeps.callback import _sweep_tags, _swept_from_tags
+    from ds2exp.sweeps.plan import describe
+
+    def plan(*overrides):
+        cfg = check_overrides(list(overrides), with_hydra=True)
+        with open_dict(cfg):
+            cfg.hydra.overrides.task = [o for o in overrides if not o.startswith("+sweep")]
+        tags = _sweep_tags(cfg, "sweep")
+        return cfg, describe(cfg, {k: tags[f"ds2exp.sweep.{k}"] for k in _swept_from_tags(tags)})
+
+    cfg, text = plan("+sweep=nan_lr_batch")
+    assert cfg.trainer.max_steps == 150 and cfg.trainer.max_minutes == 3
+    assert text.startswith("sweep: 12 jobs (optimizer.lr x 4; dataset.batch_size x 3); each stops at "
+                           "trainer.max_steps=150, trainer.max_minutes=3"), text
+    assert "at most about 36 minutes" in text
+    _, text = plan("+sweep=nan_lr_batch", "dataset.batch_size=8", "trainer.max_steps=30")
+    assert text.startswith("sweep: 4 jobs (optimizer.lr x 4); each stops at trainer.max_steps=30"), text
+    _, text = plan("optimizer.lr=1e-4,1e-3")  # no preset, no limit: said before it starts
+    assert "no step or time limit" in text
 
 
 def test_sweep_presets_pass_preflight_and_their_values_are_checked(tmp_path, monkeypatch):
