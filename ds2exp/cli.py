@@ -129,6 +129,19 @@ def _check_added_keys(overrides: List[str], base: Optional[DictConfig]) -> None:
             raise ConfigError(f"unknown config key '{key}' (added with '+'){_allowed_keys(base, parent)}")
 
 
+def _check_repeated_keys(overrides: List[str]) -> None:
+    """A key given twice (`optimizer.lr=1e-3 optimizer.lr=2e-3`) is refused, as Hydra refuses a config group
+    given twice: silently taking the last would run something the user did not read back."""
+    seen = {}
+    for ov in overrides:
+        if "=" not in ov:
+            continue
+        key = ov.split("=", 1)[0].strip().lstrip("+~")
+        if key in seen:
+            raise ConfigError(f"'{key}' is given twice ({seen[key]} and {ov}); give each key once")
+        seen[key] = ov
+
+
 def _sweep_variants(overrides: List[str]) -> List[List[str]]:
     """Override lists that together try every value of every sweep at least once."""
     parsed = OverridesParser.create().parse_overrides(overrides)
@@ -210,6 +223,7 @@ def check_overrides(overrides: List[str], config_name: str = "train",
     """Compose and validate every sweep value (values, Hydra's run/sweep dirs, named input files);
     raises ConfigError with a one-line message. Returns the first variant's config (with its `hydra`
     node when `with_hydra`). A plain command line is composed once."""
+    _check_repeated_keys(overrides)
     if any(o.startswith("+") for o in overrides):
         _check_added_keys(overrides, _base(config_name))
     try:

@@ -23,6 +23,8 @@ BAD_COMMAND_LINES = [
                                       "an existing checkpoint file or run directory"]),
     (["pretrained=/no/such.ckpt"], ["pretrained='/no/such.ckpt' is not allowed", "an existing checkpoint file"]),
     (["-m", "optimizer.lr=1e-3,-1"], ["optimizer.lr=-1.0 is not allowed", "expected a number > 0"]),
+    (["optimizer.lr=1e-3", "optimizer.lr=2e-3"], ["'optimizer.lr' is given twice", "give each key once"]),
+    (["hardware=cpu", "hardware=gpu"], ["'hardware' is given twice"]),
 ]
 
 
