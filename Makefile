@@ -32,9 +32,10 @@ test-slow: install
 
 # The MLflow UI of a real sweep, checked in headless Chromium (Selenium); apt-get needs root.
 test-ui: install
-	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium chromium-driver)
+	(command -v chromium && command -v chromedriver) >/dev/null || \
+		(apt-get update && apt-get install -y chromium chromium-driver)
 	$(PY) -m pip install -q selenium
-	$(PY) -m pytest -m slow -q tests/test_ui_browser.py
+	DS2EXP_REQUIRE_BROWSER=1 $(PY) -m pytest -m slow -q tests/test_ui_browser.py
 
 # MLflow server on a real PostgreSQL store (tests/test_postgres_tracking.py): installs Debian's PostgreSQL
 # server if neither PATH nor /usr/lib/postgresql/*/bin has initdb; apt-get needs root.

@@ -48,15 +48,17 @@ def _executable(name: str, default: str) -> str | None:
 @pytest.fixture(scope="module")
 def browser_tools():
     """(chromium, chromedriver), or skip the module before the sweep is trained."""
+    # Under `make test-ui` (DS2EXP_REQUIRE_BROWSER=1) a missing tool is a failure, never a pass.
+    give_up = pytest.fail if os.environ.get("DS2EXP_REQUIRE_BROWSER") == "1" else pytest.skip
     try:
         import selenium  # noqa: F401
     except ImportError:
-        pytest.skip("selenium is not installed (make test-ui installs it: pip install selenium)")
+        give_up("selenium is not installed (make test-ui installs it: pip install selenium)")
     chromium = _executable("chromium", "/usr/bin/chromium")
     driver = _executable("chromedriver", "/usr/bin/chromedriver")
     if chromium is None or driver is None:
         missing = " and ".join(n for n, p in (("chromium", chromium), ("chromedriver", driver)) if p is None)
-        pytest.skip(f"{missing} not found (Debian: apt-get install chromium chromium-driver; or make test-ui)")
+        give_up(f"{missing} not found (Debian: apt-get install chromium chromium-driver; or make test-ui)")
     return chromium, driver
 
 
@@ -227,3 +229,4 @@ def test_ui_shows_sweep_parent_children_and_grad_norm(sweep_store, mlflow_server
     for png in sorted(shots.glob("*.png")):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000, png
     print(f"UI screenshots: {shots}")
+

@@ -125,3 +125,20 @@ def test_evaluate_run_id_without_the_store_is_a_config_error(tmp_path):
         line = assert_one_error_line(r, "config error:")
         assert run_id in line and ("logger=none" in line or "no MLflow store" in line), line
         assert listing(tmp_path) == []
+
+
+def test_make_test_ui_fails_rather_than_skips_without_its_browser_tools(tmp_path):
+    """What `make test-ui` runs, on a machine lacking selenium, chromium or chromedriver: a failure."""
+    import importlib.util
+    import os
+
+    tools = [shutil.which("chromium") or Path("/usr/bin/chromium").exists(),
+             shutil.which("chromedriver") or Path("/usr/bin/chromedriver").exists()]
+    if importlib.util.find_spec("selenium") is not None and all(tools):
+        pytest.skip("selenium, chromium and chromedriver are all here: make test-ui runs the real check")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-m", "slow", "-q", "-p", "no:cacheprovider",
+                        str(ROOT / "tests" / "test_ui_browser.py")],
+                       env={**os.environ, "DS2EXP_REQUIRE_BROWSER": "1"}, capture_output=True, text=True,
+                       cwd=ROOT, timeout=300)
+    assert r.returncode != 0 and "skipped" not in r.stdout.splitlines()[-1], r.stdout[-2000:]
+    assert "not installed" in r.stdout or "not found" in r.stdout, r.stdout[-2000:]
