@@ -59,8 +59,11 @@ lint: install
 	$(PY) -m pip install -q ruff
 	$(VENV)/bin/ruff check ds2exp tests bench train.py evaluate.py export.py
 
+# The address printed is ds2exp's runs table with ?workflowType=machine_learning: MLflow 3 opens an
+# experiment in its GenAI view unless the URL (or the browser's stored choice) says "Model training".
 ui: install
-	@echo "MLflow UI: http://127.0.0.1:5000  (store: sqlite:///$(CURDIR)/mlflow.db; Ctrl-C stops it)"
+	@echo "MLflow UI: $$($(PY) -c 'from ds2exp.training.summary import ui_landing; print(ui_landing("$(CURDIR)/mlflow.db"))')"
+	@echo "  (store: sqlite:///$(CURDIR)/mlflow.db; Ctrl-C stops it)"
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
 
 clean:

@@ -10,7 +10,7 @@ import ds2exp  # noqa: F401  (first: fixes the protobuf implementation before Mi
 import hydra
 from omegaconf import DictConfig
 
-from ds2exp.cli import EXIT_CONFIG_ERROR, preflight
+from ds2exp.cli import EXIT_CONFIG_ERROR, preflight, resume_in_place
 from ds2exp.config import config_dir
 
 
@@ -35,8 +35,6 @@ if __name__ == "__main__":
     checked = preflight(sys.argv[1:])
     if checked is not None and checked.get("resume") and not any(
             a.startswith("hydra.run.dir=") or a in ("-m", "--multirun") for a in sys.argv[1:]):
-        from ds2exp.training.run import resume_in_place
-
         sys.argv += resume_in_place(checked.resume)  # the resumed session logs into the run it continues
     try:  # hardware.num_devices > 1: the same command again, under msrun
         status = distributed.relaunch_under_msrun(Path(__file__).resolve(), sys.argv[1:], checked)

@@ -69,3 +69,12 @@ class RunDir:
 
     def best(self) -> List[Path]:
         return sorted(p for p in self.checkpoint_folder.glob(f"{BEST_PREFIX}*.ckpt") if p.is_file())
+
+
+def resumed_run_dir(resume: str | Path, meta: dict) -> Path:
+    """The run directory a resume continues: the one named (so a moved run still works), else the
+    checkpoint's own, else the one recorded in the checkpoint's metadata."""
+    p = Path(resume)
+    if p.is_dir() or p.parent.name == CHECKPOINTS:
+        return RunDir.of(p).path
+    return Path(meta.get("run_dir") or p.parent)

@@ -30,7 +30,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ds2exp.config import ConfigValueError, config_dir
 from ds2exp.validation import validate
-from ds2exp.input_checks import check_inputs
+from ds2exp.input_checks import check_device, check_inputs
 from ds2exp.validation import check_hydra_dirs
 
 EXIT_CONFIG_ERROR = 2
@@ -211,7 +211,7 @@ def _check_variant(cfg: DictConfig, extra_check, checked_inputs: set) -> None:
     if extra_check is not None:
         extra_check(job)
     inputs = repr([job.get(k) for k in ("resume", "pretrained", "checkpoint", "checkpoints", "decoder", "model",
-                                        "precision", "dataset", "hardware")])
+                                        "precision", "dataset")])
     if inputs not in checked_inputs:  # a sweep over lr need not re-read its checkpoint per value
         check_inputs(job)
         checked_inputs.add(inputs)
@@ -325,6 +325,17 @@ def refuse(key: str, value, allowed: str) -> "NoReturn":
     config_error(str(ConfigValueError(key, value, allowed)))
 
 
+def resume_in_place(resume: str) -> List[str]:
+    """Hydra overrides that make a `resume=` session run in the run directory it continues, so that its
+    train.log is appended there (its own .hydra/ files go to .hydra/resumed/, keeping the first ones)."""
+    from ds2exp.checkpoints import resumed_run_dir
+    from ds2exp.input_checks import check_checkpoint
+
+    info = check_checkpoint("resume", resume, need_training_state=True)
+    run_dir = str(resumed_run_dir(resume, info.meta or {}).resolve()).replace("\\", "\\\\").replace("'", "\\'")
+    return [f"hydra.run.dir='{run_dir}'", "hydra.output_subdir=.hydra/resumed"]
+
+
 def preflight(argv: List[str], config_name: str = "train",
               extra_check: Optional[Callable[[DictConfig], None]] = None) -> Optional[DictConfig]:
     """Exit with status 2 and one line on stderr if the command line's config is bad, or with status 3
@@ -338,6 +349,12 @@ def preflight(argv: List[str], config_name: str = "train",
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         sys.exit(EXIT_CONFIG_ERROR)
+    if "submitit" not in str(OmegaConf.select(cfg, "hydra.launcher._target_", default="")):  # trains here
+        try:
+            check_device(_without_hydra(cfg))
+        except ConfigValueError as exc:
+            print(f"config error: {exc}", file=sys.stderr)
+            sys.exit(EXIT_CONFIG_ERROR)
     if not any(a.split("=", 1)[0] in ("--cfg", "-c", "--info", "-i") for a in argv):  # those print; create nothing
         try:
             check_outputs(cfg, multirun=any(a in ("-m", "--multirun") for a in argv))

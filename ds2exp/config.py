@@ -93,6 +93,9 @@ class FeatureConfig:
     # The reference used librosa < 0.10, whose centred STFT padded by reflection.
     pad_mode: str = "reflect"
     normalize: bool = True
+    # Silent audio has a zero standard deviation: true divides by 1 there, false divides by it as the
+    # model zoo does (NaN features)
+    zero_std_guard: bool = True
     # auto: cache when the training split's features take <= cache_max_gb, else compute them on
     # the fly (a few percent of a step; docs/storage.md); on / off (true / false) force it
     cache: str = "auto"
@@ -131,6 +134,13 @@ class DatasetConfig:
     # Drop utterances whose transcript needs more CTC frames than the model outputs (their loss
     # is infinite). false keeps them, e.g. to reproduce the reference's divergence.
     drop_infeasible: bool = True
+    # Training only: utterances longer than this many feature frames are cut to it at a random offset,
+    # keeping the whole transcript, as the model zoo does at 1250 (its cause of infinite CTC losses).
+    # None: no crop. With drop_infeasible, feasibility is judged after the crop.
+    crop_frames: Optional[int] = None
+    # Training only: the label matrix is this many characters wide (the zoo's 350); a longer transcript,
+    # which the zoo's padding cannot hold, is dropped and listed. None: as wide as the batch needs.
+    label_pad: Optional[int] = None
     feature: FeatureConfig = field(default_factory=FeatureConfig)
     spec_augment: SpecAugmentConfig = field(default_factory=SpecAugmentConfig)
 

@@ -102,7 +102,8 @@ def _file(key: str, value: Optional[str], what: str) -> None:
 
 
 def check_device(cfg: DictConfig) -> None:
-    """hardware=gpu|ascend: the installed MindSpore build can use that device (asked in a child process)."""
+    """hardware=gpu|ascend: the installed MindSpore build can use that device (asked in a child process).
+    Only for a run on this machine: a SLURM sweep is composed on a login node and trains elsewhere."""
     from ds2exp.runtime import device_problem
 
     h = cfg.get("hardware")
@@ -113,7 +114,6 @@ def check_device(cfg: DictConfig) -> None:
 
 def check_inputs(cfg: DictConfig) -> None:
     """Every file the config names; the keys present decide which command it is."""
-    check_device(cfg)
     d = cfg.get("dataset")
     if d is not None:
         source = getattr(d.source, "value", d.source)

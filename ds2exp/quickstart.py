@@ -88,6 +88,8 @@ def main(argv=None) -> int:
     print(f"[ds2exp] per-utterance results: {eval_dir}")
     print(f"[ds2exp] MLflow run {summary.get('mlflow_run_id')}; open the UI with `make ui` "
           f"(store sqlite:///{root}/mlflow.db)")
+    if summary.get("mlflow_url"):
+        print(f"[ds2exp] the run in the UI: {summary['mlflow_url']}")
     return 0
 
 

@@ -12,7 +12,8 @@ N; `exploded@N`: it finished, but its logged losses diverged from step N, see ds
 tables: per batch size the largest lr that trained without divergence and the smallest that
 diverged (the stability boundary), and the recommended setting (best validation CER among the
 stable jobs). Files: `sweep_report.png` (heatmap), `sweep_losses.png` (every job's train loss) and
-`sweep_report.txt`, beside the heatmap; also logged to the parent run (`report/`) when one is known.
+`sweep_report.txt`, beside the heatmap; also logged to the parent run (`report/`) when one is known,
+which gets the verdict as its description and the boundary and recommendation as metrics and params.
 Swept keys other than the two axes give one table per value.
 """
 from __future__ import annotations

@@ -87,6 +87,8 @@ def _dataset(d: DictConfig) -> None:
     _check(d.max_duration > d.min_duration, "dataset.max_duration", d.max_duration,
            f"a number > dataset.min_duration ({d.min_duration})")
     _optional_at_least(d.max_utterances, "dataset.max_utterances", 1)
+    _optional_at_least(d.get("crop_frames"), "dataset.crop_frames", 16)
+    _optional_at_least(d.get("label_pad"), "dataset.label_pad", 1)
     for k in ("train_subsets", "val_subsets", "test_subsets"):
         for s in d[k]:
             _check(bool(_NAME.match(str(s))) and s not in (".", ".."), f"dataset.{k}", list(d[k]),

@@ -7,12 +7,8 @@ import pytest
 from ds2exp.models.deepspeech2 import DeepSpeech2, count_parameters, load_state
 from ds2exp.training.checkpoint import (CheckpointError, find_latest_checkpoint, load_checkpoint,
                                         save_checkpoint)
-
-
-def tiny_model(**kw):
-    args = dict(conv_channels=2, rnn_layers=1, rnn_hidden=8, conv_impl="plain", rnn_impl="plain")
-    args.update(kw)
-    return DeepSpeech2(**args)
+from tests.helpers import ROOT
+from tests.helpers.models import tiny_model
 
 
 def test_save_load_roundtrip_with_meta(tmp_path):
@@ -43,8 +39,6 @@ def test_disk_full_names_the_path_and_keeps_previous(tmp_path):
     import sys
     import textwrap
 
-    from tests.conftest import ROOT
-
     m = tiny_model(rnn_hidden=64)
     good = save_checkpoint(tmp_path / "last.ckpt", m, meta={"step": 1})
     before = good.read_bytes()
@@ -52,7 +46,7 @@ def test_disk_full_names_the_path_and_keeps_previous(tmp_path):
         import resource, signal
         import ds2exp
         from ds2exp.training.checkpoint import save_checkpoint, CheckpointError
-        from tests.test_checkpoint import tiny_model
+        from tests.helpers.models import tiny_model
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))
         try:

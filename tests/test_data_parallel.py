@@ -1,14 +1,20 @@
 """Data-parallel training on MindSpore's launcher (msrun), two real processes on this CPU."""
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 
 from tests.conftest import ROOT
+from tests.helpers import wait_for
+from tests.helpers.processes import train_cmd, train_env
+from tests.helpers.tracking import max_logged_step, mlflow_client, runs_of
 from tests.test_train import SMALL, mlflow_runs, train
 
 MSRUN = [sys.executable, "-m", "mindspore.parallel.cluster.run"]
@@ -115,3 +121,80 @@ def test_data_parallel_config_errors(tmp_path):
         assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "outputs").exists() and not (tmp_path / "multirun").exists()
 
+
+
+def _msrun_worker(root_pid: int, rank: int):
+    """The pid of data-parallel rank `rank` below `root_pid` (the msrun worker: MS_ROLE=MS_WORKER and
+    RANK_ID in its environment, leader of its own session; the log tails carry the same environment)."""
+    children = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as fh:
+                fields = fh.read().rsplit(b")", 1)[1].split()
+            with open(f"/proc/{entry}/environ", "rb") as fh:
+                env = dict(i.split(b"=", 1) for i in fh.read().split(b"\0") if b"=" in i)
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append((int(entry), int(fields[3]), env))
+    todo = [root_pid]
+    while todo:
+        for pid, session, env in children.get(todo.pop(), []):
+            if (env.get(b"MS_ROLE") == b"MS_WORKER" and env.get(b"RANK_ID") == str(rank).encode()
+                    and session == pid):
+                return pid
+            todo.append(pid)
+    return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+def test_a_rank_killed_mid_run_stops_the_whole_run_within_seconds(tmp_path, synth_data_dir):
+    """SIGKILL to rank 1 after step 5 (what the OOM killer does): rank 0, blocked in its AllReduce, the
+    scheduler and msrun are stopped; the launcher records the run failed (run_state.json, the MLflow run
+    FAILED), prints the summary and one error line naming rank 1, and exits 1; rank 0's last checkpoint
+    stays loadable."""
+    from ds2exp.training.checkpoint import load_checkpoint
+
+    run_dir, db = tmp_path / "outputs" / "run", tmp_path / "mlflow.db"
+    out, err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
+    cmd = train_cmd(synth_data_dir, run_dir, *SMALL, "hardware.num_devices=2", "trainer.max_steps=400",
+                    "trainer.eval_every=1000", "trainer.checkpoint_every=2", "trainer.log_every=1",
+                    f"logger.tracking_uri=sqlite:///{db}")
+    with open(out, "wb") as o, open(err, "wb") as e:
+        proc = subprocess.Popen(cmd, stdout=o, stderr=e, cwd=ROOT, env=train_env(tmp_path))
+    try:
+        wait_for(lambda: max_logged_step(db) >= 5, 600, proc, "step 5 in the MLflow store")
+        rank0, rank1 = _msrun_worker(proc.pid, 0), _msrun_worker(proc.pid, 1)
+        assert rank0 and rank1, "the msrun workers were not found"
+        os.kill(rank1, signal.SIGKILL)
+        killed = time.monotonic()
+        returncode = proc.wait(timeout=60)  # a hang fails here
+        took = time.monotonic() - killed
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    print(f"SIGKILL of rank 1 to the launcher's exit: {took:.1f} s")
+    stdout, stderr = out.read_text(errors="replace"), err.read_text(errors="replace")
+    assert returncode == 1, stdout[-3000:] + stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, stderr[-3000:]
+    assert f"data-parallel rank 1 (pid {rank1})" in errors[0] and "SIGKILL" in errors[0]
+    assert str(run_dir / "msrun_logs" / "worker_1.log") in errors[0]
+    assert (stdout + stderr).count("Traceback") == 0, stdout[-3000:] + stderr[-3000:]
+    assert "==== ds2exp training: failed" in stdout and f"run directory:   {run_dir}" in stdout
+    assert not _alive(rank0)  # stopped, not left blocked in its AllReduce
+
+    assert load_checkpoint(run_dir / "checkpoints" / "last.ckpt").meta["step"] >= 2
+    state = json.loads((run_dir / "run_state.json").read_text())
+    assert state["status"] == "failed" and "rank 1" in state["error"]
+    (run,) = runs_of(mlflow_client(f"sqlite:///{db}"))
+    assert run.info.run_id == state["mlflow_run_id"] and run.info.status == "FAILED"
+    assert run.data.tags["ds2exp.status"] == "failed" and "rank 1" in run.data.tags["ds2exp.error"]
+    assert run.info.run_id in stdout

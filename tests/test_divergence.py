@@ -3,24 +3,17 @@ same skip/stop/rollback policy and diagnosis as non-finite steps (real MindSpore
 import json
 import math
 
-import mindspore as ms
 import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from ds2exp.cli import check_overrides
-from ds2exp.data.dataset import BatchLoader, BucketBatchSampler, load_split
-from ds2exp.data.features import FeatureCache, FeatureSettings
-from ds2exp.data.manifest import Utterance, write_jsonl
-from ds2exp.models.deepspeech2 import build_model
 from ds2exp.tracking import make_tracker
-from ds2exp.tracking.mlflow_tracker import NullTracker
 from ds2exp.training.divergence import ExplosionDetector
-from ds2exp.training.optim import build_optimizer
-from ds2exp.training.trainer import Trainer, TrainingStopped, estimated_total
-from tests.conftest import write_flac
-from tests.test_train import SMALL, mlflow_runs, train
-
+from ds2exp.training.progress import estimated_total
+from ds2exp.training.trainer import TrainingStopped
+from tests.helpers.processes import MICRO_BATCH4, train
+from tests.helpers.tracking import mlflow_runs
+from tests.helpers.trainers import make_trainer
 
 def detector(**kw):
     cfg = {"enabled": True, "factor": 20.0, "window": 5, "min_history": 1, "patience": 3, "max_loss": 1e5,
@@ -67,43 +60,12 @@ def test_progress_total_counts_toward_the_time_limit():
 
 
 # ---------------------------------------------------------------- in process, real MindSpore
-@pytest.fixture(scope="module")
-def manifest(tmp_path_factory, say):
-    import soundfile as sf
-
-    tmp = tmp_path_factory.mktemp("div")
-    utts = []
-    texts = ["GOOD MORNING", "OPEN THE DOOR", "THE BLUE CAR", "HELLO THERE", "SIT DOWN", "A RED HAT",
-             "COME HERE NOW", "ONE TWO THREE"]
-    for i, text in enumerate(texts):
-        p = write_flac(tmp / f"u{i}.flac", say(text.lower()))
-        utts.append(Utterance(f"u{i}", str(p), text, sf.info(str(p)).duration, 16000))
-    write_jsonl(utts, tmp / "m.jsonl")
-    return tmp / "m.jsonl"
-
-
-def make_trainer(tmp_path, manifest, *overrides, tracker=None):
-    cfg = check_overrides(["dataset=manifest", f"dataset.train_manifest={manifest}", f"paths.root_dir={tmp_path}",
-                           "model.conv_channels=4", "model.rnn_hidden=48", "model.rnn_layers=1",
-                           "dataset.batch_size=4", "dataset.num_buckets=1", "dataset.sortagrad=false",
-                           "logger=none", "trainer.progress=false", "trainer.eval_every=1000", *overrides])
-    settings = FeatureSettings()
-    split = load_split("train", [manifest], cfg, settings)
-    sampler = BucketBatchSampler(split.examples, 4, 1, seed=0)
-    loader = BatchLoader(split, sampler, FeatureCache(tmp_path / "cache", settings), num_workers=0)
-    ms.set_seed(0)
-    np.random.seed(0)
-    model = build_model(cfg.model)
-    opt = build_optimizer(model.trainable_params(), cfg.optimizer)
-    return Trainer(cfg, model, opt, loader, None, tracker or NullTracker(), tmp_path / "run", len(sampler))
-
-
 def weights(trainer):
     return {p.name: p.asnumpy().copy() for p in trainer.model.trainable_params()}
 
 
-def test_stop_policy_stops_an_exploding_run_with_first_bad_and_diverged_steps(tmp_path, manifest):
-    tr = make_trainer(tmp_path, manifest, "optimizer.lr=1e3", "trainer.max_steps=12", "trainer.nonfinite=stop")
+def test_stop_policy_stops_an_exploding_run_with_first_bad_and_diverged_steps(tmp_path, spoken_manifest):
+    tr = make_trainer(tmp_path, spoken_manifest, "optimizer.lr=1e3", "trainer.max_steps=12", "trainer.nonfinite=stop")
     with pytest.raises(TrainingStopped) as stop:
         tr.fit()
     d = stop.value.diagnosis
@@ -118,8 +80,8 @@ def test_stop_policy_stops_an_exploding_run_with_first_bad_and_diverged_steps(tm
     assert min(s.history["loss"][first_bad - 1:]) > 20 * s.history["loss"][0]
 
 
-def test_exploded_steps_leave_the_weights_as_they_were(tmp_path, manifest):
-    tr = make_trainer(tmp_path, manifest, "optimizer.lr=1e3", "trainer.max_steps=12", "trainer.nonfinite=skip",
+def test_exploded_steps_leave_the_weights_as_they_were(tmp_path, spoken_manifest):
+    tr = make_trainer(tmp_path, spoken_manifest, "optimizer.lr=1e3", "trainer.max_steps=12", "trainer.nonfinite=skip",
                       "trainer.nonfinite_patience=4")
     snapshots = []
     original = tr.train_step
@@ -143,8 +105,8 @@ def test_exploded_steps_leave_the_weights_as_they_were(tmp_path, manifest):
             np.testing.assert_array_equal(value, w[name], err_msg=name)
 
 
-def test_rollback_handles_an_explosion_then_stops_after_max_rollbacks(tmp_path, manifest):
-    tr = make_trainer(tmp_path, manifest, "optimizer.lr=1e3", "trainer.max_steps=20", "trainer.nonfinite=rollback",
+def test_rollback_handles_an_explosion_then_stops_after_max_rollbacks(tmp_path, spoken_manifest):
+    tr = make_trainer(tmp_path, spoken_manifest, "optimizer.lr=1e3", "trainer.max_steps=20", "trainer.nonfinite=rollback",
                       "trainer.nonfinite_patience=3", "trainer.max_rollbacks=1", "trainer.checkpoint_every=1000")
     with pytest.raises(TrainingStopped) as stop:
         tr.fit()
@@ -155,12 +117,12 @@ def test_rollback_handles_an_explosion_then_stops_after_max_rollbacks(tmp_path, 
     assert s.exploded_steps == 6 and s.first_bad_step == d["first_bad_step"] < d["diverged_at_step"]
 
 
-def test_safe_lr_trains_without_anomaly_and_logs_real_batch_losses(tmp_path, manifest):
+def test_safe_lr_trains_without_anomaly_and_logs_real_batch_losses(tmp_path, spoken_manifest):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     cfg = OmegaConf.create({"backend": "mlflow", "tracking_uri": uri, "experiment_name": "t", "run_name": "safe",
                             "log_checkpoint": False})
     tracker = make_tracker(cfg, run_name="safe")
-    tr = make_trainer(tmp_path, manifest, "optimizer.lr=1e-3", "trainer.max_steps=6", "trainer.log_every=3",
+    tr = make_trainer(tmp_path, spoken_manifest, "optimizer.lr=1e-3", "trainer.max_steps=6", "trainer.log_every=3",
                       tracker=tracker)
     tr.fit()
     tracker.end("FINISHED")
@@ -180,12 +142,9 @@ def test_safe_lr_trains_without_anomaly_and_logs_real_batch_losses(tmp_path, man
 
 
 # ---------------------------------------------------------------- train.py, MLflow store
-BASE = [o for o in SMALL if not o.startswith("dataset.max_utterances")] + ["dataset.max_utterances=48"]
-
-
 def test_train_py_huge_lr_ends_diverged_with_loss_explosion(tmp_path, shared_data_dir):
     r = train(tmp_path, shared_data_dir, "optimizer.lr=1e3", "trainer.max_steps=40", "trainer.nonfinite=stop",
-              *BASE, check=False)
+              *MICRO_BATCH4, check=False)
     assert r.returncode == 1, r.stderr[-3000:]
     client, runs = mlflow_runs(tmp_path)
     run = runs[0]
@@ -193,6 +152,10 @@ def test_train_py_huge_lr_ends_diverged_with_loss_explosion(tmp_path, shared_dat
     assert run.info.status == "FAILED" and tags["divergence_cause"] == "loss_explosion"
     first, at = int(tags["first_bad_step"]), int(tags["diverged_at_step"])
     assert 1 <= first < at < 40
+    assert "first_nonfinite_group" not in tags and "None" not in tags.values()  # an explosion names no layer group
+    note = tags["mlflow.note.content"]  # the run's description: the end-of-run summary, then the diagnosis
+    assert f"diverged at step {at}: loss_explosion, first bad step {first}" in note
+    assert "**Diagnosis** (diagnosis.txt)" in note and "cause: loss_explosion" in note
     run_dir = tmp_path / "outputs" / "run"
     d = json.loads((run_dir / "diagnosis.json").read_text())
     assert (d["first_bad_step"], d["diverged_at_step"], d["cause"]) == (first, at, "loss_explosion")

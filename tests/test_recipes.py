@@ -47,7 +47,7 @@ def test_finetune_zoo_needs_a_checkpoint_and_takes_an_old_flat_one(libri_root, t
     import mindspore as ms
 
     from ds2exp.models.deepspeech2 import DeepSpeech2
-    from tests.test_zoo_checkpoint import cudnn_flat
+    from tests.helpers.models import cudnn_flat
 
     r = cfg_job("experiment=finetune_zoo", f"dataset.root={libri_root}", f"paths.data_dir={tmp_path}")
     assert r.returncode == 2

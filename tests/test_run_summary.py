@@ -44,7 +44,7 @@ def _lines(text):
 
 
 def test_summary_of_each_outcome(tmp_path):
-    from ds2exp.training.summary import build, format_summary
+    from ds2exp.training.summary import build, format_summary, note
 
     # (the MLflow lines of a real run are checked on real processes in tests/test_signals.py: a fresh
     # SQLite store takes half a minute to create on a busy machine)
@@ -67,6 +67,13 @@ def test_summary_of_each_outcome(tmp_path):
     diverged = build("diverged", diag, _state(21), cfg, tmp_path / "run", tracker)
     assert (diverged["cause"], diverged["first_bad_step"], diverged["diverged_at_step"]) == ("loss_explosion", 2, 21)
     assert _lines(format_summary(diverged))["status"] == "diverged at step 21: loss_explosion, first bad step 2"
+    # the MLflow run description: the summary, then the diagnosis, as Markdown code blocks within the tag limit
+    (tmp_path / "run").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "run" / "diagnosis.txt").write_text("loss 1.6e9\n\ncause: loss_explosion\n" + "x" * 9000)
+    text = note(diverged)
+    assert text.startswith("```\n==== ds2exp training: diverged") and "status:          diverged at step 21" in text
+    assert "\n**Diagnosis** (diagnosis.txt)\n\n```\nloss 1.6e9\n\ncause: loss_explosion\n" in text
+    assert text.endswith("(cut here: the whole text is in the run's artifacts)\n```\n") and len(text) <= 5000
 
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     (tmp_path / "run" / "checkpoints" / "last.ckpt").write_bytes(b"x")
@@ -95,11 +102,24 @@ def test_summary_of_each_outcome(tmp_path):
 
 def test_link_and_ui_hint_follow_the_store(tmp_path):
     from ds2exp.config import PACKAGE_DIR
-    from ds2exp.training.summary import run_link, ui_hint
+    from ds2exp.training.summary import run_link, ui_hint, ui_landing
 
-    assert run_link("http://mlflow.lab:8080/", "3", "r1") == "http://mlflow.lab:8080/#/experiments/3/runs/r1"
-    assert run_link(f"sqlite:///{tmp_path}/mlflow.db", "3", "r1") == "http://127.0.0.1:5000/#/experiments/3/runs/r1"
+    # every link opens MLflow 3's training view, not its default GenAI view
+    assert (run_link("http://mlflow.lab:8080/", "3", "r1")
+            == "http://mlflow.lab:8080/#/experiments/3/runs/r1?workflowType=machine_learning")
+    assert (run_link(f"sqlite:///{tmp_path}/mlflow.db", "3", "r1")
+            == "http://127.0.0.1:5000/#/experiments/3/runs/r1?workflowType=machine_learning")
     assert run_link("sqlite:///x.db", None, "r1") is None
+    # `make ui`: the experiment's runs table once it exists, else the experiment list
+    import sqlite3
+
+    db = tmp_path / "mlflow.db"
+    assert ui_landing(db) == "http://127.0.0.1:5000/#/experiments?workflowType=machine_learning"
+    assert not db.exists()
+    with sqlite3.connect(db) as con:
+        con.execute("CREATE TABLE experiments (experiment_id INTEGER, name TEXT, lifecycle_stage TEXT)")
+        con.executemany("INSERT INTO experiments VALUES (?, ?, ?)", [(0, "Default", "active"), (4, "ds2exp", "active")])
+    assert ui_landing(db) == "http://127.0.0.1:5000/#/experiments/4/runs?workflowType=machine_learning"
     assert ui_hint(f"sqlite:///{PACKAGE_DIR.parent / 'mlflow.db'}") == "open the UI with: make ui"
 
 

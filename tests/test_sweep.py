@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import subprocess
@@ -92,7 +93,18 @@ def test_lr_batch_sweep_gives_its_verdict_and_names_its_runs(tmp_path, shared_da
     parent = parents[0]
     pid = parent.info.run_id
     assert parent.info.status == "FINISHED"
-    assert parent.info.run_name == str(sweep_dir)
+    assert parent.info.run_name == "sweep lr x bs s"  # the swept keys' short names and the sweep folder's name
+    # the verdict on the parent run's page: its description, the boundary and the recommendation as metrics/params
+    note = parent.data.tags["mlflow.note.content"]
+    assert note.startswith("```\n4 jobs: 2 finished, 2 diverged, 0 crashed\nStability boundary per dataset.batch_size")
+    assert "Recommended: optimizer.lr=0.0001 dataset.batch_size=" in note and "exploded@" in note
+    assert {k: v for k, v in parent.data.metrics.items() if k.startswith("boundary/")} == {
+        f"boundary/bs_{bs}/{k}": v for bs in ("2", "4")
+        for k, v in (("largest_stable_lr", 1e-4), ("smallest_diverged_lr", 1e3))}
+    assert parent.data.params["recommended.optimizer.lr"] == "0.0001"
+    assert parent.data.params["recommended.dataset.batch_size"] in ("2", "4")
+    assert parent.data.metrics["recommended/best_val_cer"] >= 0 and parent.data.metrics["jobs/diverged"] == 2
+    assert all("None" not in r.data.tags.values() for r in children + [parent])
     assert parent.data.tags["ds2exp.sweep.optimizer.lr"] == "1e-4,1e3"
     assert parent.data.tags["ds2exp.sweep.dataset.batch_size"] == "2,4"
     assert (sweep_dir / "mlflow_parent_run_id.txt").read_text().strip() == pid
@@ -170,25 +182,77 @@ def test_crashed_and_diverged_jobs_do_not_stop_the_sweep(tmp_path, shared_data_d
     assert "4 jobs: 1 finished, 1 diverged, 2 crashed" in out
     assert "[dataset.max_duration=0.5]" in out and "[dataset.max_duration=16.7]" in out
     assert f"diverged@{diverged.data.tags['diverged_at_step']}" in out and out.count("| crashed") == 2
-    assert "DatasetError: the train split is empty" in out
+    assert "crashed: the train split is empty after filtering" in out  # a DatasetError's message is the whole story
     assert "job 3 (lr=1e8 max_duration=16.7) diverged at step" in stdout
     assert "Recommended: optimizer.lr=0.0001" in stdout
     assert "dataset.batch_size=4: largest stable lr 0.0001, smallest diverged lr 1e+08" in stdout
 
 
 @pytest.mark.slow
-def test_optuna_preset_records_diverged_trials_as_failed_and_goes_on(tmp_path, shared_data_dir):
-    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
-    # the preset's lr interval, narrowed to a choice so that the sampler (seed 1234) draws both a
-    # diverging and a healthy learning rate in three trials
-    sweep_dir, _ = sweep(tmp_path, shared_data_dir, "+sweep=optuna_lr", "hydra.sweeper.n_trials=3",
-                      "optimizer.lr=choice(1e-3,1e8)", "dataset.batch_size=4", "trainer.nonfinite_patience=1")
-    result = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
-    assert result["best_params"] == {"optimizer.lr": 0.001}
+def test_optuna_trial_that_diverges_fails_with_its_cause_one_that_lags_is_pruned(tmp_path, shared_data_dir):
+    import optuna
+
+    # The preset's lr interval narrowed to a choice; trial n draws with seed + n, and seed 1056 draws
+    # 3e-3, 1e-7, 1e8, 1e-7. trainer.monitor=val/loss, validated at step 2 of 3: once the 3e-3 trial is
+    # complete (the pruner's n_startup_trials=1), a 1e-7 trial's val/loss at step 2 is above the median
+    # of the completed ones there and it is pruned; 1e8 makes the gradients NaN at step 2 (patience 1).
+    sweep_dir, stdout = sweep(tmp_path, shared_data_dir, "+sweep=optuna_lr", "hydra.sweeper.n_trials=4",
+                              "optimizer.lr=choice(3e-3,1e-7,1e8)", "dataset.batch_size=4",
+                              "trainer.nonfinite_patience=1", "trainer.monitor=val/loss", "trainer.eval_every=2",
+                              "hydra.sweeper.pruner.n_startup_trials=1", "hydra.sweeper.sampler.seed=1056")
+    study = optuna.load_study(study_name="ds2exp_optuna_lr", storage=f"sqlite:///{tmp_path}/optuna.db")
+    trials = study.trials
+    assert [(t.params["optimizer.lr"], t.state.name) for t in trials] == [
+        (3e-3, "COMPLETE"), (1e-7, "PRUNED"), (1e8, "FAIL"), (1e-7, "PRUNED")]
     client, parents, children = runs(tmp_path)
-    assert len(parents) == 1 and len(children) == 3
-    statuses = sorted((r.data.params["optimizer.lr"], r.info.status) for r in children)
-    assert ("0.001", "FINISHED") in statuses and ("100000000.0", "FAILED") in statuses
+    assert len(parents) == 1 and len(children) == 4
+    assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in children)
+    by_trial = {int(r.data.tags["ds2exp.optuna.trial"]): r for r in children}
+    assert {n: r.info.run_name for n, r in by_trial.items()} == {0: "lr=3e-3", 1: "lr=1e-7", 2: "lr=1e8", 3: "lr=1e-7"}
+    # the objective: the best val/loss of the run, as the trial's MLflow run logged it
+    val_loss = {n: {m.step: m.value for m in client.get_metric_history(r.info.run_id, "val/loss")}
+                for n, r in by_trial.items()}
+    assert trials[0].value == pytest.approx(min(val_loss[0].values()))
+    # diverged: FAILED, its cause as the run's diagnosis gave it; the study went on
+    diverged = trials[2]
+    assert diverged.user_attrs["failure"] == "diverged" and diverged.user_attrs["diverged_at_step"] == 2
+    assert diverged.user_attrs["cause"] == by_trial[2].data.tags["divergence_cause"]
+    assert by_trial[2].info.status == "FAILED"
+    # pruned at its first validation from the value it reported there, and ended as a finished run
+    pruned = trials[1]
+    assert pruned.intermediate_values == {2: pytest.approx(val_loss[1][2])}
+    assert pruned.user_attrs["pruned_at_step"] == 2 and by_trial[1].data.tags["ds2exp.optuna.pruned_at_step"] == "2"
+    summary = json.loads((sweep_dir / "1" / "summary.json").read_text())
+    assert (summary["status"], summary["stop_reason"], summary["step"]) == ("finished", "pruned", 2)
+    assert by_trial[1].info.status == "FINISHED"
+    # what the end prints: the study, the best trial, the grid sweeps' verdict, where the study is
+    assert "optuna study ds2exp_optuna_lr: 4 of 4 trials: 1 complete, 2 pruned, 1 failed" in stdout
+    assert f"trial 2 FAILED (optimizer.lr=1e8): diverged: {diverged.user_attrs['cause']}" in stdout
+    assert f"best: trial 0, val/loss {trials[0].value:.4g}: optimizer.lr=0.003" in stdout
+    assert "dataset.batch_size=4: largest stable lr 0.003, smallest diverged lr 1e+08" in stdout
+    assert f"study: ds2exp_optuna_lr in sqlite:///{tmp_path}/optuna.db;" in stdout
+    result = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
+    assert result["best_params"] == {"optimizer.lr": 0.003} and result["states"] == {
+        "COMPLETE": 1, "PRUNED": 2, "FAIL": 1}
+
+
+@pytest.mark.slow
+def test_optuna_trial_that_crashes_fails_with_its_error_and_the_study_goes_on(tmp_path, shared_data_dir):
+    import optuna
+
+    # dataset.max_duration=0.5 s filters out every utterance: each job raises DatasetError at runtime
+    sweep_dir, stdout = sweep(tmp_path, shared_data_dir, "+sweep=optuna_lr", "hydra.sweeper.n_trials=2",
+                              "dataset.max_duration=0.5")
+    study = optuna.load_study(study_name="ds2exp_optuna_lr", storage=f"sqlite:///{tmp_path}/optuna.db")
+    assert [t.state.name for t in study.trials] == ["FAIL", "FAIL"]
+    for t in study.trials:
+        assert t.user_attrs["failure"] == "crashed"
+        assert t.user_attrs["cause"].startswith("the train split is empty")  # the run's one-line error
+    _, parents, children = runs(tmp_path)
+    assert len(children) == 2 and all(r.info.status == "FAILED" for r in children)
+    assert sorted(r.data.tags["ds2exp.optuna.trial"] for r in children) == ["0", "1"]
+    assert "optuna study ds2exp_optuna_lr: 2 of 2 trials: 0 complete, 0 pruned, 2 failed" in stdout
+    assert "best: none yet (no trial completed)" in stdout
 
 
 def test_preset_sweeps_carry_a_budget_and_say_it_before_the_first_job():
@@ -218,8 +282,11 @@ def test_sweep_presets_pass_preflight_and_their_values_are_checked(tmp_path, mon
     from ds2exp.cli import ConfigError, check_overrides
 
     check_overrides(["+sweep=nan_lr_batch"])
-    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
-    check_overrides(["+sweep=optuna_lr"])
+    cfg = check_overrides(["+sweep=optuna_lr"], with_hydra=True)
+    assert cfg.hydra.sweeper._target_ == "hydra_plugins.ds2exp_optuna_sweeper.sweeper.Ds2expOptunaSweeper"
+    assert (cfg.hydra.sweeper.n_trials, cfg.trainer.max_steps, cfg.trainer.max_minutes) == (12, 200, 3)
+    with pytest.raises(ConfigError, match="dataset.batch_size=0 is not allowed"):  # the preset's values are checked
+        check_overrides(["+sweep=optuna_lr", "dataset.batch_size=choice(4,0)"])
     conf = tmp_path / "conf"
     shutil.copytree(ROOT / "conf", conf)
     (conf / "sweep" / "bad.yaml").write_text("# @package _global_\nhydra:\n  sweeper:\n    params:\n"

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import ROOT
+from tests.helpers.processes import merged
 
 SMALL = ["model.conv_channels=4", "model.rnn_hidden=32", "model.rnn_layers=1", "dataset.batch_size=4",
          "dataset.max_utterances=48", "trainer.max_eval_utterances=8", "trainer.progress=false"]
@@ -17,8 +18,9 @@ SMALL = ["model.conv_channels=4", "model.rnn_hidden=32", "model.rnn_layers=1", "
 
 def train(tmp_root: Path, data_dir: Path, *overrides: str, check: bool = True, timeout: int = 600):
     env = {**os.environ, "DS2EXP_ROOT": str(tmp_root)}
-    r = subprocess.run([sys.executable, str(ROOT / "train.py"), f"paths.data_dir={data_dir}",
-                        f"hydra.run.dir={tmp_root}/outputs/run", *overrides],
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), *merged(f"paths.data_dir={data_dir}",
+                                                                        f"hydra.run.dir={tmp_root}/outputs/run",
+                                                                        *overrides)],
                        capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
     if check:
         assert r.returncode == 0, r.stderr[-4000:]

@@ -103,10 +103,15 @@ def test_a_failing_run_prints_its_summary_and_one_error_line(tmp_path):
 
 def test_resume_logs_into_the_run_it_continues(tmp_path, synth_data_dir):
     run_dir = tmp_path / "run"
-    common = [f"paths.data_dir={synth_data_dir}", *SMALL, "logger=none"]
+    small = [o for o in SMALL if not o.startswith("trainer.progress=")]
+    common = [f"paths.data_dir={synth_data_dir}", *small, "logger=none", "trainer.progress=true"]
     r = run_py("train.py", [*common, "trainer.max_steps=2", "trainer.checkpoint_every=2", f"hydra.run.dir={run_dir}"],
                tmp_path, tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
+    # stderr is a pipe here: the progress bar is whole lines, not a redraw per step with carriage returns
+    assert "\r" not in r.stderr
+    bar = [x for x in r.stderr.splitlines() if x.startswith("train:")]
+    assert bar and "2/2" in bar[-1], r.stderr[-2000:]
     first_log = (run_dir / "train.log").read_text()
     r = run_py("train.py", [f"resume={run_dir}", "trainer.max_steps=4"], tmp_path, tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]

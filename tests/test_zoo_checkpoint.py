@@ -8,6 +8,7 @@ import pytest
 from ds2exp.models.deepspeech2 import DeepSpeech2, load_state
 from ds2exp.models.zoo_checkpoint import FlatLayoutError, convert_flat_rnn
 from ds2exp.training.checkpoint import load_checkpoint
+from tests.helpers.models import cudnn_flat
 
 LAYERS, HIDDEN = 2, 8
 
@@ -16,15 +17,6 @@ def small_lstm_model(seed):
     ms.set_seed(seed)
     return DeepSpeech2(conv_channels=2, activation="tanh", rnn_layers=LAYERS, rnn_hidden=HIDDEN,
                        conv_impl="plain", rnn_impl="fast")  # the plain RNN takes ~25 s here
-
-
-def cudnn_flat(params, layer):
-    """Written from the layout alone: per direction (forward, reverse) W_ih, W_hh, b_ih, b_hh, row-major."""
-    parts = []
-    for sfx in ("", "_reverse"):
-        for base in ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"):
-            parts.append(params[f"RNN.lstms.{layer}.{base}{sfx}"].reshape(-1))
-    return np.concatenate(parts).reshape(-1, 1, 1)
 
 
 def write_flat_checkpoint(model, path):

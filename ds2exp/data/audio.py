@@ -9,6 +9,10 @@ import numpy as np
 import soundfile as sf
 
 
+# The reason load_audio gives for NaN/Inf samples; the corpus audit tells it apart from unreadable files.
+NONFINITE_SAMPLES = "audio contains NaN or Inf samples"
+
+
 class AudioError(Exception):
     """An audio file that cannot be used; the message names the file and the reason."""
 
@@ -80,5 +84,5 @@ def load_audio(path: str | Path, sample_rate: int = 16000, warn: bool = True) ->
 
         audio = soxr.resample(audio, sr, sample_rate).astype(np.float32)
     if not np.all(np.isfinite(audio)):
-        raise AudioError(p, "audio contains NaN or Inf samples")
+        raise AudioError(p, NONFINITE_SAMPLES)
     return np.ascontiguousarray(audio, dtype=np.float32)

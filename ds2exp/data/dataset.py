@@ -9,7 +9,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -34,6 +34,13 @@ def ctc_min_frames(labels: Sequence[int]) -> int:
     """CTC needs one frame per label plus a blank between each pair of equal neighbours."""
     repeats = sum(1 for a, b in zip(labels, labels[1:]) if a == b)
     return len(labels) + repeats
+
+
+def ctc_shortfall(labels: Sequence[int], frames: int) -> Optional[Tuple[int, int]]:
+    """(CTC frames needed, frames the model emits) when a transcript does not fit `frames` input frames
+    (its CTC loss is infinite); None when it fits."""
+    need, have = ctc_min_frames(labels), int(output_frames(frames))
+    return (need, have) if need > have else None
 
 
 @dataclass
@@ -118,6 +125,9 @@ def load_split(name: str, manifests: List[Path], cfg, settings: FeatureSettings,
         dropped.setdefault(p["reason"], []).append(p["id"])
     examples: List[Example] = []
     seen = set()
+    train = name == "train"
+    crop = d.get("crop_frames") if train else None
+    label_pad = d.get("label_pad") if train else None
     for u in utts:
         reason = None
         labels: List[int] = []
@@ -131,8 +141,12 @@ def load_split(name: str, manifests: List[Path], cfg, settings: FeatureSettings,
             except TranscriptError as exc:
                 reason = str(exc)
         frames = settings.num_frames(int(round(u.duration * settings.sample_rate)))
-        if reason is None and d.drop_infeasible and ctc_min_frames(labels) > output_frames(frames):
-            reason = "infeasible CTC (transcript longer than output frames)"
+        seen_frames = min(frames, crop) if crop else frames  # what the model sees after a training crop
+        if reason is None and d.drop_infeasible and ctc_shortfall(labels, seen_frames):
+            reason = ("infeasible CTC (transcript longer than output frames)" if seen_frames == frames else
+                      f"infeasible CTC after the crop to dataset.crop_frames={crop}")
+        if reason is None and label_pad and len(labels) > label_pad:
+            reason = f"transcript longer than dataset.label_pad={label_pad} characters"
         if reason:
             dropped.setdefault(reason, []).append(u.id)
             continue
@@ -143,6 +157,15 @@ def load_split(name: str, manifests: List[Path], cfg, settings: FeatureSettings,
     if report_dir is not None and dropped:
         atomic_write_text(Path(report_dir) / f"dropped_{name}.json", json.dumps(dropped, indent=1))
     return SplitData(name, examples, dropped)
+
+
+def _crop(features: np.ndarray, frames: int, rng: np.random.Generator) -> np.ndarray:
+    """A random window of `frames` frames of a longer utterance (the model zoo's training crop)."""
+    extra = features.shape[1] - frames
+    if extra <= 0:
+        return features
+    start = int(rng.integers(0, extra + 1))
+    return features[:, start:start + frames]
 
 
 def bucket_lengths(frames: Sequence[int], num_buckets: int, multiple: int = 32) -> List[int]:
@@ -234,10 +257,15 @@ class BatchLoader:
 
     def __init__(self, split: SplitData, sampler: BucketBatchSampler, cache: FeatureCache,
                  num_workers: int = 2, spec_augment_cfg=None, seed: int = 0, prefetch: int = 4,
-                 fixed_label_length: bool = False):
+                 fixed_label_length: bool = False, crop_frames: Optional[int] = None,
+                 label_pad: Optional[int] = None):
         """fixed_label_length: pad labels to the bucket's longest transcript rather than the batch's, so
-        that a step compiled per input shape (hardware.mode=graph) sees one label shape per bucket."""
+        that a step compiled per input shape (hardware.mode=graph) sees one label shape per bucket.
+        crop_frames: longer utterances are cut to this many frames at a random offset, transcript kept;
+        label_pad: the label matrix's width (load_split dropped longer transcripts)."""
         self.split = split
+        self.crop_frames = crop_frames
+        self.label_pad = label_pad
         self.fixed_label_length = fixed_label_length
         self.sampler = sampler
         self.cache = cache
@@ -263,15 +291,21 @@ class BatchLoader:
         keep = [(e, f) for e, f in zip(exs, feats) if f is not None]
         if not keep:
             return None
+        rng = np.random.default_rng((self.seed, epoch, batch_no))
+        if self.crop_frames:
+            keep = [(e, _crop(f, self.crop_frames, rng)) for e, f in keep]
         length = self.sampler.bucket_of(max(f.shape[1] for _, f in keep))
+        if self.crop_frames:  # the buckets were cut from uncropped lengths
+            length = min(length, self.crop_frames)
         length = max(length, max(f.shape[1] for _, f in keep))
         bins = keep[0][1].shape[0]
         x = np.zeros((len(keep), bins, length), dtype=np.float32)
         lmax = max(len(e.labels) for e, _ in keep)
         if self.fixed_label_length:
             lmax = max(lmax, self.sampler.label_lengths.get(self.sampler.bucket_of(length), 0))
+        if self.label_pad:
+            lmax = max(lmax, self.label_pad)
         y = np.zeros((len(keep), lmax), dtype=np.int32)
-        rng = np.random.default_rng((self.seed, epoch, batch_no))
         sa = self.spec_augment_cfg
         for j, (e, f) in enumerate(keep):
             if sa is not None and sa.enabled:

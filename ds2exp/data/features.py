@@ -39,6 +39,7 @@ class FeatureSettings:
     window: str = "hamming"
     pad_mode: str = "reflect"
     normalize: bool = True
+    zero_std_guard: bool = True
 
     def __post_init__(self):
         name = str(getattr(self.window, "value", self.window))
@@ -49,7 +50,7 @@ class FeatureSettings:
     @classmethod
     def from_config(cls, cfg) -> "FeatureSettings":
         return cls(**{k: cfg[k] for k in ("sample_rate", "window_size", "window_stride", "window",
-                                           "pad_mode", "normalize")})
+                                           "pad_mode", "normalize", "zero_std_guard")})
 
     @property
     def n_fft(self) -> int:
@@ -111,7 +112,11 @@ def compute_features(y: np.ndarray, settings: FeatureSettings) -> np.ndarray:
     if settings.normalize:
         mean = spect.mean()
         std = spect.std()
-        spect = (spect - mean) / (std if std > 0 else 1.0)
+        if std > 0 or settings.zero_std_guard:
+            spect = (spect - mean) / (std if std > 0 else 1.0)
+        else:  # the zoo's unguarded division: 0/0 for silent audio
+            with np.errstate(invalid="ignore", divide="ignore"):
+                spect = (spect - mean) / std
     return spect.astype(np.float32)
 
 

@@ -110,7 +110,7 @@ def _inside(path: Path, folder: Path) -> bool:
         return False
 
 
-def _scan_subset(folder: Path, report: SubsetReport) -> List[Tuple[str, Path, str]]:
+def scan_subset(folder: Path, report: SubsetReport) -> List[Tuple[str, Path, str]]:
     """(id, flac path, transcript) for every transcript line; bad lines go to the report."""
     items: List[Tuple[str, Path, str]] = []
     seen: set = set()
@@ -175,7 +175,7 @@ def prepare_subset(name: str, folder: Path, out_dir: Path, min_duration: float =
                    max_duration: float = DEFAULT_MAX_DURATION, workers: int = 2, progress: bool = True,
                    write_csv: bool = False, write_json: bool = False) -> Tuple[Path, SubsetReport]:
     report = SubsetReport(name)
-    items = _scan_subset(folder, report)
+    items = scan_subset(folder, report)
     texts: Dict[str, Tuple[Path, str]] = {}
     for uid, audio, text in items:
         norm = normalise_transcript(text)

@@ -129,7 +129,8 @@ def _identity(spec: SynthSpec, vocab: Sequence[str], version: str) -> dict:
     """What must match for an existing build to be reused."""
     return {
         "format_version": FORMAT_VERSION,
-        "spec": asdict(spec),
+        # `hazards` counts only when set: a preset without them keeps the identity of the corpus it built
+        "spec": {k: v for k, v in asdict(spec).items() if k != "hazards" or v},
         "vocabulary_sha256": _vocab_sha256(vocab),
         "espeak_version": version,
         "sample_rate": SAMPLE_RATE,
@@ -221,6 +222,14 @@ def build_corpus(spec: SynthSpec, root: Path, workers: int = 2, progress: bool =
             with tqdm(total=len(jobs), desc=f"synth {spec.name}", unit="utt", file=sys.stderr,
                       disable=not progress, dynamic_ncols=True) as bar:
                 results = _run_jobs(jobs, workers, bar)
+            if spec.hazards:
+                from ds2exp.data.synth_hazards import plant_hazards
+
+                voice = EspeakVoice()
+                try:
+                    plant_hazards(tmp / SPLIT_DIRS["train"], lambda text: voice.synthesize(text, "en-us", 170, 50))
+                finally:
+                    voice.close()
             lengths = {path: n for path, n, _ in results}
             silent = [path for path, _, peak in results if peak < 64]
             if len(lengths) != len(jobs) or silent:

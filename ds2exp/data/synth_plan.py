@@ -62,6 +62,7 @@ class SynthSpec:
     min_words: int = 3
     max_words: int = 8
     seed: int = 1234
+    hazards: bool = False  # plant ds2exp.data.synth_hazards.HAZARDS in the training split
 
     def __post_init__(self) -> None:
         if min(self.n_train, self.n_val, self.n_test) < 0 or self.n_train < 1:
@@ -73,6 +74,8 @@ class SynthSpec:
 SYNTH_PRESETS: dict[str, SynthSpec] = {
     "synth_tiny": SynthSpec("synth_tiny", n_train=4000, n_val=100, n_test=100, min_words=3, max_words=8),
     "synth_small": SynthSpec("synth_small", n_train=4000, n_val=500, n_test=500, min_words=3, max_words=12),
+    # LibriSpeech's hazards at a size that trains on 2 cores: 3-85 words (about 1-35 s) and synth_hazards
+    "synth_long": SynthSpec("synth_long", n_train=48, n_val=8, n_test=8, min_words=3, max_words=85, hazards=True),
 }
 
 

@@ -9,4 +9,6 @@
 - `callback`: the Hydra callback of every `-m` run: the MLflow parent run, the report at the end.
 - `job_runner`: one sweep job (a crash or divergence is recorded and the sweep goes on).
 - `job_process`: a job in a launcher's worker behaves like a plain run.
+- `optuna_search`: the Optuna search of `+sweep=optuna_lr` (the sweeper in hydra_plugins/ds2exp_optuna_sweeper):
+  its study in an RDB store, resumed and shared, trials pruned, failed with their cause.
 """

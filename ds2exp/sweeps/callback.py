@@ -3,21 +3,23 @@
 Registered in conf/train.yaml under `hydra.callbacks`. In MULTIRUN mode:
 
 - `on_multirun_start` finds the swept keys (for the jobs' run names, ds2exp/sweeps/names.py) and opens
-  the parent run (named after the sweep directory, tags `ds2exp.kind=sweep`, the sweep's overrides and
-  sweeper params) through the same spooling `ResilientTracker` as training runs, with its spool in the
-  sweep directory: a store that does not answer costs the sweep one probe, not minutes, and the jobs
-  start at once. As soon as the parent exists its id is exported as `$DS2EXP_PARENT_RUN_ID` (jobs
-  started later put it on their run as `mlflow.parentRunId`) and written to
-  `<sweep dir>/mlflow_parent_run_id.txt` (read in `on_job_start` by launchers whose jobs run in other
-  processes).
+  the parent run (named after the sweep, `sweep lr x bs 02-24-02`: names.sweep_name; tags
+  `ds2exp.kind=sweep`, the sweep's overrides and sweeper params) through the same spooling
+  `ResilientTracker` as training runs, with its spool in the sweep directory: a store that does not
+  answer costs the sweep one probe, not minutes, and the jobs start at once. As soon as the parent
+  exists its id is exported as `$DS2EXP_PARENT_RUN_ID` (jobs started later put it on their run as
+  `mlflow.parentRunId`) and written to `<sweep dir>/mlflow_parent_run_id.txt` (read in `on_job_start`
+  by launchers whose jobs run in other processes).
 - Before and after every job the parent's spool is retried (when due); once the parent exists, jobs
   whose runs were created without it are linked to it (`mlflow.parentRunId` set on their runs), and
   `jobs.csv` (number, name, overrides, status, MLflow run id) is rewritten beside the job folders.
 - `on_multirun_end` sends what jobs left in their spools (store down when they ended), links every
   job, prints the report (ds2exp/sweep_report.py: table, stability boundary per batch size,
   recommended setting) with its paths, writes `sweep_report.png`, `sweep_losses.png` and
-  `sweep_report.txt` into the sweep directory and logs them to the parent run (`report/`), then closes
-  the parent as FINISHED. A sweep that dies on the way leaves it FAILED (atexit).
+  `sweep_report.txt` into the sweep directory and logs them to the parent run (`report/`), with the
+  verdict as its description and the stability boundary, the recommended setting and its best CER as
+  params and metrics (report.parent_records), then closes the parent as FINISHED. A sweep that dies on
+  the way leaves it FAILED (atexit).
 
 Single runs are left alone; with `logger=none` only the names, `jobs.csv` and the report are made.
 """
@@ -69,6 +71,11 @@ def _sweep_tags(config: DictConfig, sweep_dir: str) -> Dict[str, str]:
                             "ds2exp.sweep.sweeper": str(OmegaConf.select(hydra, "sweeper._target_") or "")}
     if params:
         tags["ds2exp.sweep.params"] = json.dumps(params)
+    if OmegaConf.select(hydra, "sweeper.study_name") is not None:  # an Optuna search: where its study is
+        from ds2exp.sweeps.optuna_search import shown, study_location
+
+        name, url = study_location(config)
+        tags.update({"ds2exp.optuna.study": name, "ds2exp.optuna.storage": shown(url)})
     swept: Dict[str, str] = {str(k): str(v) for k, v in (params or {}).items()}
     for o in task:  # the command line wins over the preset's params, as in the sweeper
         key, _, value = o.partition("=")
@@ -142,7 +149,7 @@ class MlflowSweepCallback(Callback):
 
     # ------------------------------------------------------------------ sweep process
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from ds2exp.sweeps.names import ENV_SWEPT, publish_swept
+        from ds2exp.sweeps.names import ENV_SWEPT, publish_swept, sweep_name
 
         self.sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
         log.info("sweep %s: starting", self.sweep_dir)
@@ -160,7 +167,8 @@ class MlflowSweepCallback(Callback):
 
         os.environ.pop(ENV_PARENT, None)  # this sweep's parent, not an outer one
         self.tracker = ResilientTracker(str(config.logger.tracking_uri), str(config.logger.experiment_name),
-                                        self.sweep_dir, run_name=str(config.hydra.sweep.dir), tags=tags)
+                                        self.sweep_dir, run_name=sweep_name(_swept_from_tags(tags), self.sweep_dir),
+                                        tags=tags)
         if self._publish_parent():
             log.info("MLflow sweep parent run %s (%s)", self.parent_run_id, config.logger.tracking_uri)
         else:
@@ -254,8 +262,15 @@ class MlflowSweepCallback(Callback):
                     self.tracker.log_artifact(files[kind], "report")
             self.tracker.log_text(text, "report/sweep_report.txt")
             self.tracker.log_artifact(self.sweep_dir / "jobs.csv", "report")
+            tags, params, metrics = sweep_report.parent_records(sweep)  # the verdict on the parent run's page
+            self.tracker.set_tags(tags)
+            self.tracker.log_params(params)
+            self.tracker.log_metrics(metrics, 0)
             if self.parent_run_id:
-                print(f"MLflow parent run {self.parent_run_id} (report/)", flush=True)
+                from ds2exp.training.summary import experiment_id, run_link
+
+                link = run_link(uri, experiment_id(self.tracker), self.parent_run_id)
+                print(f"MLflow parent run {self.parent_run_id} (report/)" + (f": {link}" if link else ""), flush=True)
 
     def _close(self, status: str) -> None:
         if self._closed:

@@ -6,12 +6,9 @@ inside the job is logged, written to `<job dir>/error.txt`, its MLflow run is ma
 FAILED run is created, with the job's overrides as params, when the job died before it had one, e.g.
 an empty data split) and the job returns a failure value instead of raising, so the sweep goes on.
 A job that diverged (summary.json `status: diverged`, or `stop_reason: nonfinite` from older runs)
-returns the failure value too, even when an earlier evaluation had a WER.
-
-The failure value is NaN, except under the Optuna sweeper: hydra-optuna-sweeper 1.3 crashes the whole
-study on NaN (optuna rejects NaN in `study.tell`, and the plugin then calls `tell(FAIL)` with the NaN
-still attached, which raises again), whereas a value that is not a number is told as a FAILED trial
-and the study continues. So under Optuna the job returns None.
+returns the failure value too, even when an earlier evaluation had a value. The failure value is NaN;
+the Optuna sweeper (hydra_plugins/ds2exp_optuna_sweeper) reads why from the job's folder
+(`summary.json`, `error.txt`) and records the trial as FAILED with that cause.
 """
 from __future__ import annotations
 
@@ -46,10 +43,8 @@ def in_multirun() -> bool:
     return hc.mode == RunMode.MULTIRUN
 
 
-def failure_value() -> Optional[float]:
-    hc = _hydra()
-    target = str(getattr(getattr(hc, "sweeper", None), "_target_", "") or "") if hc is not None else ""
-    return None if "optuna" in target.lower() else float("nan")
+def failure_value() -> float:
+    return float("nan")
 
 
 def _job_dir() -> Optional[Path]:
@@ -99,6 +94,7 @@ def _record_crash(cfg: DictConfig, job_dir: Optional[Path], exc: BaseException) 
         return
     from mlflow.tracking import MlflowClient
 
+    from ds2exp.tracking import trial_hook
     from ds2exp.tracking.mlflow_tracker import MlflowTracker
 
     client = MlflowClient(tracking_uri=str(cfg.logger.tracking_uri))
@@ -115,7 +111,7 @@ def _record_crash(cfg: DictConfig, job_dir: Optional[Path], exc: BaseException) 
     tracker = MlflowTracker(str(cfg.logger.tracking_uri), str(cfg.logger.experiment_name),
                             run_name=cfg.logger.run_name or (job_dir.name if job_dir else None),
                             parent_run_id=os.environ.get("DS2EXP_PARENT_RUN_ID"),
-                            tags={"ds2exp.run_dir": str(job_dir), "ds2exp.error": error})
+                            tags={**trial_hook.run_tags(), "ds2exp.run_dir": str(job_dir), "ds2exp.error": error})
     params = {}
     for o in overrides:
         key, _, value = o.partition("=")
@@ -131,7 +127,7 @@ def _select(cfg: DictConfig, key: str) -> Any:
     return OmegaConf.select(cfg, key)
 
 
-def run_sweep_job(cfg: DictConfig, fn: Callable[[DictConfig], float]) -> Optional[float]:
+def run_sweep_job(cfg: DictConfig, fn: Callable[[DictConfig], float]) -> float:
     """Run one sweep job; returns its value, or `failure_value()` if it crashed or diverged."""
     job_dir = _job_dir()
     _name_run(cfg)

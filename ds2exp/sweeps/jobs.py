@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from ds2exp.sweeps.names import parse_overrides, run_name
+from ds2exp.sweeps.names import parse_overrides, run_name, sweep_name
 
 ROWS, COLS = "optimizer.lr", "dataset.batch_size"
 PARENT_FILE = "mlflow_parent_run_id.txt"
@@ -52,8 +52,9 @@ class Job:
 
 @dataclass
 class Sweep:
-    label: str
+    label: str  # the report's first line: where the sweep is (its folder, or its parent run)
     jobs: List[Job]
+    name: str = ""  # `sweep lr x bs 02-24-02` (names.sweep_name): the parent run's name and the heatmap's title
     parent_run_id: Optional[str] = None
     tracking_uri: Optional[str] = None
     dir: Optional[Path] = None
@@ -237,7 +238,8 @@ def from_directory(sweep_dir: Path, tracking_uri: Optional[str] = None, with_mlf
     if parent and uri is None:  # e.g. every job crashed before writing its config
         uri = default_tracking_uri()
     return Sweep(label=str(sweep_dir), jobs=jobs, parent_run_id=parent, tracking_uri=uri, dir=sweep_dir,
-                 default_out=sweep_dir / "sweep_report.png")
+                 default_out=sweep_dir / "sweep_report.png",
+                 name=sweep_name(swept or _varying_keys(sweep_dir, job_dirs), sweep_dir))
 
 
 def _varying_keys(sweep_dir: Path, job_dirs: List[Path]) -> List[str]:
@@ -320,8 +322,9 @@ def from_parent_run(parent_run_id: str, tracking_uri: str) -> Sweep:
     local = Path(sweep_dir) if sweep_dir and Path(sweep_dir).is_dir() else None
     default_out = local / "sweep_report.png" if local else Path(f"sweep_report_{parent_run_id[:8]}.png")
     label = f"{parent.info.run_name or sweep_dir}  (MLflow parent run {parent_run_id})"
+    name = sweep_name(swept, sweep_dir) if sweep_dir else (parent.info.run_name or f"sweep {parent_run_id[:8]}")
     return Sweep(label=label, jobs=jobs, parent_run_id=parent_run_id, tracking_uri=tracking_uri, dir=local,
-                 default_out=default_out)
+                 default_out=default_out, name=name)
 
 
 def _nonfinite_from_mlflow(client, job: Job) -> None:

@@ -72,6 +72,15 @@ def run_name(overrides: Mapping[str, str], swept: Optional[Sequence[str]] = None
     return " ".join(f"{short_key(k, keys)}={short_value(overrides[k])}" for k in keys)
 
 
+def sweep_name(swept: Sequence[str], sweep_dir: Path | str) -> str:
+    """`sweep lr x bs 02-24-02`: the swept keys' short names and the sweep folder's name (Hydra's default
+    folder, multirun/<date>/<time>, is named by the time the sweep started). The sweep's parent run and
+    its heatmap carry this name rather than the folder's absolute path, which the UI and the plot cut."""
+    keys = [k for k in swept if not k.startswith(_NOT_NAMES)]
+    what = " x ".join(short_key(k, keys) for k in keys)
+    return " ".join(part for part in ("sweep", what, Path(sweep_dir).name) if part)
+
+
 def publish_swept(keys: Sequence[str], sweep_dir: Path) -> None:
     """Sweep process: tell the jobs which keys are swept (environment and sweep dir)."""
     os.environ[ENV_SWEPT] = json.dumps(list(keys))

@@ -83,12 +83,25 @@ def format_table(jobs: List[Job]) -> str:
     return "\n".join([fmt_row(header), "-+-".join("-" * w for w in widths)] + [fmt_row(b) for b in body])
 
 
-def report_text(sweep: Sweep) -> str:
+def status_counts(sweep: Sweep) -> "OrderedDict[str, int]":
     counts = OrderedDict((s, 0) for s in ("finished", "diverged", "crashed"))
     for j in sweep.jobs:
         counts[j.status] = counts.get(j.status, 0) + 1
-    out = [f"Sweep {sweep.label}",
-           f"{len(sweep.jobs)} jobs: " + ", ".join(f"{n} {s}" for s, n in counts.items()), LEGEND, ""]
+    return counts
+
+
+def counts_line(sweep: Sweep) -> str:
+    return f"{len(sweep.jobs)} jobs: " + ", ".join(f"{n} {s}" for s, n in status_counts(sweep).items())
+
+
+def report_text(sweep: Sweep) -> str:
+    out = [f"Sweep {sweep.label}", counts_line(sweep), LEGEND, ""] + _tables_and_causes(sweep) + [""]
+    return "\n".join(out + verdict(sweep)).rstrip() + "\n"
+
+
+def _tables_and_causes(sweep: Sweep) -> List[str]:
+    """One table per combination of the other swept keys, then a line per diverged or crashed job."""
+    out: List[str] = []
     for title, jobs in groups(sweep.jobs).items():
         if title:
             out.append(f"[{title}]")
@@ -104,14 +117,29 @@ def report_text(sweep: Sweep) -> str:
             out.append(f"{name} diverged at step {j.diverged_at}{first}" + (f": {j.cause}" if j.cause else ""))
         elif j.status == "crashed" and j.error:
             out.append(f"{name} crashed: {j.error}")
-    out.append("")
+    return out
+
+
+def verdict(sweep: Sweep) -> List[str]:
+    """The stability boundary per batch size and the recommended setting (per table, then overall)."""
+    out: List[str] = []
     parts = groups(sweep.jobs)
     for title, jobs in parts.items():
         lines = verdict_lines(jobs)
         out.extend([f"[{title}] {lines[0]}"] + lines[1:] if title else lines)
     if len(parts) > 1:
         out.append(recommendation_line(sweep.jobs, "Recommended over the whole sweep"))
-    return "\n".join(out).rstrip() + "\n"
+    return out
+
+
+def parent_note(sweep: Sweep) -> str:
+    """The sweep parent run's description (Markdown): the verdict first, where the run's page shows it
+    without scrolling, then the tables with each diverged or crashed job's cause."""
+    from ds2exp.training.summary import NOTE_MAX, code_block
+
+    text = code_block("\n".join([counts_line(sweep), *verdict(sweep)]), NOTE_MAX // 2)
+    head = "\nJobs (the legend, heatmap and loss curves are in the artifacts under `report/`):\n\n"
+    return text + head + code_block("\n".join(_tables_and_causes(sweep)), NOTE_MAX - len(text) - len(head))
 
 
 def _plt():
@@ -172,7 +200,8 @@ def heatmap(sweep: Sweep, path: Path) -> Path:
         ax.set_title(title or "final train loss; red: diverged or exploded, grey: crashed", fontsize=9)
     if im is not None and losses:
         fig.colorbar(im, ax=axes[0].tolist(), label="final train loss")
-    fig.suptitle(sweep.label if len(sweep.label) < 90 else "..." + sweep.label[-87:], fontsize=9, y=1.04)
+    title = sweep.name or sweep.label
+    fig.suptitle(title if len(title) < 90 else "..." + title[-87:], fontsize=9, y=1.04)
     return _save(fig, path)
 
 

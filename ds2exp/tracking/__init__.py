@@ -1,7 +1,8 @@
 """Experiment tracking: `make_tracker(cfg.logger, ...)` gives the tracker a command logs to.
 
 `mlflow_tracker` talks to MLflow (and defines the `Tracker` interface and `NullTracker`);
-`resilient` wraps it so that an MLflow outage never stops training; `plots` draws the curves.
+`resilient` wraps it so that an MLflow outage never stops training; `plots` draws the curves;
+`trial_hook` links a hyperparameter search to the run of its trial (validation values in, prune decisions out).
 """
 from __future__ import annotations
 
@@ -25,6 +26,9 @@ def make_tracker(logger_cfg, run_name: Optional[str] = None, run_id: Optional[st
     if backend == "none":
         return NullTracker()
     parent = parent_run_id or os.environ.get("DS2EXP_PARENT_RUN_ID")
+    from ds2exp.tracking import trial_hook
+
+    tags = {**trial_hook.run_tags(), **(tags or {})}  # a search's trial: its study and trial number
     if spool_dir is not None:
         return ResilientTracker(logger_cfg.tracking_uri, logger_cfg.experiment_name, spool_dir, run_name=run_name,
                                 run_id=run_id, parent_run_id=parent, tags=tags, adopt_spool=adopt_spool)

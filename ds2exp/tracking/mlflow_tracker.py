@@ -92,7 +92,7 @@ class MlflowTracker(Tracker):
     def start_run(self, run_name: Optional[str] = None, run_id: Optional[str] = None,
                   parent_run_id: Optional[str] = None, tags: Optional[Mapping[str, Any]] = None) -> str:
         """Create a run, or reopen `run_id` (status RUNNING again); returns its id."""
-        all_tags = {k: str(v) for k, v in (tags or {}).items()}
+        all_tags = {k: str(v) for k, v in (tags or {}).items() if v is not None}  # never the text "None"
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
         if run_id:
@@ -126,7 +126,7 @@ class MlflowTracker(Tracker):
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         from mlflow.entities import RunTag
 
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items() if v is not None])
 
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)

@@ -158,8 +158,9 @@ class ResilientTracker(Tracker):
             self._submit({"op": "metrics", "metrics": clean, "step": int(step), "ts": int(time.time() * 1000)})
 
     def set_tags(self, tags: Mapping[str, Any], run_id: Optional[str] = None) -> None:
-        """Tags of this run, or of another run of the store (`run_id`: e.g. a sweep linking its jobs)."""
-        self._submit({"op": "tags", "tags": {k: str(v) for k, v in tags.items()}, "run_id": run_id})
+        """Tags of this run, or of another run of the store (`run_id`: e.g. a sweep linking its jobs).
+        A None value is left out: the UI would show the text `None`."""
+        self._submit({"op": "tags", "tags": {k: str(v) for k, v in tags.items() if v is not None}, "run_id": run_id})
 
     def log_text(self, text: str, artifact_file: str) -> None:
         self._submit({"op": "text", "text": text, "file": artifact_file})

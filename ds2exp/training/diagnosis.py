@@ -98,5 +98,6 @@ def format_text(d: Dict[str, Any]) -> str:
     lines += [f"  {t['step']:>7}  {t['loss']:>12.4g}  {t['grad_norm']:>12.4g}" for t in d["grad_norm_trend"]]
     lines += ["", "batch (id, duration s, transcript chars, input frames, output frames, loss):"]
     lines += [f"  {u['id']}  {u['duration_s']}  {u['transcript_chars']}  {u['input_frames']}  {u['output_frames']}"
-              f"  {u['loss']:g}" for u in d["batch"]]
+              f"  {u['loss']:g}" + (f"  audit: {', '.join(u['hazards'])}" if u.get("hazards") else "")
+              for u in d["batch"]]
     return "\n".join(lines) + "\n"

@@ -185,9 +185,16 @@ def launch(script: Path, argv: Sequence[str], cfg) -> int:
           f"worker logs {run_dir / 'msrun_logs'}", flush=True)
     if shutil.which("python", path=env["PATH"]) is None:
         raise RuntimeError("msrun needs `python` on PATH")
+    from ds2exp.training import rank_watch
     from ds2exp.training.signals import exit_status, run_forwarding_signals
 
-    returncode, signum = run_forwarding_signals(cmd, env)  # Ctrl-C: the workers stop after their step
+    # When a rank dies (crash, SIGKILL, OOM killer, failed start-up), msrun SIGKILLs the others and then
+    # waits on its scheduler for half a minute or more, and nothing records the run's end: the watch
+    # stops them all within seconds and `report` records and prints the end.
+    watch = rank_watch.RankWatch(n, run_dir)
+    returncode, signum = run_forwarding_signals(cmd, env, watch)  # Ctrl-C: the workers stop after their step
+    if watch.suspect is not None or (signum is None and watch.stopped):
+        return rank_watch.report(watch, run_dir, cfg)
     if signum is not None:
         from ds2exp.training.summary import print_saved_summary
 

@@ -11,7 +11,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 import ds2exp
 from ds2exp.config import project_root
 from ds2exp.config import enum_value
-from ds2exp.checkpoints import CHECKPOINTS, RunDir
+from ds2exp.checkpoints import RunDir, resumed_run_dir
 
 log = logging.getLogger("ds2exp.train")
 
@@ -101,7 +101,8 @@ def build_data(cfg, run_dir: Optional[Path] = None, need_test: bool = False, ran
                                      world=world if train else 1)
         out[split] = BatchLoader(data, sampler, cache, d.num_workers,
                                  spec_augment_cfg=d.spec_augment if train else None, seed=cfg.trainer.seed,
-                                 fixed_label_length=train and compiled_step(cfg.hardware))
+                                 fixed_label_length=train and compiled_step(cfg.hardware),
+                                 crop_frames=d.crop_frames if train else None, label_pad=d.label_pad if train else None)
     return out
 
 
@@ -130,7 +131,7 @@ def build_model_for_precision(cfg):
 @dataclass
 class RunOutcome:
     status: str  # finished, diverged (ds2exp.training.summary.STATUSES; interrupted is raised)
-    value: float  # the best validation WER: what Hydra sweepers minimise
+    value: float  # the best value of trainer.monitor over the run: what a hyperparameter search optimises
 
     @property
     def exit_status(self) -> int:
@@ -177,7 +178,7 @@ def log_traceback(exc: BaseException) -> None:
 
 
 def run_training(cfg: DictConfig) -> float:
-    """Train; returns the best validation WER (the value Hydra sweepers minimise)."""
+    """Train; returns the best value of `trainer.monitor` over the run (what a search optimises)."""
     return train_run(cfg).value
 
 
@@ -230,7 +231,7 @@ def _train_run(cfg: DictConfig, interrupt) -> RunOutcome:
                 from ds2exp.training.checkpoint import load_checkpoint
 
                 resumed = load_checkpoint(cfg.resume)
-            run_dir = _resumed_run_dir(cfg.resume, resumed.meta)
+            run_dir = resumed_run_dir(cfg.resume, resumed.meta)
             cfg = resume_config(cfg, resumed.meta.get("config"), _hydra_overrides())
             log.info("resuming from %s (step %s)", resumed.path, resumed.meta.get("step"))
         else:
@@ -243,25 +244,6 @@ def _train_run(cfg: DictConfig, interrupt) -> RunOutcome:
     finally:
         if lock is not None:
             lock.release()
-
-
-def resume_in_place(resume: str) -> List[str]:
-    """Hydra overrides that make a `resume=` session run in the run directory it continues, so that its
-    train.log is appended there (its own .hydra/ files go to .hydra/resumed/, keeping the first ones)."""
-    from ds2exp.input_checks import check_checkpoint
-
-    info = check_checkpoint("resume", resume, need_training_state=True)
-    run_dir = str(_resumed_run_dir(resume, info.meta or {}).resolve()).replace("\\", "\\\\").replace("'", "\\'")
-    return [f"hydra.run.dir='{run_dir}'", "hydra.output_subdir=.hydra/resumed"]
-
-
-def _resumed_run_dir(resume: str, meta: Dict[str, Any]) -> Path:
-    """The run directory a resume continues: the one named (so a moved run still works), else the
-    checkpoint's own, else the one recorded in the checkpoint."""
-    p = Path(resume)
-    if p.is_dir() or p.parent.name == CHECKPOINTS:
-        return RunDir.of(p).path
-    return Path(meta.get("run_dir") or p.parent)
 
 
 def _note_continued_elsewhere(new_dir: Path, old_dir: Path) -> None:
@@ -286,6 +268,7 @@ class Run:
     data: Optional[Dict[str, Any]] = None
     tracker: Any = None
     trainer: Any = None
+    audit: Any = None  # ds2exp.data.audit.AuditReport of the training split
 
 
 def _train(cfg: DictConfig, run_dir: Path, resumed, continues: bool, rank: int = 0, world: int = 1,
@@ -312,8 +295,8 @@ def _train(cfg: DictConfig, run_dir: Path, resumed, continues: bool, rank: int =
         raise
     recovery.write_run_state(run_dir, status=outcome, mlflow_run_id=run.tracker.run_id, step=run.trainer.state.step)
     _print_summary(report, run.tracker)
-    best = min((b["wer"] for b in run.trainer.state.best), default=float("nan"))
-    return RunOutcome(outcome, float(best))
+    best = run.trainer.state.best  # best first by trainer.monitor in trainer.monitor_mode
+    return RunOutcome(outcome, float(best[0]["value"]) if best else float("nan"))
 
 
 def _mark_running(cfg: DictConfig, run_dir: Path, continues: bool) -> int:
@@ -350,6 +333,7 @@ def build_run(run: Run, resumed, continues: bool, world: int = 1) -> Run:
     run.tracker = tracker = make_tracker(cfg.logger, run_name=cfg.logger.run_name or run_dir.name, run_id=run_id,
                                          tags={"ds2exp.run_dir": str(run_dir)}, spool_dir=run_dir,
                                          adopt_spool=continues)
+    run.audit = _audit_training_data(cfg, tracker)
     train_loader = run.data["train"]
     steps_per_epoch = len(train_loader.sampler)
     parallel = _join_data_parallel(run.model, world) if world > 1 else {}
@@ -378,6 +362,17 @@ def build_run(run: Run, resumed, continues: bool, world: int = 1) -> Run:
              f"{count_parameters(run.model):,}", len(train_loader.split.examples),
              train_loader.split.total_audio_seconds / 3600, steps_per_epoch)
     return run
+
+
+def _audit_training_data(cfg: DictConfig, tracker):
+    """The corpus audit of the training split (cached per source): its hazards logged, its report to MLflow."""
+    from ds2exp.data.audit import audit_split
+
+    report = audit_split(cfg, "train", progress=bool(cfg.trainer.progress))
+    for line in report.lines():
+        (log.warning if report.fatal else log.info)("data audit: %s", line)
+    tracker.log_dict(report.to_json(), "data/audit_train.json")
+    return report
 
 
 def _model_and_optimizer(cfg: DictConfig, announce: bool = True):
@@ -457,9 +452,12 @@ def _record_divergence(run: Run, d: Dict[str, Any]) -> Dict[str, Any]:
     tracker, run_dir = run.tracker, run.run_dir
     d.setdefault("diverged_at_step", d.get("step"))
     d.setdefault("first_bad_step", d.get("step"))
-    tracker.set_tags({"diverged_at_step": d["diverged_at_step"], "first_bad_step": d["first_bad_step"],
-                      "divergence_cause": d.get("cause", "unknown"),
-                      "first_nonfinite_group": d.get("first_nonfinite_group")})
+    if run.audit is not None:  # what the audit knows of the bad batch's utterances
+        for u in d.get("batch") or []:
+            u["hazards"] = run.audit.hazards_of(u["id"])
+    tags = {"diverged_at_step": d["diverged_at_step"], "first_bad_step": d["first_bad_step"],
+            "divergence_cause": d.get("cause", "unknown"), "first_nonfinite_group": d.get("first_nonfinite_group")}
+    tracker.set_tags({k: v for k, v in tags.items() if v is not None})  # a loss explosion names no group
     (run_dir / "diagnosis.json").write_text(json.dumps(d, indent=1, default=str))
     tracker.log_artifact(run_dir / "diagnosis.json")
     if "cause" in d:
@@ -479,18 +477,20 @@ def finish_run(run: Run, outcome: str, summary: Dict[str, Any]) -> Dict[str, Any
 def _end_failed(run: Run, exc: BaseException) -> None:
     """A crash: run_state failed, the error tagged, MLflow FAILED, and the summary printed."""
     from ds2exp.training import recovery
+    from ds2exp.training import summary as run_summary
 
     import traceback
 
     error = one_line_error(exc)[:2000]
     recovery.write_run_state(run.run_dir, status="failed", error=error)
+    report = _report("failed", {"stop_reason": "error", "error": error}, run.trainer, run.cfg, run.run_dir,
+                     run.tracker)
     if run.tracker is not None:
-        run.tracker.set_tags({"ds2exp.status": "failed", "ds2exp.error": error})
+        run.tracker.set_tags({"ds2exp.status": "failed", "ds2exp.error": error, **run_summary.note_tags(report)})
         run.tracker.log_text("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
                              "error/traceback.txt")
         run.tracker.end("FAILED")
-    _print_summary(_report("failed", {"stop_reason": "error", "error": error}, run.trainer, run.cfg, run.run_dir,
-                           run.tracker), run.tracker)
+    _print_summary(report, run.tracker)
     if isinstance(exc, Exception):
         exc.summary_printed = True  # type: ignore[attr-defined]
 
@@ -532,6 +532,10 @@ def _end_interrupted(exc, trainer, tracker, cfg, run_dir: Path) -> Dict[str, Any
         report = _finish(trainer, tracker, cfg, run_dir, base, "interrupted")
     else:
         report = _report("interrupted", {**base, "step": None}, None, cfg, run_dir, tracker)
+        if tracker is not None:
+            from ds2exp.training.summary import note_tags
+
+            tracker.set_tags(note_tags(report))
     if tracker is not None:
         tracker.end("KILLED")
     return report
@@ -569,8 +573,10 @@ def _train_secondary(cfg: DictConfig, run_dir: Path, resumed, rank: int, world: 
     try:
         trainer.fit()
     except TrainingStopped as stop:
+        # rank 0 records the divergence and exits 1; exit 0 here, or the launcher's watch would take this
+        # rank for a dead one while rank 0 is still writing its diagnosis
         log.error("rank %d: training stopped: %s", rank, stop.diagnosis.get("summary"))
-        return RunOutcome("diverged", float("nan"))
+        return RunOutcome("finished", float("nan"))
     if interrupt.requested:  # rank 0 records the interrupted run; exit 0, or msrun would kill rank 0
         log.warning("rank %d: stopped by a signal after step %d", rank, trainer.state.step)
     return RunOutcome("finished", float("nan"))
@@ -606,10 +612,11 @@ def _finish(trainer, tracker, cfg, run_dir: Path, summary: Dict[str, Any], outco
     """summary.json, curves, artifacts and the ds2exp.status tag of a run that ended with `outcome`;
     returns the summary."""
     from ds2exp.tracking.plots import plot_curves
+    from ds2exp.training.summary import note_tags
 
     s = trainer.state
     summary = _report(outcome, summary, trainer, cfg, run_dir, tracker)
-    tags = {"ds2exp.status": outcome}
+    tags = {"ds2exp.status": outcome, **note_tags(summary)}  # the summary (and diagnosis) as its description
     if summary.get("first_bad_step") is not None:
         tags["first_bad_step"] = summary["first_bad_step"]
     tracker.set_tags(tags)

@@ -225,11 +225,15 @@ def _ms_role(pid: int) -> Optional[str]:
     return None
 
 
-def run_forwarding_signals(cmd, env) -> tuple:
+def run_forwarding_signals(cmd, env, watch=None) -> tuple:
     """Run msrun (`cmd`) in a session of its own and pass SIGINT/SIGTERM sent to this process on to
     its training workers, which stop after their current step; msrun would SIGKILL them on Ctrl-C.
+    `watch(proc, interrupted)` (ds2exp.training.rank_watch.RankWatch), when given, is called every
+    `watch.interval` seconds while msrun runs, and afterwards as long as it returns True: it may end
+    msrun and still be stopping the processes msrun started.
     Returns (msrun's exit status, the first signal forwarded or None)."""
     import subprocess
+    import time
 
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
     received: list = []
@@ -243,12 +247,20 @@ def run_forwarding_signals(cmd, env) -> tuple:
             except ProcessLookupError:
                 pass
         if not workers:  # none running (set-up or shutdown): end msrun and everything under it
-            os.killpg(proc.pid, signal.SIGKILL)
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:  # msrun's group is gone already (a watch stopped it)
+                pass
         _say(f"{signal_name(signum)}: passed on to {len(workers)} data-parallel worker(s)")
 
     previous = {sig: signal.signal(sig, forward) for sig in SIGNALS}
     try:
-        returncode = proc.wait()
+        if watch is None:
+            returncode = proc.wait()
+        else:
+            while watch(proc, bool(received)) or proc.poll() is None:
+                time.sleep(watch.interval)
+            returncode = proc.wait()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

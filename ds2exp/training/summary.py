@@ -7,6 +7,7 @@ whose MLflow records could not all be sent says where they are kept and how to s
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import shlex
@@ -21,6 +22,12 @@ log = logging.getLogger(__name__)
 STATUSES = ("finished", "diverged", "interrupted", "failed")
 MLFLOW_STATUS = {"finished": "FINISHED", "diverged": "FAILED", "failed": "FAILED", "interrupted": "KILLED"}
 UI_ADDRESS = "http://127.0.0.1:5000"  # where `make ui` serves the project's store
+# MLflow 3's UI opens every experiment in its GenAI view (traces, evaluations) unless the page's URL
+# says `workflowType=machine_learning` or the browser stored "Model training" from the sidebar switch;
+# the `mlflow.experimentKind` tag does not decide it. Every link ds2exp prints carries the parameter.
+TRAINING_VIEW = "workflowType=machine_learning"
+NOTE_TAG = "mlflow.note.content"  # the run's "Description" in the UI (Markdown)
+NOTE_MAX = 4900  # the tracker cuts tag values at 5000 characters
 
 
 def best_checkpoint(state, cfg) -> Optional[Dict[str, Any]]:
@@ -68,7 +75,31 @@ def ui_base(tracking_uri: Optional[str]) -> str:
 def run_link(tracking_uri: Optional[str], exp_id: Optional[str], run_id: Optional[str]) -> Optional[str]:
     if not exp_id or not run_id:
         return None
-    return f"{ui_base(tracking_uri)}/#/experiments/{exp_id}/runs/{run_id}"
+    return f"{ui_base(tracking_uri)}/#/experiments/{exp_id}/runs/{run_id}?{TRAINING_VIEW}"
+
+
+def experiment_link(tracking_uri: Optional[str], exp_id: Optional[str]) -> Optional[str]:
+    """The experiment's runs table, in the UI's training view."""
+    if not exp_id:
+        return None
+    return f"{ui_base(tracking_uri)}/#/experiments/{exp_id}/runs?{TRAINING_VIEW}"
+
+
+def ui_landing(db: Path, experiment_name: str = "ds2exp") -> str:
+    """Where `make ui` sends a browser: the experiment's runs table in the training view, or (no run
+    recorded yet) the experiment list. The SQLite store is read directly: importing MLflow would make
+    `make ui` wait seconds longer before the server even starts."""
+    import sqlite3
+
+    exp_id = None
+    try:
+        with contextlib.closing(sqlite3.connect(f"{Path(db).resolve().as_uri()}?mode=ro", uri=True)) as con:
+            row = con.execute("SELECT experiment_id FROM experiments WHERE name = ? AND lifecycle_stage = 'active'",
+                              (experiment_name,)).fetchone()
+        exp_id = str(row[0]) if row else None
+    except sqlite3.Error:  # no store yet, or not MLflow's schema
+        pass
+    return experiment_link(UI_ADDRESS, exp_id) or f"{UI_ADDRESS}/#/experiments?{TRAINING_VIEW}"
 
 
 def ui_hint(tracking_uri: Optional[str]) -> str:
@@ -122,7 +153,8 @@ def _status_line(s: Dict[str, Any]) -> str:
     if st == "finished":
         why = {"max_steps": "trainer.max_steps", "max_minutes": "trainer.max_minutes",
                "max_epochs": "trainer.max_epochs"}.get(s.get("stop_reason"), s.get("stop_reason") or "")
-        text = f"finished at step {step}" + (f" ({why} reached)" if why else "")
+        text = f"finished at step {step}" + (" (pruned by the hyperparameter search)" if why == "pruned"
+                                             else f" ({why} reached)" if why else "")
         if s.get("first_bad_step") is not None:
             text += f"; anomalous steps skipped, the first at step {s['first_bad_step']}"
         return text
@@ -142,6 +174,10 @@ def format_summary(s: Dict[str, Any], pending_records: int = 0, spool: Optional[
     rows = [("status", _status_line(s))]
     if s["status"] == "diverged" and s.get("summary"):
         rows.append(("", str(s["summary"])))
+        batch = s.get("batch") or []
+        if batch:
+            named = [u["id"] + (f" ({', '.join(u['hazards'])})" if u.get("hazards") else "") for u in batch[:6]]
+            rows.append(("bad batch", ", ".join(named) + (f", and {len(batch) - 6} more" if len(batch) > 6 else "")))
         diag = Path(s["run_dir"]) / "diagnosis.txt"
         if diag.exists() or (Path(s["run_dir"]) / "diagnosis.json").exists():
             rows.append(("", f"diagnosis: {diag if diag.exists() else diag.with_suffix('.json')}"))
@@ -183,6 +219,36 @@ def format_summary(s: Dict[str, Any], pending_records: int = 0, spool: Optional[
                      f"and are kept in {where}; a resumed run sends them first, or run: "
                      f"python -m ds2exp.tracking.resilient {shlex.quote(str(s['run_dir']))}")
     return "\n".join(lines)
+
+
+def code_block(text: str, limit: int) -> str:
+    """`text` as a Markdown code block of at most `limit` characters: the UI renders a description as
+    Markdown, and aligned columns (and `*`, `_`, `#` in paths and causes) survive only in a code block."""
+    body = text.rstrip("\n")
+    room = limit - len("```\n\n```\n")
+    if len(body) > room:
+        cut = "\n... (cut here: the whole text is in the run's artifacts)"
+        body = body[:max(0, room - len(cut))].rsplit("\n", 1)[0] + cut
+    return f"```\n{body}\n```\n"
+
+
+def note(s: Dict[str, Any]) -> str:
+    """The MLflow run description (tag `mlflow.note.content`): the end-of-run summary and, for a diverged
+    run, its diagnosis (diagnosis.txt), so that the run's page says how it ended and why."""
+    diag = Path(s["run_dir"]) / "diagnosis.txt"
+    with_diagnosis = s["status"] == "diverged" and diag.is_file()
+    text = code_block(format_summary(s), NOTE_MAX // 2 if with_diagnosis else NOTE_MAX)
+    if with_diagnosis:
+        try:
+            head = "\n**Diagnosis** (diagnosis.txt)\n\n"
+            text += head + code_block(diag.read_text(), NOTE_MAX - len(text) - len(head))
+        except OSError as exc:
+            log.info("could not read %s for the run description: %s", diag, exc)
+    return text
+
+
+def note_tags(s: Dict[str, Any]) -> Dict[str, str]:
+    return {NOTE_TAG: note(s)}
 
 
 def print_saved_summary(run_dir: Path) -> None:

@@ -13,7 +13,6 @@ import collections
 import logging
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,17 +22,18 @@ import mindspore as ms
 import numpy as np
 from mindspore import ops
 from omegaconf import OmegaConf
-from tqdm import tqdm
 
 from ds2exp.data.dataset import Batch, BatchLoader
 from ds2exp.models.ctc import ctc_losses, infeasible_rows
 from ds2exp.training.validate import EvalResult, evaluate_model
 from ds2exp.models.deepspeech2 import parameter_groups
 from ds2exp.training.best import best_filename
+from ds2exp.tracking import trial_hook
 from ds2exp.training.checkpoint import restore_optimizer, save_checkpoint
 from ds2exp.training.divergence import ExplosionDetector
 from ds2exp.training.faults import FaultInjector
 from ds2exp.training.optim import learning_rate, set_learning_rate
+from ds2exp.training.progress import estimated_total, progress_bar
 from ds2exp.tracking.mlflow_tracker import Tracker
 from ds2exp.config import enum_value
 from ds2exp.checkpoints import RunDir
@@ -145,6 +145,7 @@ class Trainer:
         self.is_primary = bool(is_primary)
         self.deadline: Optional[float] = None
         self.interrupt = None  # ds2exp.training.signals.StopOnSignal: checked after every step
+        self.pruned = False  # a hyperparameter search stopped this trial (ds2exp/tracking/trial_hook.py)
 
     # ------------------------------------------------------------------ one step
     def _forward(self, x, x_len, y, y_len, scale):
@@ -330,7 +331,9 @@ class Trainer:
         h["val_wer"].append(res.wer)
         h["val_cer"].append(res.cer)
         h["val_loss"].append(res.loss)
-        self.tracker.log_metrics({"val/loss": res.loss, "val/wer": res.wer, "val/cer": res.cer}, self.state.step)
+        metrics = {"val/loss": res.loss, "val/wer": res.wer, "val/cer": res.cer}
+        self.tracker.log_metrics(metrics, self.state.step)
+        self.pruned = trial_hook.report(self.state.step, metrics[str(self.cfg.trainer.monitor)], self.tracker)
         table = ["| id | reference | hypothesis |", "|---|---|---|"]
         table += [f"| {r['id']} | {r['reference']} | {r['hypothesis']} |" for r in res.records[:20]]
         self.tracker.log_text("\n".join(table) + "\n", f"samples/step_{self.state.step:07d}.md")
@@ -343,8 +346,7 @@ class Trainer:
         s = self.state
         deadline = self.started + 60 * float(t.max_minutes) if t.max_minutes else None
         self.deadline = deadline
-        bar = tqdm(total=self.max_steps, initial=s.step, desc="train", unit="step", disable=not t.progress,
-                   file=sys.stderr, dynamic_ncols=True)
+        bar = progress_bar(self.max_steps, s.step, enabled=bool(t.progress))
         self._bar_origin = (s.step, time.time())
         self._window = _new_window()
         last_result: Optional[StepResult] = None
@@ -381,7 +383,6 @@ class Trainer:
 
     def _update_bar(self, bar, res: StepResult, lr: float, deadline: Optional[float]) -> None:
         s = self.state
-        bar.update(1)
         post = {"loss": f"{res.loss:.4g}", "lr": f"{lr:.2e}", "bad": s.anomalous_steps}
         if deadline is not None:
             now = time.time()
@@ -390,7 +391,8 @@ class Trainer:
             if total != bar.total:
                 bar.total = total
             post["time"] = f"{(now - self.started) / 60:.1f}/{float(self.cfg.trainer.max_minutes):g}min"
-        bar.set_postfix(post)
+        bar.set_postfix(post, refresh=False)  # shown by update(), as often as the bar redraws
+        bar.update(1)
 
     def _run_epoch(self, bar, deadline, last_result):
         """Train from the current position to the end of the epoch or a stop condition.
@@ -448,6 +450,9 @@ class Trainer:
                 self.interrupt.check(self)  # SIGINT/SIGTERM: checkpoint this step and end the run
             if s.step >= self.max_steps:
                 done = True
+                break
+            if self.pruned:
+                done, stop_reason = True, "pruned"
                 break
             # Data parallel: ranks stop together, when any of them has run out of time.
             out_of_time = (res.peer_flags["stop_requested"] > 0 if res.peer_flags is not None
@@ -550,12 +555,3 @@ def _new_window() -> Dict[str, Any]:
     """What _log_train summarises: finite losses, utterances, audio seconds, step and data-wait time."""
     return {"loss": [], "utts": 0, "audio": 0.0, "time": 0.0, "wait": 0.0}
 
-
-def estimated_total(step: int, max_steps: int, origin_step: int, elapsed_s: float, left_s: float) -> int:
-    """The progress bar's total under a time budget: the step the run will end at, whichever limit
-    (trainer.max_steps/epochs or trainer.max_minutes) comes first, at the step rate measured since
-    `origin_step`. No rate yet: the step limit."""
-    if elapsed_s <= 0 or step <= origin_step:
-        return max_steps
-    rate = (step - origin_step) / elapsed_s
-    return max(step, min(max_steps, step + int(rate * max(0.0, left_s))))

@@ -13,18 +13,42 @@ import numpy as np
 from tests.helpers import ROOT, wait_for
 from tests.helpers.tracking import max_logged_step
 
-SMALL = ["model.conv_channels=4", "model.rnn_hidden=32", "model.rnn_layers=1", "dataset.batch_size=4",
-         "dataset.max_utterances=48", "trainer.max_eval_utterances=8", "trainer.progress=false",
-         "dataset.num_buckets=2"]
+# The one home of the small-model settings: every real train.py, lr_find and sweep process of the tests
+# (and bench/soak.py) starts from these lists. A list that changes a key of one of them goes through
+# merged() (train.py refuses a key given twice).
+# The micro DeepSpeech2: 4 conv channels, one RNN layer of 32 units.
+MICRO_MODEL = ["model.conv_channels=4", "model.rnn_hidden=32", "model.rnn_layers=1"]
+# ... trained on 48 utterances, 8 of them validated, without a progress bar
+MICRO = [*MICRO_MODEL, "dataset.max_utterances=48", "trainer.max_eval_utterances=8", "trainer.progress=false"]
+# ... in batches of 4 (the dataset's own number of length buckets)
+MICRO_BATCH4 = [*MICRO, "dataset.batch_size=4"]
+# ... from 2 length buckets
+SMALL = [*MICRO_BATCH4, "dataset.num_buckets=2"]
+
+
+def merged(*overrides: str):
+    """Override lists joined, a later value of a key replacing an earlier one (train.py refuses a key
+    given twice), e.g. SMALL with one of its keys changed."""
+    out = {}
+    for o in overrides:
+        out[o.split("=", 1)[0].lstrip("+~")] = o
+    return list(out.values())
 
 
 def train_cmd(data_dir: Path, run_dir: Path, *overrides: str):
-    return [sys.executable, str(ROOT / "train.py"), f"paths.data_dir={data_dir}", f"hydra.run.dir={run_dir}",
-            *overrides]
+    return [sys.executable, str(ROOT / "train.py"), *merged(f"paths.data_dir={data_dir}", f"hydra.run.dir={run_dir}",
+                                                            *overrides)]
 
 
 def train_env(tmp_root: Path, **extra: str):
     return {**os.environ, "DS2EXP_ROOT": str(tmp_root), **extra}
+
+
+def sweep_env(tmp_root: Path):
+    """train_env without a DS2EXP_PARENT_RUN_ID inherited from the shell (a sweep starts its own parent run)."""
+    env = train_env(tmp_root)
+    env.pop("DS2EXP_PARENT_RUN_ID", None)
+    return env
 
 
 def start(tmp_root: Path, data_dir: Path, run_dir: Path, *overrides: str, env=None) -> subprocess.Popen:
@@ -43,6 +67,11 @@ def run(tmp_root: Path, data_dir: Path, run_dir: Path, *overrides: str, env=None
     if check:
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-4000:]
     return r
+
+
+def train(tmp_root: Path, data_dir: Path, *overrides: str, check: bool = True, timeout: int = 600):
+    """run() into <tmp_root>/outputs/run (the MLflow store: <tmp_root>/mlflow.db, see tracking.mlflow_runs)."""
+    return run(tmp_root, data_dir, tmp_root / "outputs" / "run", *overrides, check=check, timeout=timeout)
 
 
 def load_params(run_dir: Path):

@@ -42,6 +42,22 @@ def runs_of(client):
     return client.search_runs([exp.experiment_id]) if exp else []
 
 
+def mlflow_runs(tmp_root: Path):
+    """(client, runs of the ds2exp experiment) in <tmp_root>/mlflow.db, the store of a train.py run with
+    DS2EXP_ROOT=<tmp_root>."""
+    client = mlflow_client(f"sqlite:///{tmp_root}/mlflow.db")
+    exp = client.get_experiment_by_name("ds2exp")
+    return client, client.search_runs([exp.experiment_id])
+
+
+def sweep_runs(tmp_root: Path):
+    """(client, sweep parent runs, job runs) in <tmp_root>/mlflow.db."""
+    client, all_runs = mlflow_runs(tmp_root)
+    parents = [r for r in all_runs if r.data.tags.get("ds2exp.kind") == "sweep"]
+    children = [r for r in all_runs if r.data.tags.get("ds2exp.kind") != "sweep"]
+    return client, parents, children
+
+
 def history(client, run_id: str, key: str):
     by_step = defaultdict(list)
     for m in client.get_metric_history(run_id, key):

@@ -77,7 +77,7 @@ def test_claim_resumable_run_rules(tmp_path):
     from ds2exp.cli import check_overrides
     from ds2exp.training import recovery
     from ds2exp.training.checkpoint import save_checkpoint
-    from tests.test_checkpoint import tiny_model
+    from tests.helpers.models import tiny_model
 
     cfg = check_overrides(["trainer.max_steps=10", f"paths.root_dir={tmp_path}"])
     other = check_overrides(["trainer.max_steps=10", "optimizer.lr=1e-3", f"paths.root_dir={tmp_path}"])

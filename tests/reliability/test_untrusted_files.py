@@ -48,7 +48,7 @@ def test_checkpoint_with_foreign_names_or_shapes_is_refused(tmp_path):
 
     from ds2exp.models.deepspeech2 import load_state
     from ds2exp.training.checkpoint import CheckpointError, load_checkpoint
-    from tests.test_checkpoint import tiny_model
+    from tests.helpers.models import tiny_model
 
     model = tiny_model()
     before = {n: p.asnumpy().copy() for n, p in model.parameters_and_names()}
