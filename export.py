@@ -19,7 +19,7 @@ def main(cfg: DictConfig) -> None:
     from ds2exp.data.dataset import DatasetError
     from ds2exp.export_model import ExportError, export_checkpoint
     from ds2exp.training.checkpoint import CheckpointError
-    from ds2exp.training.run import setup_mindspore
+    from ds2exp.runtime import setup_mindspore
 
     setup_mindspore(cfg.hardware, 0)
     try:

@@ -32,7 +32,7 @@ def build(model: str, dataset: str, batch: int, workers: int):
     from ds2exp.models.deepspeech2 import build_model
     from ds2exp.tracking.mlflow_tracker import NullTracker
     from ds2exp.training.optim import build_optimizer
-    from ds2exp.training.run import setup_mindspore
+    from ds2exp.runtime import setup_mindspore
     from ds2exp.training.trainer import Trainer
 
     cfg = compose_config([f"model={model}", f"dataset={dataset}", "logger=none", "trainer.progress=false",

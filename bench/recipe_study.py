@@ -93,7 +93,7 @@ def measure_speed(names, rounds: int = 4) -> dict:
     from ds2exp.models.deepspeech2 import build_model
     from ds2exp.tracking.mlflow_tracker import NullTracker
     from ds2exp.training.optim import build_optimizer
-    from ds2exp.training.run import setup_mindspore
+    from ds2exp.runtime import setup_mindspore
     from ds2exp.training.trainer import Trainer
 
     frames = 240

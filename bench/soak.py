@@ -42,12 +42,11 @@ from pathlib import Path
 CLEAN_ENV = dict(os.environ)
 
 import ds2exp  # noqa: E402,F401  (protobuf implementation before mlflow/mindspore)
+from tests.helpers.processes import SMALL  # noqa: E402  (the tests' small-model settings)
 
 ROOT = Path(__file__).resolve().parents[1]
 
-SMALL = ["model.conv_channels=4", "model.rnn_hidden=32", "model.rnn_layers=1", "dataset.batch_size=4",
-         "dataset.max_utterances=48", "trainer.max_eval_utterances=8", "trainer.progress=false",
-         "dataset.num_buckets=2", "trainer.checkpoint_every=5", "trainer.log_every=1", "trainer.eval_every=50"]
+SOAK_RUN = [*SMALL, "trainer.checkpoint_every=5", "trainer.log_every=1", "trainer.eval_every=50"]
 
 
 def _store_value(db: Path, sql: str, unreadable):
@@ -127,7 +126,7 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     run_dir = work / "outputs" / "soak"
     db = work / "mlflow.db"
-    base = [sys.executable, str(ROOT / "train.py"), f"paths.data_dir={data_dir}", *SMALL]
+    base = [sys.executable, str(ROOT / "train.py"), f"paths.data_dir={data_dir}", *SOAK_RUN]
     soak_cmd = base + [f"hydra.run.dir={run_dir}", "trainer.max_steps=1000000", "trainer.auto_resume=true"]
     rng = random.Random(seed)
     print(f"soak: {minutes:g} min, seed {seed}; starts alternate 2 and 1 threads; work dir {work}", flush=True)

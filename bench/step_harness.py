@@ -98,7 +98,7 @@ def _ds2exp_trainer(model_name: str, batch_size: int, threads: Optional[int] = N
     from ds2exp.models.deepspeech2 import build_model
     from ds2exp.tracking.mlflow_tracker import NullTracker
     from ds2exp.training.optim import build_optimizer
-    from ds2exp.training.run import setup_mindspore
+    from ds2exp.runtime import setup_mindspore
     from ds2exp.training.trainer import Trainer
 
     overrides = [f"model={model_name}", "logger=none", "trainer.progress=false", f"dataset.batch_size={batch_size}",
@@ -215,7 +215,7 @@ def _data_wait(cfg, trainer, steps: int) -> Dict[str, Any]:
     root = Path(str(cfg.dataset.root))
     if cfg.dataset.name not in SYNTH_PRESETS or not (root / "BUILD_INFO.json").is_file():
         return {"error": f"no built corpus at {root}"}
-    from ds2exp.training.run import build_data
+    from ds2exp.data.loaders import build_data
 
     data = build_data(cfg)  # the synthetic corpus is already built: this reads its manifests
     loader = data["train"]

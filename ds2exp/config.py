@@ -342,7 +342,7 @@ class TranscribeConfig:
     audio: List[str] = field(default_factory=list)
     json: bool = False  # one JSON object per file, with per-character start times
     chunk_seconds: float = 20.0  # audio decoded and recognised this many seconds at a time
-    beam_width: Optional[int] = None  # same as decoder.beam_width (older command lines)
+    beam_width: Optional[int] = None  # a short form of decoder.beam_width
 
 
 def register_configs() -> None:

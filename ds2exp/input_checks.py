@@ -80,7 +80,7 @@ def check_pretrained_fits(cfg: DictConfig, info) -> None:
     """pretrained=: every model parameter present with the model's shape (names as load_state maps
     them), checked on a freshly built model from the tensor shapes the file lists."""
     from ds2exp.models.deepspeech2 import load_state
-    from ds2exp.training.run import build_model_for_precision
+    from ds2exp.models.deepspeech2 import build_model_for_precision
 
     state = {name: np.broadcast_to(np.float32(0), shape) for name, shape in info.shapes.items()
              if not name.startswith("optimizer.") and name != "ds2exp_meta"}

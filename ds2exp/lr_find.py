@@ -147,7 +147,9 @@ def run_range_test(cfg: DictConfig, run_dir: Path) -> Dict[str, Any]:
     from ds2exp.tracking import make_tracker
     from ds2exp.tracking.mlflow_tracker import flatten
     from ds2exp.training.optim import build_optimizer, range_test_lr, set_learning_rate
-    from ds2exp.training.run import build_data, build_model_for_precision, setup_mindspore
+    from ds2exp.data.loaders import build_data
+    from ds2exp.models.deepspeech2 import build_model_for_precision
+    from ds2exp.runtime import setup_mindspore
     from ds2exp.training.trainer import Trainer
 
     r, total = cfg.lr_find, int(cfg.trainer.max_steps)

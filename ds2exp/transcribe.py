@@ -253,7 +253,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     from ds2exp.data.audio import AudioError
     from ds2exp.training.checkpoint import CheckpointError
-    from ds2exp.training.run import setup_mindspore
+    from ds2exp.runtime import setup_mindspore
 
     setup_mindspore(cfg.hardware, 0)
     try:

@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 
 from ds2exp.cli import preflight
 from ds2exp.config import EvaluateConfig, ExportConfig, TrainConfig
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 COUNTS: Counter = Counter()
 
@@ -278,13 +278,34 @@ def test_generated_malformed_values_keep_the_contract(case, workdir, ckpts):
     assert _listing(workdir) == []
 
 
-def test_print_counts():
-    """Runs last in this file: the tally for the report (`-s` shows it)."""
+def test_print_counts(request):
+    """Runs last in this file: the tally for the report (`-s` shows it), and what the tally stands for: every
+    command line counted above ended in exit 2 or 3 (refused) or 0 (accepted), only the generated values that
+    some keys allow were accepted, and every test of this file that ran counted its command lines."""
+    if not COUNTS:
+        pytest.skip("no command line of this file was checked in this session: nothing to tally")
     total = sum(COUNTS.values())
     refused = sum(v for k, v in COUNTS.items() if k.endswith(("exit 2", "exit 3")))
+    accepted = sum(v for k, v in COUNTS.items() if k.endswith("exit 0"))
     print(f"\npreflight fuzz: {total} command lines, {refused} refused "
           f"({sum(v for k, v in COUNTS.items() if k.endswith('exit 2'))} exit 2, "
           f"{sum(v for k, v in COUNTS.items() if k.endswith('exit 3'))} exit 3), "
-          f"{sum(v for k, v in COUNTS.items() if k.endswith('exit 0'))} accepted (valid values)")
+          f"{accepted} accepted (valid values)")
     for k in sorted(COUNTS):
         print(f"  {k}: {COUNTS[k]}")
+    # no other exit status (1 would be a crash), and only values that some key allows were accepted
+    refusing = ("table", "argparse", "subprocess", "generated always-bad")
+    allowed = {f"{source} exit {code}" for source in refusing for code in (2, 3)} - {"generated always-bad exit 3"}
+    allowed |= {f"generated maybe-bad exit {code}" for code in (0, 2, 3)}
+    assert set(COUNTS) <= allowed, sorted(set(COUNTS) - allowed)
+    if request.session.testsfailed == 0:  # each test above ran to its end: it counted all its command lines
+        ran = Counter(item.originalname for item in request.session.items
+                      if getattr(item, "module", None) is request.module)
+        by_source = Counter()
+        for k, v in COUNTS.items():
+            by_source[k.rsplit(" exit ", 1)[0].replace(" always-bad", "").replace(" maybe-bad", "")] += v
+        assert by_source["table"] == ran["test_probed_case_is_refused_before_any_work"], (by_source, ran)
+        assert (by_source["subprocess"]
+                == len(SUBPROCESS_SAMPLE) * ran["test_real_commands_refuse_in_one_line_and_create_nothing"])
+        assert (by_source["argparse"] > 0) == (ran["test_argparse_commands_refuse_in_one_line"] > 0)
+        assert (by_source["generated"] > 0) == (ran["test_generated_malformed_values_keep_the_contract"] > 0)

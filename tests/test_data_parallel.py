@@ -11,11 +11,9 @@ import time
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT
-from tests.helpers import wait_for
-from tests.helpers.processes import train_cmd, train_env
-from tests.helpers.tracking import max_logged_step, mlflow_client, runs_of
-from tests.test_train import SMALL, mlflow_runs, train
+from tests.helpers import ROOT, wait_for
+from tests.helpers.processes import MICRO_BATCH4, train, train_cmd, train_env
+from tests.helpers.tracking import max_logged_step, mlflow_client, mlflow_runs, runs_of
 
 MSRUN = [sys.executable, "-m", "mindspore.parallel.cluster.run"]
 
@@ -90,7 +88,7 @@ def test_two_process_step_equals_one_process_step_with_double_batch(tmp_path):
 def test_train_py_data_parallel_run(tmp_path, shared_data_dir):
     """`train.py hardware.num_devices=2`: msrun, 2 ranks, one MLflow run and checkpoints written by rank 0,
     and a NaN gradient on rank 1 only makes both ranks skip that step."""
-    r = train(tmp_path, shared_data_dir, *SMALL, "hardware.num_devices=2", "trainer.max_steps=6",
+    r = train(tmp_path, shared_data_dir, *MICRO_BATCH4, "hardware.num_devices=2", "trainer.max_steps=6",
               "trainer.eval_every=3", "trainer.log_every=1", "trainer.inject_nan_grad_steps=[2]",
               "trainer.inject_nan_grad_rank=1", timeout=600)
     run_dir = tmp_path / "outputs" / "run"
@@ -164,7 +162,7 @@ def test_a_rank_killed_mid_run_stops_the_whole_run_within_seconds(tmp_path, synt
 
     run_dir, db = tmp_path / "outputs" / "run", tmp_path / "mlflow.db"
     out, err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
-    cmd = train_cmd(synth_data_dir, run_dir, *SMALL, "hardware.num_devices=2", "trainer.max_steps=400",
+    cmd = train_cmd(synth_data_dir, run_dir, *MICRO_BATCH4, "hardware.num_devices=2", "trainer.max_steps=400",
                     "trainer.eval_every=1000", "trainer.checkpoint_every=2", "trainer.log_every=1",
                     f"logger.tracking_uri=sqlite:///{db}")
     with open(out, "wb") as o, open(err, "wb") as e:

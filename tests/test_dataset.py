@@ -7,7 +7,7 @@ from ds2exp.data.dataset import (BatchLoader, BucketBatchSampler, ctc_min_frames
 from ds2exp.data.features import FeatureCache, FeatureSettings
 from ds2exp.data.labels import encode
 from ds2exp.data.manifest import Utterance, write_jsonl
-from tests.conftest import write_flac
+from tests.helpers import write_flac
 
 
 def test_ctc_min_frames_counts_repeats():

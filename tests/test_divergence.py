@@ -15,6 +15,7 @@ from tests.helpers.processes import MICRO_BATCH4, train
 from tests.helpers.tracking import mlflow_runs
 from tests.helpers.trainers import make_trainer
 
+
 def detector(**kw):
     cfg = {"enabled": True, "factor": 20.0, "window": 5, "min_history": 1, "patience": 3, "max_loss": 1e5,
            "check_grad_norm": True, **kw}
@@ -60,6 +61,7 @@ def test_progress_total_counts_toward_the_time_limit():
 
 
 # ---------------------------------------------------------------- in process, real MindSpore
+# (the spoken_manifest fixture: tests/conftest.py)
 def weights(trainer):
     return {p.name: p.asnumpy().copy() for p in trainer.model.trainable_params()}
 
@@ -106,8 +108,9 @@ def test_exploded_steps_leave_the_weights_as_they_were(tmp_path, spoken_manifest
 
 
 def test_rollback_handles_an_explosion_then_stops_after_max_rollbacks(tmp_path, spoken_manifest):
-    tr = make_trainer(tmp_path, spoken_manifest, "optimizer.lr=1e3", "trainer.max_steps=20", "trainer.nonfinite=rollback",
-                      "trainer.nonfinite_patience=3", "trainer.max_rollbacks=1", "trainer.checkpoint_every=1000")
+    tr = make_trainer(tmp_path, spoken_manifest, "optimizer.lr=1e3", "trainer.max_steps=20",
+                      "trainer.nonfinite=rollback", "trainer.nonfinite_patience=3", "trainer.max_rollbacks=1",
+                      "trainer.checkpoint_every=1000")
     with pytest.raises(TrainingStopped) as stop:
         tr.fit()
     d = stop.value.diagnosis

@@ -6,14 +6,15 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT
-from tests.test_train import SMALL, mlflow_runs, train
+from tests.helpers import ROOT
+from tests.helpers.processes import MICRO_BATCH4, train
+from tests.helpers.tracking import mlflow_runs
 
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, shared_data_dir):
     root = tmp_path_factory.mktemp("evalrun")
-    train(root, shared_data_dir, "trainer.max_steps=6", "trainer.eval_every=3", "trainer.keep_best=2", *SMALL)
+    train(root, shared_data_dir, "trainer.max_steps=6", "trainer.eval_every=3", "trainer.keep_best=2", *MICRO_BATCH4)
     return root, root / "outputs" / "run"
 
 

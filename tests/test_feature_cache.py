@@ -13,7 +13,7 @@ import pytest
 from ds2exp.data.features import (FeatureCache, FeatureSettings, cache_bytes, cache_mode, compute_features,
                                   librispeech_cache_gb)
 from ds2exp.data.audio import load_audio
-from tests.conftest import write_flac
+from tests.helpers import write_flac
 
 
 @pytest.fixture(scope="module")

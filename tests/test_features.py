@@ -41,7 +41,7 @@ def zoo_parse_audio(audio_path, window="hamming", **stft_extra):
 @pytest.fixture(scope="module")
 def speech_file(tmp_path_factory, say):
     """About 8 s of real-length speech, written as 16-bit FLAC like LibriSpeech."""
-    from tests.conftest import write_flac
+    from tests.helpers import write_flac
 
     parts = [say(t) for t in ("she had your dark suit in greasy wash water all year",
                               "don't ask me to carry an oily rag like that",
@@ -109,7 +109,7 @@ def test_feature_settings_key_changes_with_settings():
 
 
 def test_feature_cache_reuses_and_recomputes(tmp_path, say):
-    from tests.conftest import write_flac
+    from tests.helpers import write_flac
 
     audio = write_flac(tmp_path / "a.flac", say("hello world"))
     cache = FeatureCache(tmp_path / "cache", FeatureSettings())

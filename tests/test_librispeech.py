@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ds2exp.data.manifest import ManifestError, read_manifest
-from tests.conftest import ROOT, write_flac
+from tests.helpers import ROOT, write_flac
 
 SENTENCES = ["HELLO WORLD", "THE CAT SAT", "GOOD MORNING", "IT'S RAINING", "OPEN THE DOOR", "TWO BIRDS"]
 

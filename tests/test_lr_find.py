@@ -3,23 +3,18 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import ROOT
-
-TINY = ["model.conv_channels=4", "model.rnn_hidden=32", "model.rnn_layers=1", "dataset.max_utterances=48",
-        "dataset.batch_size=4", "trainer.progress=false"]
+from tests.helpers import ROOT
+from tests.helpers.processes import MICRO_BATCH4, no_parent_env
 
 
 def _run(tmp_path: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DS2EXP_ROOT": str(tmp_path)}
-    env.pop("DS2EXP_PARENT_RUN_ID", None)
     return subprocess.run([sys.executable, "-m", "ds2exp.lr_find", *args], capture_output=True, text=True,
-                          cwd=ROOT, env=env, timeout=timeout)
+                          cwd=ROOT, env=no_parent_env(tmp_path), timeout=timeout)
 
 
 def test_range_schedule_is_exponential_from_min_to_max():
@@ -61,7 +56,7 @@ def test_range_test_stops_at_the_explosion_and_logs_the_plot(tmp_path, shared_da
     from mlflow.tracking import MlflowClient
 
     run_dir = tmp_path / "lf"
-    r = _run(tmp_path, f"paths.data_dir={shared_data_dir}", f"hydra.run.dir={run_dir}", *TINY,
+    r = _run(tmp_path, f"paths.data_dir={shared_data_dir}", f"hydra.run.dir={run_dir}", *MICRO_BATCH4,
              "trainer.max_steps=16", "lr_find.min_lr=1e-4", "lr_find.max_lr=1e6", "lr_find.window=3")
     assert r.returncode == 0, r.stderr[-3000:]
     m = re.search(r"suggested maximum lr: ([0-9.e+-]+)  \(lr of the lowest smoothed loss / 10\)", r.stdout)

@@ -10,15 +10,16 @@ from ds2exp.training.validate import EvalResult
 from ds2exp.tracking.plots import plot_curves
 from ds2exp.training.best import best_filename, choose_best
 from ds2exp.training.checkpoint import save_checkpoint
-from tests.test_divergence import make_trainer, manifest  # noqa: F401  (fixture)
+from tests.helpers import ROOT
+from tests.helpers.trainers import make_trainer
 
 
 def result(wer, cer, loss=50.0):
     return EvalResult(loss=loss, wer=wer, cer=cer, num_utterances=8)
 
 
-def test_cer_monitor_keeps_and_picks_the_lower_cer_over_a_wer_tie(tmp_path, manifest):  # noqa: F811
-    tr = make_trainer(tmp_path, manifest, "trainer.keep_best=2")
+def test_cer_monitor_keeps_and_picks_the_lower_cer_over_a_wer_tie(tmp_path, spoken_manifest):
+    tr = make_trainer(tmp_path, spoken_manifest, "trainer.keep_best=2")
     for step, wer, cer in ((100, 100.0, 97.0), (200, 100.0, 58.12), (300, 101.0, 60.0), (400, 100.0, 99.0)):
         tr.state.step = step
         tr.save_best(result(wer, cer))
@@ -35,8 +36,8 @@ def test_cer_monitor_keeps_and_picks_the_lower_cer_over_a_wer_tie(tmp_path, mani
     assert lines == [choice.describe()]
 
 
-def test_wer_monitor_and_loss_monitor_names(tmp_path, manifest):  # noqa: F811
-    tr = make_trainer(tmp_path / "w", manifest, "trainer.monitor=val/wer", "trainer.keep_best=1")
+def test_wer_monitor_and_loss_monitor_names(tmp_path, spoken_manifest):
+    tr = make_trainer(tmp_path / "w", spoken_manifest, "trainer.monitor=val/wer", "trainer.keep_best=1")
     for step, wer, cer in ((100, 100.0, 97.0), (200, 100.0, 58.0)):
         tr.state.step = step
         tr.save_best(result(wer, cer))
@@ -46,8 +47,8 @@ def test_wer_monitor_and_loss_monitor_names(tmp_path, manifest):  # noqa: F811
     assert best_filename(7, "val/loss", 123.456) == "best-step0000007-loss123.46.ckpt"
 
 
-def test_old_run_dirs_are_ranked_by_the_wer_in_their_names(tmp_path, manifest):  # noqa: F811
-    tr = make_trainer(tmp_path, manifest)
+def test_old_run_dirs_are_ranked_by_the_wer_in_their_names(tmp_path, spoken_manifest):
+    tr = make_trainer(tmp_path, spoken_manifest)
     ckpts = tmp_path / "old" / "checkpoints"
     for name in ("best-step0000100-wer97.10.ckpt", "best-step0000200-wer98.50.ckpt"):
         save_checkpoint(ckpts / name, tr.model, None, {"step": int(name[9:16])})  # no monitor in the meta
@@ -63,16 +64,14 @@ def test_old_run_dirs_are_ranked_by_the_wer_in_their_names(tmp_path, manifest): 
     assert choose_best(tmp_path / "nobest") is None
 
 
-def test_transcribe_says_which_checkpoint_it_took(tmp_path, manifest):  # noqa: F811
+def test_transcribe_says_which_checkpoint_it_took(tmp_path, spoken_manifest):
     import subprocess
     import sys
 
-    from tests.conftest import ROOT
-
-    tr = make_trainer(tmp_path, manifest)
+    tr = make_trainer(tmp_path, spoken_manifest)
     tr.state.step = 5
     tr.save_best(result(100.0, 80.0))
-    audio = manifest.parent / "u0.flac"
+    audio = spoken_manifest.parent / "u0.flac"
     # its own process: transcribe sets the MindSpore device, which a process can do only once
     r = subprocess.run([sys.executable, "-m", "ds2exp.transcribe", f"checkpoint={tmp_path / 'run'}",
                         f"audio=[{audio}]"], capture_output=True, text=True, cwd=ROOT, timeout=600)

@@ -4,9 +4,9 @@ import json
 import numpy as np
 import pytest
 
-from tests.test_train import SMALL, mlflow_runs, train
-
-BASE = [o for o in SMALL if not o.startswith("dataset.max_utterances")] + ["dataset.max_utterances=48"]
+from tests.helpers import write_flac
+from tests.helpers.processes import MICRO_BATCH4, MICRO_MODEL, train
+from tests.helpers.tracking import mlflow_runs
 
 
 def diagnosis_of(root):
@@ -18,7 +18,8 @@ def test_huge_learning_rate_stops_naming_step_and_cause(tmp_path, shared_data_di
     # the explosion detector would stop this run while it is still finite (tests/test_divergence.py);
     # off here, the run goes on to its first non-finite step
     r = train(tmp_path, shared_data_dir, "optimizer=sgd", "optimizer.lr=1e6", "optimizer.grad_clip=0",
-              "trainer.nonfinite=stop", "trainer.max_steps=30", "trainer.divergence.enabled=false", *BASE, check=False)
+              "trainer.nonfinite=stop", "trainer.max_steps=30", "trainer.divergence.enabled=false", *MICRO_BATCH4,
+              check=False)
     assert r.returncode == 1, r.stderr[-3000:]  # diverged
     client, runs = mlflow_runs(tmp_path)
     run = runs[0]
@@ -45,7 +46,8 @@ def test_skip_keeps_weights_unchanged_through_nan_gradients(tmp_path, shared_dat
     from ds2exp.training.checkpoint import load_checkpoint
 
     a, b = tmp_path / "a", tmp_path / "b"
-    common = BASE + ["logger=none", "trainer.eval_every=1000", "dataset.num_buckets=1", "dataset.sortagrad=false"]
+    common = MICRO_BATCH4 + ["logger=none", "trainer.eval_every=1000", "dataset.num_buckets=1",
+                             "dataset.sortagrad=false"]
     train(a, shared_data_dir, "trainer.max_steps=2", *common)
     train(b, shared_data_dir, "trainer.max_steps=4", "trainer.inject_nan_grad_steps=[2,3]", *common)
     wa = load_checkpoint(a / "outputs" / "run" / "checkpoints" / "last.ckpt")
@@ -60,19 +62,19 @@ def test_skip_keeps_weights_unchanged_through_nan_gradients(tmp_path, shared_dat
 
 def test_skip_stops_after_patience_consecutive(tmp_path, shared_data_dir):
     r = train(tmp_path, shared_data_dir, "trainer.max_steps=8", "trainer.nonfinite_patience=3",
-              "trainer.inject_nan_grad_steps=[1,2,3]", "logger=none", *BASE, check=False)
+              "trainer.inject_nan_grad_steps=[1,2,3]", "logger=none", *MICRO_BATCH4, check=False)
     assert r.returncode == 1, r.stderr[-3000:]
     d = diagnosis_of(tmp_path)
     assert d["step"] == d["diverged_at_step"] == 4 and d["first_bad_step"] == 2 and "3 in a row" in d["summary"]
     assert "first anomalous step: 2" in (tmp_path / "outputs" / "run" / "diagnosis.txt").read_text()
-    assert json.loads((tmp_path / "outputs" / "run" / "summary.json").read_text())["stop_reason"] == "nonfinite"
+    assert json.loads((tmp_path / "outputs" / "run" / "summary.json").read_text())["stop_reason"] == "diverged"
 
 
 @pytest.mark.slow
 def test_rollback_recovers_and_finishes(tmp_path, shared_data_dir):
     train(tmp_path, shared_data_dir, "trainer.max_steps=8", "trainer.nonfinite=rollback",
           "trainer.nonfinite_patience=2", "trainer.checkpoint_every=2", "trainer.eval_every=100",
-          "trainer.inject_nan_grad_steps=[4,5]", *BASE)
+          "trainer.inject_nan_grad_steps=[4,5]", *MICRO_BATCH4)
     client, runs = mlflow_runs(tmp_path)
     run = runs[0]
     assert run.info.status == "FINISHED"
@@ -84,8 +86,6 @@ def test_rollback_recovers_and_finishes(tmp_path, shared_data_dir):
 
 @pytest.mark.slow
 def test_impossible_transcript_is_classified_infeasible_ctc(tmp_path, shared_data_dir, say):
-    from tests.conftest import write_flac
-
     y = say("hi")
     audio = write_flac(tmp_path / "short.flac", y)
     m = tmp_path / "m.jsonl"
@@ -94,7 +94,7 @@ def test_impossible_transcript_is_classified_infeasible_ctc(tmp_path, shared_dat
                                      "duration": len(y) / 16000, "sample_rate": 16000}) + "\n" for i in range(2)))
     train(tmp_path, shared_data_dir, "dataset=manifest", f"dataset.train_manifest={m}",
           "dataset.drop_infeasible=false", "trainer.nonfinite=stop", "trainer.max_steps=3", "dataset.batch_size=2",
-          "model.conv_channels=4", "model.rnn_hidden=32", "model.rnn_layers=1", "trainer.progress=false", check=False)
+          *MICRO_MODEL, "trainer.progress=false", check=False)
     client, runs = mlflow_runs(tmp_path)
     assert runs[0].data.tags["divergence_cause"] == "infeasible_ctc"
     assert runs[0].data.tags["diverged_at_step"] == "1"
@@ -104,7 +104,7 @@ def test_impossible_transcript_is_classified_infeasible_ctc(tmp_path, shared_dat
 def test_fp16_overflow_is_told_apart_from_divergence(tmp_path, shared_data_dir):
     # the largest loss scale allowed (2**24): the scaled fp16 gradients overflow at the first step
     train(tmp_path, shared_data_dir, "precision=fp16", "precision.loss_scale=16777216", "trainer.nonfinite=stop",
-          "trainer.max_steps=3", *BASE, check=False)
+          "trainer.max_steps=3", *MICRO_BATCH4, check=False)
     client, runs = mlflow_runs(tmp_path)
     assert runs[0].data.tags["divergence_cause"] == "fp16_overflow"
     assert "loss scale 1.67772e+07" in diagnosis_of(tmp_path)["summary"]

@@ -13,17 +13,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
-from tests.helpers import wait_for
-from tests.test_sweep import TINY, _env
+from tests.helpers import ROOT, wait_for
+from tests.helpers.postgres import PostgresCluster, postgres_bin_dir
+from tests.helpers.processes import MICRO_3_STEPS, no_parent_env
+from tests.helpers.tracking import free_port
 
 STUDY = "ds2exp_optuna_lr"
 
 
 def search_cmd(tmp_root: Path, data_dir: Path, sweep_dir: Path, *overrides: str):
-    """`train.py -m +sweep=optuna_lr` on the tiny model; `overrides` replace TINY's values of the same keys."""
+    """`train.py -m +sweep=optuna_lr` on the micro model; `overrides` replace MICRO_3_STEPS' values of the same keys."""
     keys = {o.split("=", 1)[0] for o in overrides}
-    tiny = [o for o in TINY if o.split("=", 1)[0] not in keys]
+    tiny = [o for o in MICRO_3_STEPS if o.split("=", 1)[0] not in keys]
     return [sys.executable, str(ROOT / "train.py"), "-m", "+sweep=optuna_lr", f"paths.data_dir={data_dir}",
             f"hydra.sweep.dir={sweep_dir}", *tiny, *overrides]
 
@@ -97,7 +98,7 @@ def test_killed_study_resumes_up_to_n_trials_in_one_store(tmp_path, synth_data_d
                      "trainer.eval_every=3", "dataset.batch_size=4")
     db = tmp_path / "optuna.db"  # beside mlflow.db (logger.tracking_uri=sqlite:///<DS2EXP_ROOT>/mlflow.db)
     log = open(tmp_path / "first.log", "wb")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(tmp_path), stdout=log, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=no_parent_env(tmp_path), stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     try:
         # two trials done, the third one training (its job folder has its run_state.json)
@@ -111,7 +112,7 @@ def test_killed_study_resumes_up_to_n_trials_in_one_store(tmp_path, synth_data_d
     killed = trial_states(db)
     assert sorted(killed.items()) == [(0, "COMPLETE"), (1, "COMPLETE"), (2, "RUNNING")], killed
 
-    r = subprocess.run(cmd, cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=900)
+    r = subprocess.run(cmd, cwd=ROOT, env=no_parent_env(tmp_path), capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert sorted(trial_states(db).items()) == [(0, "COMPLETE"), (1, "COMPLETE"), (2, "FAIL"), (3, "COMPLETE")]
     study = load_study(f"sqlite:///{db}")
@@ -128,7 +129,7 @@ def test_killed_study_resumes_up_to_n_trials_in_one_store(tmp_path, synth_data_d
     # one folder per trial number in the one sweep folder, the resumed run's job is trial 3
     assert sorted(p.name for p in sweep_dir.iterdir() if (p / ".hydra").is_dir()) == ["0", "1", "2", "3"]
     # the same command once more: the study is complete, nothing runs
-    r = subprocess.run(cmd, cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=600)
+    r = subprocess.run(cmd, cwd=ROOT, env=no_parent_env(tmp_path), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and "4 of 4 trials already; nothing to run" in r.stdout, r.stderr[-3000:]
     assert len(trial_states(db)) == 4
 
@@ -136,9 +137,6 @@ def test_killed_study_resumes_up_to_n_trials_in_one_store(tmp_path, synth_data_d
 @pytest.mark.slow
 @pytest.mark.postgres
 def test_two_processes_share_one_study_on_postgresql(tmp_path, synth_data_dir):
-    from tests.test_postgres_tracking import PostgresCluster, postgres_bin_dir
-    from tests.helpers.tracking import free_port
-
     bin_dir = postgres_bin_dir()
     if bin_dir is None:
         pytest.skip("PostgreSQL server binaries (initdb, postgres) not found (make test-postgres installs them)")
@@ -153,7 +151,7 @@ def test_two_processes_share_one_study_on_postgresql(tmp_path, synth_data_dir):
             cmd = search_cmd(root, synth_data_dir, root / "multirun", "hydra.sweeper.n_trials=4",
                              f"hydra.sweeper.storage={url}", "trainer.max_steps=4", "trainer.eval_every=2",
                              "dataset.batch_size=4")
-            procs.append(subprocess.Popen(cmd, cwd=ROOT, env=_env(root), stdout=subprocess.PIPE,
+            procs.append(subprocess.Popen(cmd, cwd=ROOT, env=no_parent_env(root), stdout=subprocess.PIPE,
                                           stderr=subprocess.STDOUT, text=True))
         outs = [p.communicate(timeout=1200)[0] for p in procs]
         assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)

@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
+from tests.helpers.processes import MICRO_MODEL
 
 kenlm = pytest.importorskip("kenlm", reason="the lm extra (pip install 'ds2exp[lm]') is not installed")
 
@@ -26,7 +27,7 @@ def test_quickstart_trains_and_scores_greedy_and_with_the_training_transcripts_l
     run_dir = tmp_path / "run"
     env = {**os.environ, "DS2EXP_ROOT": str(tmp_path)}
     r = subprocess.run([sys.executable, "-m", "ds2exp.quickstart", f"paths.data_dir={shared_data_dir}",
-                        "trainer.max_steps=3", "model.rnn_hidden=32", "model.rnn_layers=1", "model.conv_channels=4",
+                        "trainer.max_steps=3", *MICRO_MODEL,
                         "trainer.progress=false", f"hydra.run.dir={run_dir}"],
                        capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -52,7 +53,7 @@ def test_quickstart_trains_and_scores_greedy_and_with_the_training_transcripts_l
     # a second run reuses the LM file rather than rebuilding it
     mtime = lm_path.stat().st_mtime_ns
     r2 = subprocess.run([sys.executable, "-m", "ds2exp.quickstart", f"paths.data_dir={shared_data_dir}",
-                         "trainer.max_steps=1", "model.rnn_hidden=32", "model.rnn_layers=1", "model.conv_channels=4",
+                         "trainer.max_steps=1", *MICRO_MODEL,
                          "trainer.progress=false", "logger=none", f"hydra.run.dir={tmp_path / 'run2'}"],
                         capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
     assert r2.returncode == 0, r2.stderr[-3000:]

@@ -62,7 +62,7 @@ def test_summary_of_each_outcome(tmp_path):
     assert "step 40: val/cer 58.12% (val CER 58.12%, WER 96.50%)" in text
     assert lines["MLflow"] == "not recorded (logger=none)" and lines["run directory"] == str(tmp_path / "run")
 
-    diag = {"stop_reason": "nonfinite", "cause": "loss_explosion", "first_bad_step": 2, "diverged_at_step": 21,
+    diag = {"stop_reason": "diverged", "cause": "loss_explosion", "first_bad_step": 2, "diverged_at_step": 21,
             "step": 21, "summary": "loss 1.6e9 is 1e7x the median of the last good steps"}
     diverged = build("diverged", diag, _state(21), cfg, tmp_path / "run", tracker)
     assert (diverged["cause"], diverged["first_bad_step"], diverged["diverged_at_step"]) == ("loss_explosion", 2, 21)

@@ -13,24 +13,17 @@ import pytest
 from omegaconf import open_dict
 import yaml
 
-from tests.conftest import ROOT
-
-TINY = ["model.conv_channels=4", "model.rnn_hidden=32", "model.rnn_layers=1", "dataset.max_utterances=48",
-        "trainer.max_eval_utterances=8", "trainer.progress=false", "trainer.max_steps=3"]
-
-
-def _env(tmp_root: Path):
-    env = {**os.environ, "DS2EXP_ROOT": str(tmp_root)}
-    env.pop("DS2EXP_PARENT_RUN_ID", None)
-    return env
+from tests.helpers import ROOT
+from tests.helpers.processes import MICRO_3_STEPS, no_parent_env
+from tests.helpers.tracking import sweep_runs
 
 
 def sweep(tmp_root: Path, data_dir: Path, *overrides: str, name: str = "s"):
     """(sweep dir, stdout) of a real `python train.py -m ...`."""
     sweep_dir = tmp_root / "multirun" / name
     r = subprocess.run([sys.executable, str(ROOT / "train.py"), "-m", f"paths.data_dir={data_dir}",
-                        f"hydra.sweep.dir={sweep_dir}", *TINY, *overrides],
-                       capture_output=True, text=True, cwd=ROOT, env=_env(tmp_root), timeout=1500)
+                        f"hydra.sweep.dir={sweep_dir}", *MICRO_3_STEPS, *overrides],
+                       capture_output=True, text=True, cwd=ROOT, env=no_parent_env(tmp_root), timeout=1500)
     assert r.returncode == 0, r.stderr[-4000:]
     return sweep_dir, r.stdout
 
@@ -70,17 +63,6 @@ def table_cells(stdout: str):
     return cells
 
 
-def runs(tmp_root: Path):
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{tmp_root}/mlflow.db")
-    exp = client.get_experiment_by_name("ds2exp")
-    all_runs = client.search_runs([exp.experiment_id])
-    parents = [r for r in all_runs if r.data.tags.get("ds2exp.kind") == "sweep"]
-    children = [r for r in all_runs if r.data.tags.get("ds2exp.kind") != "sweep"]
-    return client, parents, children
-
-
 def test_lr_batch_sweep_gives_its_verdict_and_names_its_runs(tmp_path, shared_data_dir, report):
     # lr=1e3 drives the losses to ~1e5-1e9 and keeps them finite. With the trainer's explosion detection
     # off (as in sweeps made before it existed) those runs end FINISHED with no divergence tag: the report
@@ -88,7 +70,7 @@ def test_lr_batch_sweep_gives_its_verdict_and_names_its_runs(tmp_path, shared_da
     # checkpoint history has, so the report from the run id names the same steps as from the folder.
     sweep_dir, stdout = sweep(tmp_path, shared_data_dir, "optimizer.lr=1e-4,1e3", "dataset.batch_size=2,4",
                               "trainer.divergence.enabled=false", "trainer.log_every=1")
-    client, parents, children = runs(tmp_path)
+    client, parents, children = sweep_runs(tmp_path)
     assert len(parents) == 1 and len(children) == 4
     parent = parents[0]
     pid = parent.info.run_id
@@ -166,7 +148,7 @@ def test_crashed_and_diverged_jobs_do_not_stop_the_sweep(tmp_path, shared_data_d
     # config itself is valid). lr=1e8 makes the gradients NaN at step 2: the job diverges.
     sweep_dir, stdout = sweep(tmp_path, shared_data_dir, "optimizer.lr=1e-4,1e8", "dataset.batch_size=4",
                               "dataset.max_duration=0.5,16.7", "trainer.nonfinite_patience=1")
-    client, parents, children = runs(tmp_path)
+    client, parents, children = sweep_runs(tmp_path)
     assert len(parents) == 1 and parents[0].info.status == "FINISHED" and len(children) == 4
     by = {(r.data.params["optimizer.lr"], r.data.params["dataset.max_duration"]): r for r in children}
     for lr in ("0.0001", "100000000.0"):
@@ -204,7 +186,7 @@ def test_optuna_trial_that_diverges_fails_with_its_cause_one_that_lags_is_pruned
     trials = study.trials
     assert [(t.params["optimizer.lr"], t.state.name) for t in trials] == [
         (3e-3, "COMPLETE"), (1e-7, "PRUNED"), (1e8, "FAIL"), (1e-7, "PRUNED")]
-    client, parents, children = runs(tmp_path)
+    client, parents, children = sweep_runs(tmp_path)
     assert len(parents) == 1 and len(children) == 4
     assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in children)
     by_trial = {int(r.data.tags["ds2exp.optuna.trial"]): r for r in children}
@@ -248,7 +230,7 @@ def test_optuna_trial_that_crashes_fails_with_its_error_and_the_study_goes_on(tm
     for t in study.trials:
         assert t.user_attrs["failure"] == "crashed"
         assert t.user_attrs["cause"].startswith("the train split is empty")  # the run's one-line error
-    _, parents, children = runs(tmp_path)
+    _, parents, children = sweep_runs(tmp_path)
     assert len(children) == 2 and all(r.info.status == "FAILED" for r in children)
     assert sorted(r.data.tags["ds2exp.optuna.trial"] for r in children) == ["0", "1"]
     assert "optuna study ds2exp_optuna_lr: 2 of 2 trials: 0 complete, 0 pruned, 2 failed" in stdout

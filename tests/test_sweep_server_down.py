@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -14,22 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
-from tests.helpers import stop_process_group
-from tests.helpers.tracking import wait_healthy
+from tests.helpers import ROOT, stop_process_group
+from tests.helpers.processes import MICRO_3_STEPS
+from tests.helpers.tracking import free_port, wait_healthy
 
 pytestmark = pytest.mark.slow  # a server start (~30 s on 2 busy cores) and a 2-job sweep
 
-TINY = ["model.conv_channels=4", "model.rnn_hidden=32", "model.rnn_layers=1", "dataset.max_utterances=48",
-        "trainer.max_eval_utterances=8", "trainer.progress=false", "trainer.max_steps=3", "dataset.batch_size=4"]
 NO_TELEMETRY = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
 STAMP = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]")
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _start_server(store: Path, port: int, log_path: Path) -> subprocess.Popen:
@@ -48,7 +39,7 @@ def _stamp(line: str) -> datetime:
 def test_sweep_starts_without_the_server_and_links_parent_and_children_when_it_answers(tmp_path, shared_data_dir):
     from mlflow.tracking import MlflowClient
 
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     store = tmp_path / "store"
     store.mkdir()
@@ -66,7 +57,7 @@ def test_sweep_starts_without_the_server_and_links_parent_and_children_when_it_a
     env.pop("DS2EXP_PARENT_RUN_ID", None)
     sweep = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "-m", f"paths.data_dir={shared_data_dir}",
                               f"hydra.sweep.dir={sweep_dir}", f"logger.tracking_uri={url}",
-                              "optimizer.lr=1e-4,1e-3", *TINY],
+                              "optimizer.lr=1e-4,1e-3", *MICRO_3_STEPS, "dataset.batch_size=4"],
                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     first_job = threading.Event()

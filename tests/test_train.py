@@ -1,38 +1,15 @@
 """Real training runs (MindSpore, synthesised audio, an MLflow SQLite store)."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
+import json
+import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT
-from tests.helpers.processes import merged
-
-SMALL = ["model.conv_channels=4", "model.rnn_hidden=32", "model.rnn_layers=1", "dataset.batch_size=4",
-         "dataset.max_utterances=48", "trainer.max_eval_utterances=8", "trainer.progress=false"]
-
-
-def train(tmp_root: Path, data_dir: Path, *overrides: str, check: bool = True, timeout: int = 600):
-    env = {**os.environ, "DS2EXP_ROOT": str(tmp_root)}
-    r = subprocess.run([sys.executable, str(ROOT / "train.py"), *merged(f"paths.data_dir={data_dir}",
-                                                                        f"hydra.run.dir={tmp_root}/outputs/run",
-                                                                        *overrides)],
-                       capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
-    if check:
-        assert r.returncode == 0, r.stderr[-4000:]
-    return r
-
-
-def mlflow_runs(tmp_root: Path):
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{tmp_root}/mlflow.db")
-    exp = client.get_experiment_by_name("ds2exp")
-    return client, client.search_runs([exp.experiment_id])
+from tests.helpers.processes import MICRO_BATCH4, SMALL, train
+from tests.helpers.tracking import mlflow_runs
 
 
 def test_acceptance_train_20_steps_logs_everything_to_mlflow(tmp_path, shared_data_dir):
@@ -75,8 +52,7 @@ def _params(path: Path):
 @pytest.mark.slow
 def test_resume_continues_exactly(tmp_path, shared_data_dir):
     a, b = tmp_path / "a", tmp_path / "b"
-    common = SMALL + ["trainer.eval_every=4", "trainer.checkpoint_every=2", "trainer.log_every=2",
-                      "dataset.num_buckets=2"]
+    common = SMALL + ["trainer.eval_every=4", "trainer.checkpoint_every=2", "trainer.log_every=2"]
     train(a, shared_data_dir, "trainer.max_steps=8", *common)
     train(b, shared_data_dir, "trainer.max_steps=4", *common)
     run_b = b / "outputs" / "run"
@@ -98,14 +74,14 @@ def test_resume_continues_exactly(tmp_path, shared_data_dir):
 
 
 def test_logger_none_writes_no_store(tmp_path, shared_data_dir):
-    train(tmp_path, shared_data_dir, "logger=none", "trainer.max_steps=2", *SMALL)
+    train(tmp_path, shared_data_dir, "logger=none", "trainer.max_steps=2", *MICRO_BATCH4)
     assert not (tmp_path / "mlflow.db").exists()
     assert (tmp_path / "outputs" / "run" / "checkpoints" / "last.ckpt").is_file()
 
 
 @pytest.mark.parametrize("optimizer", [pytest.param("adamw", marks=pytest.mark.slow), "sgd"])  # adamw: Adam's path
 def test_other_optimizers_and_schedules_train(tmp_path, shared_data_dir, optimizer):
-    train(tmp_path, shared_data_dir, f"optimizer={optimizer}", "trainer.max_steps=3", "logger=none", *SMALL)
+    train(tmp_path, shared_data_dir, f"optimizer={optimizer}", "trainer.max_steps=3", "logger=none", *MICRO_BATCH4)
     from ds2exp.training.checkpoint import load_checkpoint
 
     meta = load_checkpoint(tmp_path / "outputs" / "run").meta
@@ -114,7 +90,7 @@ def test_other_optimizers_and_schedules_train(tmp_path, shared_data_dir, optimiz
 
 @pytest.mark.slow
 def test_fp16_trains_with_dynamic_loss_scale(tmp_path, shared_data_dir):
-    r = train(tmp_path, shared_data_dir, "precision=fp16", "trainer.max_steps=3", "trainer.log_every=1", *SMALL)
+    r = train(tmp_path, shared_data_dir, "precision=fp16", "trainer.max_steps=3", "trainer.log_every=1", *MICRO_BATCH4)
     assert "using the plain MindSpore kernels" in r.stdout + r.stderr
     client, runs = mlflow_runs(tmp_path)
     scale = client.get_metric_history(runs[0].info.run_id, "train/loss_scale")
@@ -134,13 +110,23 @@ def test_time_limited_cosine_decays_over_max_minutes(tmp_path, shared_data_dir):
     # 20,000 planned steps would barely start the cosine; a 15-second budget carries it to its floor
     train(tmp_path, shared_data_dir, "trainer.max_minutes=0.25", "trainer.max_steps=20000", "trainer.log_every=1",
           "trainer.eval_every=100000", "optimizer.lr=1e-3", "optimizer.schedule=warmup_cosine",
-          "optimizer.warmup_steps=2", "optimizer.min_lr_ratio=0.1", *SMALL)
+          "optimizer.warmup_steps=2", "optimizer.min_lr_ratio=0.1", *MICRO_BATCH4)
+    summary = json.loads((tmp_path / "outputs" / "run" / "summary.json").read_text())
+    assert summary["stop_reason"] == "max_minutes"
     client, runs = mlflow_runs(tmp_path)
-    lr = [m.value for m in sorted(client.get_metric_history(runs[0].info.run_id, "train/lr"), key=lambda m: m.step)]
-    import json
-    assert json.loads((tmp_path / "outputs" / "run" / "summary.json").read_text())["stop_reason"] == "max_minutes"
-    assert len(lr) > 10
-    assert lr[1] == pytest.approx(1e-3)  # warm-up done at step 2
-    assert all(b <= a + 1e-12 for a, b in zip(lr[1:], lr[2:]))  # then never up
-    assert lr[-1] < 2.5e-4  # near the 1e-4 floor when the time ran out, not at step 20,000's pace
-    assert lr[-1] >= 1e-4 - 1e-12
+    history = sorted(client.get_metric_history(runs[0].info.run_id, "train/lr"), key=lambda m: m.step)
+    assert [m.step for m in history] == list(range(1, int(summary["step"]) + 1))  # every step logged
+    lr, logged_ms = [m.value for m in history], [m.timestamp for m in history]
+    assert lr[:2] == pytest.approx([5e-4, 1e-3][:len(lr)])  # the linear warm-up, done at step 2
+    floor, budget_ms = 1e-4, 0.25 * 60_000
+
+    def cosine(progress):
+        return floor + (1e-3 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    # How many steps fit in the budget depends on the machine; how far the cosine is at each step does not:
+    # the lr of step i + 1 was set after step i was logged, at least (logged_ms[i - 1] - logged_ms[0]) into
+    # the budget (which began before step 1), so the cosine is at least that far along, not (i - 2) / 19,998
+    # of the way as the 20,000 steps alone would have it; and it never goes up or below its floor.
+    for i in range(2, len(lr)):
+        assert floor - 1e-12 <= lr[i] <= lr[i - 1] + 1e-12, (i, lr[i - 1], lr[i])
+        assert lr[i] <= cosine((logged_ms[i - 1] - logged_ms[0]) / budget_ms) + 1e-12, (i, lr[i], logged_ms)

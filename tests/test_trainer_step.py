@@ -15,7 +15,7 @@ from ds2exp.models.deepspeech2 import build_model
 from ds2exp.tracking.mlflow_tracker import NullTracker
 from ds2exp.training.optim import build_optimizer, set_learning_rate
 from ds2exp.training.trainer import Trainer
-from tests.conftest import write_flac
+from tests.helpers import write_flac
 
 
 @pytest.fixture(scope="module")

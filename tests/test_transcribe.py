@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from tests.conftest import ROOT, write_flac
+from tests.helpers import ROOT, write_flac
 
 TEXT = "OPEN THE DOOR"
 

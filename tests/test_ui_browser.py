@@ -21,23 +21,20 @@ import contextlib
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
-from tests.helpers import stop_process_group
-from tests.helpers.tracking import wait_healthy
+from tests.helpers import ROOT, stop_process_group
+from tests.helpers.processes import MICRO_3_STEPS, merged
+from tests.helpers.tracking import free_port, wait_healthy
 
 pytestmark = pytest.mark.slow
 
 SWEEP = ["optimizer.lr=1e-4,1e8", "trainer.nonfinite_patience=1", "dataset.batch_size=4",
-         "model.conv_channels=4", "model.rnn_hidden=32", "model.rnn_layers=1", "dataset.max_utterances=24",
-         "trainer.max_eval_utterances=4",
-         "trainer.progress=false", "trainer.max_steps=3", "trainer.log_every=1"]
+         *merged(*MICRO_3_STEPS, "dataset.max_utterances=24", "trainer.max_eval_utterances=4"), "trainer.log_every=1"]
 SERVER_START_S = 90  # `mlflow server` imports a lot; on 2 busy cores it has taken ~30 s
 WAIT_S = 60  # for each element the UI renders
 SWEEP_TIME = "02-24-02"  # the sweep folder multirun/<date>/<time>, as Hydra names it by default
@@ -80,18 +77,12 @@ def sweep_store(browser_tools, tmp_path_factory, shared_data_dir):
     return root
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def mlflow_server(sweep_store):
     """`mlflow server` on the sweep store at a free 127.0.0.1 port; always stopped afterwards."""
     mlflow_bin = Path(sys.executable).parent / "mlflow"
     assert mlflow_bin.is_file(), f"no mlflow console script next to {sys.executable}"
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     log_path = sweep_store / "mlflow_server.log"
     cmd = [str(mlflow_bin), "server", "--backend-store-uri", f"sqlite:///{sweep_store}/mlflow.db",

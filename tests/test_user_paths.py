@@ -12,7 +12,7 @@ import pytest
 
 from tests.helpers import ROOT
 from tests.helpers.libri_tree import make_libri_tree
-from tests.helpers.processes import SMALL, train_env
+from tests.helpers.processes import SMALL, merged, train_env
 
 RECIPE_SMALL = ["model=ds2_tiny", "dataset.batch_size=4", "trainer.progress=false", "logger=none"]
 
@@ -103,8 +103,7 @@ def test_a_failing_run_prints_its_summary_and_one_error_line(tmp_path):
 
 def test_resume_logs_into_the_run_it_continues(tmp_path, synth_data_dir):
     run_dir = tmp_path / "run"
-    small = [o for o in SMALL if not o.startswith("trainer.progress=")]
-    common = [f"paths.data_dir={synth_data_dir}", *small, "logger=none", "trainer.progress=true"]
+    common = [f"paths.data_dir={synth_data_dir}", *merged(*SMALL, "logger=none", "trainer.progress=true")]
     r = run_py("train.py", [*common, "trainer.max_steps=2", "trainer.checkpoint_every=2", f"hydra.run.dir={run_dir}"],
                tmp_path, tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]

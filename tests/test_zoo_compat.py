@@ -20,7 +20,7 @@ import Levenshtein as Lev
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, write_flac
+from tests.helpers import ROOT, write_flac
 
 CHANNELS, HIDDEN, LAYERS = 4, 16, 2
 ZOO_LABELS = ["'"] + [chr(c) for c in range(ord("A"), ord("Z") + 1)] + [" ", "_"]  # labels.json

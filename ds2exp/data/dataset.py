@@ -20,7 +20,7 @@ from ds2exp.data.layout import describe_missing, manifest_path, subset_folder
 from ds2exp.atomic import atomic_write_text
 from ds2exp.data.manifest import ManifestError, Utterance, read_manifest
 from ds2exp.config import enum_value
-from ds2exp.geometry import output_frames  # noqa: F401  (also imported from here)
+from ds2exp.geometry import output_frames
 
 
 _log = logging.getLogger(__name__)

@@ -123,9 +123,9 @@ def rows_w(g, w, out):
 # The numpy loops (rnn.py) pay ~15 small ufunc calls (and the GIL) per time step; at DS2's small
 # batches that Python overhead is as large as the arithmetic. These kernels run the whole time
 # loop compiled, without the GIL, so the two directions of a layer also run on two cores.
-# numba's tanh is a scalar libm call that does not vectorise (an earlier whole-loop kernel was
-# slower than numpy for that reason), so they use the clamped rational fit of kernels/tanh_fit.py,
-# which the compiler vectorises. numba reads the global tuples as constants.
+# numba's tanh is a scalar libm call that does not vectorise (with it a whole-loop kernel is slower
+# than numpy), so they use the clamped rational fit of kernels/tanh_fit.py, which the compiler vectorises.
+# numba reads the global tuples as constants.
 @_jit(inline="always")
 def tanh(x):
     x = min(max(x, np.float32(-CLAMP)), np.float32(CLAMP))
@@ -309,7 +309,7 @@ def time_shifts(dyT, sT, dZ):
 
 
 @_jit()
-def conv_fwd(xph, w, sF, sT, out, b0, b1):
+def conv_fwd(xph, w, sF, sT, out, b0, b1, rows_per_partial):
     """out[b, o, f, t] = sum_{c, kf, kt} w[o, c, kf, kt] * xph[b, c, kt % sT, sF*f + kf, t + kt // sT].
 
     The taps are walked as kt = j*sT + p: computing kt % sT and kt // sT with a stride known
@@ -318,13 +318,22 @@ def conv_fwd(xph, w, sF, sT, out, b0, b1):
     over output frames is innermost, so that it vectorises, and takes four taps per pass, so that
     each load and store of the buffer carries four multiply-adds (measured, DS2 conv2 8 -> 8
     channels at B=16, one thread: 170 -> 100 ms; two taps per pass were slower than one, eight
-    slower than four)."""
+    slower than four).
+
+    The taps of ``rows_per_partial`` (c, kf) rows are summed in a second buffer, which is then added to
+    the row's total (conv.conv_rows_per_partial picks the count): with one float32 running sum over all
+    C*kF*kT taps (1848 for DS2's conv2) every pass rounds at the total's magnitude, and a trained
+    ds2_tiny_gru's conv1 and conv2 came out 3.3e-5 and 2.1e-5 off a float64 conv (MindSpore's Conv2D:
+    2.6e-5 and 4.8e-6); with the partial sums 7.9e-6 and 3.9e-6."""
     O, C, kF, kT = w.shape
     Fo, To = out.shape[2], out.shape[3]
     acc = np.empty((O, To), np.float32)
+    part = np.empty((O, To), np.float32)
     for b in range(b0, b1):
         for f in range(Fo):
             acc[:] = 0.0
+            part[:] = 0.0
+            rows = 0
             for c in range(C):
                 for kf in range(kF):
                     r = sF * f + kf
@@ -339,17 +348,24 @@ def conv_fwd(xph, w, sF, sT, out, b0, b1):
                                 w2 = w[o, c, kf, (j + 2) * sT + p]
                                 w3 = w[o, c, kf, (j + 3) * sT + p]
                                 for t in range(To):
-                                    acc[o, t] += (w0 * row[t + j] + w1 * row[t + j + 1] + w2 * row[t + j + 2]
-                                                  + w3 * row[t + j + 3])
+                                    part[o, t] += (w0 * row[t + j] + w1 * row[t + j + 1] + w2 * row[t + j + 2]
+                                                   + w3 * row[t + j + 3])
                                 j += 4
                             while j < nj:
                                 w0 = w[o, c, kf, j * sT + p]
                                 for t in range(To):
-                                    acc[o, t] += w0 * row[t + j]
+                                    part[o, t] += w0 * row[t + j]
                                 j += 1
+                    rows += 1
+                    if rows == rows_per_partial:
+                        rows = 0
+                        for o in range(O):
+                            for t in range(To):
+                                acc[o, t] += part[o, t]
+                                part[o, t] = 0.0
             for o in range(O):
                 for t in range(To):
-                    out[b, o, f, t] = acc[o, t]
+                    out[b, o, f, t] = acc[o, t] + part[o, t]
 
 
 @_jit()

@@ -8,10 +8,12 @@ plain MindSpore one (`model.conv_impl`, `model.rnn_impl`).
 """
 from __future__ import annotations
 
+import logging
 from typing import Dict, List, Tuple
 
 import mindspore as ms
 from mindspore import nn, ops
+from omegaconf import OmegaConf
 
 from ds2exp.config import enum_value
 from ds2exp.data.labels import NUM_CLASSES
@@ -19,6 +21,8 @@ from ds2exp.geometry import (CONV1_KERNEL, CONV1_PADDING, CONV1_STRIDE, CONV2_KE
                              output_frames)
 from ds2exp.geometry import conv_output_bins as _conv_output_bins
 from ds2exp.models.layers import make_conv2d, make_rnn
+
+log = logging.getLogger(__name__)
 
 NUM_BINS = 161  # 20 ms window at 16 kHz
 
@@ -227,3 +231,21 @@ def load_state(model: DeepSpeech2, state: Dict[str, "ms.Parameter"], strict: boo
                 # in place: after an optimizer step, set_data would detach p from the optimizer
                 ops.assign(p, ms.Tensor(arr.astype(np.float32) if arr.dtype != np.float32 else arr))
     return missing, mismatched
+
+
+def build_model_for_precision(cfg):
+    """The model, with its compute in fp16 when precision=fp16 (parameters stay fp32).
+
+    The fast CPU kernels are float32-only (numpy/numba), so fp16 uses the plain MindSpore
+    kernels, which have the same parameters; the switch is logged.
+    """
+    dtype = enum_value(cfg.precision.dtype)
+    if dtype == "fp32":
+        return build_model(cfg.model)
+    mcfg = OmegaConf.create(OmegaConf.to_container(cfg.model, enum_to_str=True))
+    if "fast" in (mcfg.conv_impl, mcfg.rnn_impl):
+        log.warning("precision=%s: using the plain MindSpore kernels (the fast CPU kernels are float32 only)", dtype)
+        mcfg.conv_impl = mcfg.rnn_impl = "plain"
+    model = build_model(mcfg)
+    model.to_float(ms.float16 if dtype == "fp16" else ms.bfloat16)
+    return model

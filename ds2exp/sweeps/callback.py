@@ -121,8 +121,6 @@ def scan_jobs(sweep_dir: Path) -> List[Dict[str, Any]]:
         state = _read_json(d / "run_state.json")
         summary = _read_json(d / "summary.json")
         status = summary.get("status") or state.get("status") or ("crashed" if (d / "error.txt").is_file() else "")
-        if summary.get("stop_reason") == "nonfinite":
-            status = "diverged"
         rows.append({"num": d.name, "name": run_name(parse_overrides(overrides), swept),
                      "overrides": " ".join(overrides), "status": status or "no result",
                      "mlflow_run_id": _job_run_id(d) or "", "dir": str(d)})

@@ -5,8 +5,8 @@ overrides (`lr=1e-3 bs=8`, ds2exp/sweeps/names.py) unless `logger.run_name` is g
 inside the job is logged, written to `<job dir>/error.txt`, its MLflow run is marked FAILED (a
 FAILED run is created, with the job's overrides as params, when the job died before it had one, e.g.
 an empty data split) and the job returns a failure value instead of raising, so the sweep goes on.
-A job that diverged (summary.json `status: diverged`, or `stop_reason: nonfinite` from older runs)
-returns the failure value too, even when an earlier evaluation had a value. The failure value is NaN;
+A job that diverged (summary.json `status: diverged`) returns the failure value too, even when an
+earlier evaluation had a value. The failure value is NaN;
 the Optuna sweeper (hydra_plugins/ds2exp_optuna_sweeper) reads why from the job's folder
 (`summary.json`, `error.txt`) and records the trial as FAILED with that cause.
 """
@@ -59,7 +59,7 @@ def _diverged(job_dir: Optional[Path]) -> Optional[Any]:
         summary = json.loads((job_dir / "summary.json").read_text())
     except (OSError, ValueError):
         return None
-    if summary.get("status") == "diverged" or summary.get("stop_reason") in ("nonfinite", "diverged", "loss_explosion"):
+    if summary.get("status") == "diverged":
         return summary.get("diverged_at_step", summary.get("step", "?"))
     return None
 

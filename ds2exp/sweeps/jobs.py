@@ -159,17 +159,17 @@ def _swept(sweep_dir: Path) -> List[str]:
 
 
 def _apply_summary(job: Job, s: Dict[str, Any]) -> None:
-    """summary.json: `status`/`diverged_at_step`/`first_bad_step`/`cause`; older runs: `stop_reason`."""
+    """summary.json: `status`/`diverged_at_step`/`first_bad_step`/`cause`."""
     job.run_id = job.run_id or s.get("mlflow_run_id")
     job.nonfinite = s.get("nonfinite_steps", job.nonfinite)
     wers = [b["wer"] for b in s.get("best") or [] if _finite(b.get("wer")) is not None]
     job.best_wer = min(wers) if wers else job.best_wer
     job.first_bad_step = _int(s.get("first_bad_step")) if s.get("first_bad_step") is not None else job.first_bad_step
-    if s.get("status") == "diverged" or s.get("stop_reason") in ("nonfinite", "diverged", "loss_explosion"):
+    if s.get("status") == "diverged":
         job.status, job.judged_by = "diverged", "run"
         job.diverged_at = s.get("diverged_at_step", s.get("step"))
         job.cause = _cause(s.get("cause"), s.get("first_nonfinite_group") or s.get("first_bad_group"))
-    elif s.get("status") in ("interrupted", "failed") or s.get("stop_reason") == "error":
+    elif s.get("status") in ("interrupted", "failed"):
         job.status = "killed" if s.get("status") == "interrupted" else "crashed"
         job.error = s.get("error") or job.error
     else:

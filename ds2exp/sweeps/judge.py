@@ -1,11 +1,11 @@
 """Did a job diverge, and what does the sweep say: the stability boundary and the recommended setting.
 
 A job is diverged when the run says so (tag `ds2exp.status=diverged`, `diverged_at_step`, summary.json
-`status`/`stop_reason`: non-finite steps or a loss explosion stopped it). Runs that do not say so (sweeps
-made before the trainer detected finite explosions, runs under `trainer.nonfinite=skip` whose loss
-stayed up) are judged from how their logged train loss ENDED, so that a spike the run recovered from
-is no divergence. With `end` the median of the last 5 logged losses and `best` the lowest median of 5
-consecutive logged losses, the first rule that fires:
+`status`: non-finite steps or a loss explosion stopped it). Runs that do not say so (runs with
+`trainer.divergence.enabled=false`, runs under `trainer.nonfinite=skip` whose loss stayed up) are judged
+from how their logged train loss ENDED, so that a spike the run recovered from is no divergence. With
+`end` the median of the last 5 logged losses and `best` the lowest median of 5 consecutive logged losses,
+the first rule that fires:
 
 1. the last logged loss is not finite;
 2. `end` above `LOSS_CEILING` (1e5): a model that outputs the uniform distribution over the 29

@@ -339,8 +339,7 @@ def outcome(ret, link: _TrialLink, job_dir: Optional[Path], monitor: str):
         cause = (summary.get("error") if summary.get("status") == "failed" else None) or _last_line(
             job_dir / "error.txt")
         return TrialState.FAIL, None, {**attrs, "failure": "crashed", "cause": cause[:2000]}
-    if summary.get("status") == "diverged" or summary.get("stop_reason") in ("nonfinite", "diverged",
-                                                                            "loss_explosion"):
+    if summary.get("status") == "diverged":
         at = summary.get("diverged_at_step", summary.get("step"))
         return TrialState.FAIL, None, {**attrs, "failure": "diverged", "diverged_at_step": at,
                                        "cause": str(summary.get("cause") or "unknown"),

@@ -59,8 +59,8 @@ def read_meta(path: Path) -> Dict[str, Any]:
     value = raw.get(META_KEY)
     if value is None:
         return {}
-    # ds2exp writes its meta as UTF-8 bytes in a uint8 tensor (checkpoint.py); older files hold a str
-    text = value if isinstance(value, str) else value.asnumpy().tobytes().decode("utf-8", "replace")
+    # ds2exp writes its meta as UTF-8 bytes in a uint8 tensor (checkpoint.py)
+    text = value.asnumpy().tobytes().decode("utf-8", "replace")
     try:
         return json.loads(text)
     except ValueError:

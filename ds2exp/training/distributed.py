@@ -28,7 +28,7 @@ import sys
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from ds2exp.config import enum_value
@@ -231,3 +231,45 @@ def threads_per_rank(hw_cfg, world: int) -> Optional[int]:
 
 def _cores_per_rank(world: int) -> int:
     return max(1, (os.cpu_count() or 1) // world)
+
+
+def join_data_parallel(model, world: int) -> Dict[str, Any]:
+    """The Trainer's data-parallel settings (reducer, rank, is_primary); gives every rank rank 0's weights."""
+    from mindspore.communication import get_rank
+
+    reducer = GradientAverager(world)
+    # the same seed gives every rank the same initial weights; rank 0's are made the rule anyway
+    reducer.broadcast_from_rank0(list(model.get_parameters()))
+    rank = int(get_rank())
+    return {"reducer": reducer, "rank": rank, "is_primary": rank == 0}
+
+
+def train_secondary(cfg, run_dir: Path, resumed, rank: int, world: int, interrupt):
+    """Ranks 1..N-1: train on their shard, in step with rank 0; no MLflow, no files."""
+    from ds2exp.data.loaders import build_data
+    from ds2exp.tracking.mlflow_tracker import NullTracker
+    from ds2exp.training.checkpoint import prime_optimizer
+    from ds2exp.training.ending import RunOutcome
+    from ds2exp.training.optim import model_and_optimizer
+    from ds2exp.training.trainer import Trainer, TrainingStopped, compiled_step
+
+    data = build_data(cfg, None, rank=rank, world=world, fixed_label_length=compiled_step(cfg.hardware))
+    model, optimizer = model_and_optimizer(cfg, announce=False)
+    trainer = Trainer(cfg, model, optimizer, data["train"], None, NullTracker(), run_dir, len(data["train"].sampler),
+                      **join_data_parallel(model, world))
+    if resumed:
+        prime_optimizer(optimizer)
+        trainer.restore(resumed)
+    log.info("data-parallel rank %d/%d: %d batches per epoch", rank, world, len(data["train"].sampler))
+    interrupt.deferred = True
+    trainer.interrupt = interrupt
+    try:
+        trainer.fit()
+    except TrainingStopped as stop:
+        # rank 0 records the divergence and exits 1; exit 0 here, or the launcher's watch would take this
+        # rank for a dead one while rank 0 is still writing its diagnosis
+        log.error("rank %d: training stopped: %s", rank, stop.diagnosis.get("summary"))
+        return RunOutcome("finished", float("nan"))
+    if interrupt.requested:  # rank 0 records the interrupted run; exit 0, or msrun would kill rank 0
+        log.warning("rank %d: stopped by a signal after step %d", rank, trainer.state.step)
+    return RunOutcome("finished", float("nan"))

@@ -1,12 +1,17 @@
 """Optimizers and learning-rate schedules from the `optimizer` config group."""
 from __future__ import annotations
 
+import logging
 import math
 from typing import Optional
 
 import mindspore as ms
 from mindspore import nn, ops
+from omegaconf import DictConfig
+
 from ds2exp.config import enum_value
+
+log = logging.getLogger("ds2exp.train")
 
 
 
@@ -87,3 +92,17 @@ def range_test_lr(step: int, total: int, min_lr: float, max_lr: float) -> float:
     if total <= 1:
         return float(max_lr)
     return float(min_lr) * (float(max_lr) / float(min_lr)) ** (min(step, total - 1) / (total - 1))
+
+
+def model_and_optimizer(cfg: DictConfig, announce: bool = True):
+    """The model (initialised from `pretrained` when set) and its optimizer."""
+    from ds2exp.models.deepspeech2 import build_model_for_precision, load_state
+    from ds2exp.training.checkpoint import load_checkpoint
+
+    model = build_model_for_precision(cfg)
+    if cfg.pretrained:
+        pre = load_checkpoint(cfg.pretrained)
+        load_state(model, pre.model_state)
+        if announce:
+            log.info("initialised from %s", pre.path)
+    return model, build_optimizer(model.trainable_params(), cfg.optimizer)

@@ -247,3 +247,39 @@ def claim_resumable_run(cfg: Any, roots: Iterable[Path]) -> Optional[Tuple[Path,
             continue
         return run_dir, loaded, lock
     return None
+
+
+def resume_config(cfg: DictConfig, saved: Optional[Dict[str, Any]], overrides) -> DictConfig:
+    """The checkpoint's own config, with only what this command line overrides explicitly
+    (e.g. a larger trainer.max_steps) taken from the new one: a resumed run continues the
+    experiment it belongs to, not whatever the defaults are today."""
+    if not saved:
+        return cfg
+    merged = OmegaConf.merge(cfg, saved)
+    for ov in overrides:
+        key = ov.split("=", 1)[0].lstrip("+~")
+        if key in ("resume",) or "/" in key or key.startswith("hydra"):
+            continue
+        value = OmegaConf.select(cfg, key, default=None)
+        OmegaConf.update(merged, key, value, merge=False)
+    merged.resume = cfg.resume
+    return merged
+
+
+def hydra_overrides() -> List[str]:
+    """This command line's overrides as Hydra parsed them (empty outside a Hydra app)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return list(HydraConfig.get().overrides.task)
+    except (ImportError, ValueError):
+        return []
+
+
+def note_continued_elsewhere(new_dir: Path, old_dir: Path) -> None:
+    """Hydra made a run directory for this invocation; say where the training actually went."""
+    try:
+        if new_dir.resolve() != old_dir.resolve() and new_dir.is_dir():
+            (new_dir / "continued_in.txt").write_text(f"trainer.auto_resume: this invocation continued {old_dir}\n")
+    except OSError:
+        pass

@@ -19,8 +19,6 @@ from ds2exp.checkpoints import RunDir
 
 log = logging.getLogger(__name__)
 
-STATUSES = ("finished", "diverged", "interrupted", "failed")
-MLFLOW_STATUS = {"finished": "FINISHED", "diverged": "FAILED", "failed": "FAILED", "interrupted": "KILLED"}
 UI_ADDRESS = "http://127.0.0.1:5000"  # where `make ui` serves the project's store
 # MLflow 3's UI opens every experiment in its GenAI view (traces, evaluations) unless the page's URL
 # says `workflowType=machine_learning` or the browser stored "Model training" from the sidebar switch;
@@ -119,9 +117,8 @@ def resume_command(run_dir: Path) -> str:
 
 
 def build(outcome: str, base: Dict[str, Any], state, cfg, run_dir: Path, tracker) -> Dict[str, Any]:
-    """summary.json for a run that ended with `outcome` (one of STATUSES); `base` carries what the
+    """summary.json for a run that ended with `outcome` (ds2exp.training.ending.ENDINGS); `base` carries what the
     trainer or the divergence diagnosis returned (stop_reason, cause, first_bad_step, ...)."""
-    assert outcome in STATUSES, outcome
     backend = enum_value(cfg.logger.backend)
     uri = str(cfg.logger.tracking_uri) if backend != "none" else None
     run_id = getattr(tracker, "run_id", None)

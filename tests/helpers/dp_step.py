@@ -27,7 +27,7 @@ def main() -> int:
     from ds2exp.data.dataset import Batch
     from ds2exp.models.deepspeech2 import build_model
     from ds2exp.training.optim import build_optimizer
-    from ds2exp.training.run import setup_mindspore
+    from ds2exp.runtime import setup_mindspore
     from ds2exp.training.trainer import Trainer
     from ds2exp.tracking.mlflow_tracker import NullTracker
 

@@ -24,6 +24,8 @@ MICRO = [*MICRO_MODEL, "dataset.max_utterances=48", "trainer.max_eval_utterances
 MICRO_BATCH4 = [*MICRO, "dataset.batch_size=4"]
 # ... from 2 length buckets
 SMALL = [*MICRO_BATCH4, "dataset.num_buckets=2"]
+# MICRO for 3 steps: a sweep's jobs
+MICRO_3_STEPS = [*MICRO, "trainer.max_steps=3"]
 
 
 def merged(*overrides: str):
@@ -44,8 +46,9 @@ def train_env(tmp_root: Path, **extra: str):
     return {**os.environ, "DS2EXP_ROOT": str(tmp_root), **extra}
 
 
-def sweep_env(tmp_root: Path):
-    """train_env without a DS2EXP_PARENT_RUN_ID inherited from the shell (a sweep starts its own parent run)."""
+def no_parent_env(tmp_root: Path):
+    """train_env without a DS2EXP_PARENT_RUN_ID inherited from the shell: the MLflow runs the process starts
+    (a sweep's parent run, an lr_find run) are no other run's children."""
     env = train_env(tmp_root)
     env.pop("DS2EXP_PARENT_RUN_ID", None)
     return env

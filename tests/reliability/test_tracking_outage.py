@@ -3,6 +3,8 @@ in the run's spool and reach the store later, in order, nothing lost."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 
@@ -51,37 +53,55 @@ def test_tracking_store_unreachable_training_goes_on_and_the_spool_is_sent_later
 @pytest.mark.slow
 def test_mlflow_server_down_at_start_and_killed_mid_run_nothing_is_lost(tmp_path, synth_data_dir):
     """The training starts before its MLflow server answers; the server is then SIGKILLed mid-run and
-    restarted on the same port and store. Every logged step is on the server afterwards."""
+    restarted on the same port and store. Every logged step is on the server afterwards.
+    The trainer is paused (SIGSTOP) while the server starts, is killed and restarts, so that it is still
+    training at each of those moments however long a server takes to start: a step budget, not a clock,
+    ends the run."""
+    from ds2exp.tracking.resilient import read_spool
+
+    steps = 100
     server = MlflowServer(tmp_path / "server", free_port())
     run_dir = tmp_path / "outputs" / "run"
+    spool = run_dir / "tracking_spool.jsonl"
     env = train_env(tmp_path, DS2EXP_TRACKING_RETRY_S="1", DS2EXP_TRACKING_RETRY_MAX_S="2",
-               DS2EXP_TRACKING_DRAIN_S="300")
-    trainer = start(tmp_path, synth_data_dir, run_dir, *SMALL, "trainer.max_steps=100000", "trainer.max_minutes=1.5",
-                    "trainer.log_every=1", "trainer.eval_every=40", "trainer.checkpoint_every=20",
-                    f"logger.tracking_uri={server.url}", env=env)
+                    DS2EXP_TRACKING_DRAIN_S="300")
+    trainer = start(tmp_path, synth_data_dir, run_dir, *SMALL, f"trainer.max_steps={steps}", "trainer.log_every=1",
+                    "trainer.eval_every=40", "trainer.checkpoint_every=20", f"logger.tracking_uri={server.url}",
+                    env=env)
+
+    def spooled_steps():
+        return sorted(op["step"] for op in read_spool(spool) if op["op"] == "metrics" and "train/loss" in op["metrics"])
+
     try:
         # down at start: the trainer runs, spooling, before the server is even launched
-        wait_for(lambda: (run_dir / "tracking_spool.jsonl").exists(), 240, trainer, "the spool (server down)")
+        wait_for(spooled_steps, 240, trainer, "a step in the spool (server down)")
+        os.kill(trainer.pid, signal.SIGSTOP)
         server.start()
         server.wait_healthy()
+        os.kill(trainer.pid, signal.SIGCONT)
         client = mlflow_client(server.url)
-        wait_for(lambda: not (run_dir / "tracking_spool.jsonl").exists(), 120, trainer, "the spool sent")
-        assert client.get_metric_history(runs_of(client)[0].info.run_id, "train/loss")
-        server.kill()  # mid-run, with the trainer logging straight to it again
-        wait_for(lambda: (run_dir / "tracking_spool.jsonl").exists(), 120, trainer, "the spool (server killed)")
-        assert trainer.poll() is None, "training must still be running while the server is down"
+        wait_for(lambda: not spool.exists(), 120, trainer, "the spool sent")
+        os.kill(trainer.pid, signal.SIGSTOP)
+        sent = history(client, runs_of(client)[0].info.run_id, "train/loss")
+        assert sent and max(sent) < steps, f"all {steps} steps done before the server was killed: raise `steps`"
+        server.kill()  # mid-run: the trainer goes on logging straight to it
+        os.kill(trainer.pid, signal.SIGCONT)
+        during = wait_for(spooled_steps, 120, trainer, "a step in the spool (server killed)")
+        os.kill(trainer.pid, signal.SIGSTOP)
+        assert trainer.poll() is None and min(during) >= max(sent), (sorted(sent), during)  # trained on
         server.start()
         server.wait_healthy()
+        os.kill(trainer.pid, signal.SIGCONT)
         assert trainer.wait(timeout=600) == 0
         log = trainer.log_path.read_text()
-        assert log.count("is unavailable") == 2 and log.count("answers again;") == 2, log[-5000:]
+        # both outages noticed and over (a request timing out on a busy machine may add one: each ends)
+        assert log.count("is unavailable") == log.count("answers again;") >= 2, log[-5000:]
         summary = json.loads((run_dir / "summary.json").read_text())
-        final = int(summary["step"])
-        assert summary["stop_reason"] == "max_minutes" and final > 20
+        assert summary["stop_reason"] == "max_steps" and int(summary["step"]) == steps
         [found] = runs_of(client)
         assert found.info.status == "FINISHED"
-        assert sorted(history(client, found.info.run_id, "train/loss")) == list(range(1, final + 1))
-        assert not (run_dir / "tracking_spool.jsonl").exists()
+        assert sorted(history(client, found.info.run_id, "train/loss")) == list(range(1, steps + 1))
+        assert not spool.exists()
         assert not (run_dir / "tracking_rejected.jsonl").exists()
     finally:
         if trainer.poll() is None:
