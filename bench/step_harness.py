@@ -15,59 +15,17 @@ import json
 import os
 import queue
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 import ds2exp  # noqa: F401  (protobuf implementation before mindspore)
 from bench.flops import FRAMES_PER_SECOND, ROOT, model_arch, synthetic_batch
-
-
-def median(ts: List[float]) -> float:
-    return float(statistics.median(ts))
-
-
-def timeit(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
-# --------------------------------------------------------------------------------------------
-# child rows (each runs in its own interpreter)
-# --------------------------------------------------------------------------------------------
-def emit(tag: str, payload: Any = None) -> None:
-    print(tag if payload is None else f"{tag} {json.dumps(payload)}", flush=True)
-
-
-def timed_steps(args, step: Callable[[], Any]) -> Tuple[List[float], float]:
-    """Warm-up, then the timed steps: --steps of them, or with --interactive one per STEP line on
-    stdin (the parent alternates two such processes) until END."""
-    t0 = time.perf_counter()
-    for _ in range(args.warmup):
-        step()
-    warm = time.perf_counter() - t0
-    ts: List[float] = []
-    if args.interactive:
-        emit("BENCH_READY")
-        for line in sys.stdin:
-            if line.strip() == "END":
-                break
-            t0 = time.perf_counter()
-            step()
-            ts.append(time.perf_counter() - t0)
-            emit("BENCH_STEP", ts[-1])
-    else:
-        for _ in range(args.steps):
-            t0 = time.perf_counter()
-            step()
-            ts.append(time.perf_counter() - t0)
-    return ts, warm
+from bench.timing import emit, median, timed_steps, timeit
 
 
 def child_peak(args) -> Dict[str, Any]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any, Dict, List
 
 from bench.flops import BLANK, NUM_CLASSES, conv_shapes, model_arch, synthetic_batch
-from bench.step_harness import median, timed_steps, timeit
+from bench.timing import median, timed_steps, timeit
 
 
 def torch_model(arch):

@@ -21,7 +21,6 @@ import os
 import sys
 from typing import List, Optional
 
-import ds2exp  # noqa: F401  (protobuf implementation before anything loads MLflow)
 from ds2exp.cli import ConfigError, check_argument_outputs, check_overrides, config_error, refuse
 from ds2exp.data.audit import AuditError, audit_manifests, audit_split, default_report_path
 

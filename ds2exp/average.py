@@ -17,7 +17,6 @@ from typing import List
 
 import numpy as np
 
-import ds2exp  # noqa: F401
 
 
 def select(run_dir: Path, mode: str, k: int) -> List[Path]:

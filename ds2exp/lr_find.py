@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-import ds2exp  # noqa: F401  (protobuf implementation before MindSpore/MLflow load)
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 

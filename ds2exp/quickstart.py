@@ -9,6 +9,7 @@ Extra arguments are passed to train.py as overrides, e.g. `trainer.max_minutes=2
 """
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
@@ -30,7 +31,7 @@ def _train_language_model(data_overrides) -> Optional[Path]:
     """The word 2-gram of the training transcripts that the beam decoder uses, built next to the
     corpus's manifests (again when a manifest is newer); None, with the reason, without KenLM."""
     try:
-        import kenlm  # noqa: F401
+        importlib.import_module("kenlm")
     except ImportError:
         print("[ds2exp] kenlm is not installed (pip install 'ds2exp[lm]'): greedy decoding only", file=sys.stderr)
         return None

@@ -24,12 +24,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-import ds2exp  # noqa: F401  (protobuf implementation set before mlflow loads)
-from ds2exp.sweeps.jobs import (COLS, PARENT_FILE, ROWS, Job, Sweep, canon, client_for,  # noqa: F401
-                                default_tracking_uri, from_directory, from_parent_run)
-from ds2exp.sweeps.judge import judge  # noqa: F401
-from ds2exp.sweeps.render import LEGEND, cell_text, format_table, heatmap, loss_curves, report_text  # noqa: F401
-from ds2exp.sweeps.report import RUN_ID, load, log_files, log_to_parent, write  # noqa: F401
+from ds2exp.sweeps.report import RUN_ID, load, log_to_parent, write
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 

@@ -26,7 +26,6 @@ from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
 
-import ds2exp  # noqa: F401  (first: fixes the protobuf implementation before MindSpore/MLflow load)
 from ds2exp.mindir import INFO_KEY, load_graph, read_export_info
 
 CONFIG_NAME = "transcribe"

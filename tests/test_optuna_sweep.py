@@ -52,7 +52,8 @@ def test_abandoned_trials_are_failed_with_their_cause_and_another_command_is_ref
     from optuna.distributions import FloatDistribution
     from optuna.trial import TrialState
 
-    from ds2exp.sweeps.optuna_search import StudyMismatch, fail_abandoned, identity, open_study, search_space
+    from ds2exp.sweeps.optuna_search import search_space
+    from ds2exp.sweeps.optuna_study import StudyMismatch, fail_abandoned, identity, open_study
 
     preset = {"optimizer.lr": "tag(log, interval(1e-5, 1e-1))", "dataset.batch_size": "4,8"}
     space, fixed = search_space(preset, ["+sweep=optuna_lr", "dataset.batch_size=8", "paths.data_dir=/x",

@@ -24,7 +24,7 @@ def _cfg(tmp_path, *overrides):
 
 
 def _state(step=40):
-    from ds2exp.training.trainer import TrainState
+    from ds2exp.training.state import TrainState
 
     s = TrainState(step=step)
     s.history.update(val_step=[20, 40], val_cer=[97.0, 58.12], val_wer=[100.0, 96.5], val_loss=[200.0, 120.0])

@@ -264,8 +264,7 @@ class BatchLoader:
         crop_frames: longer utterances are cut to this many frames at a random offset, transcript kept;
         label_pad: the label matrix's width (load_split dropped longer transcripts)."""
         self.split = split
-        self.crop_frames = crop_frames
-        self.label_pad = label_pad
+        self.crop_frames, self.label_pad = crop_frames, label_pad  # training only (load_split applied both)
         self.fixed_label_length = fixed_label_length
         self.sampler = sampler
         self.cache = cache

@@ -15,6 +15,7 @@ frame count) trims padding frames; ``None`` means all ``T`` frames.
 """
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import logging
 import math
@@ -25,7 +26,7 @@ from typing import Sequence
 import numpy as np
 
 from ds2exp.data.labels import BLANK_INDEX, LABELS
-from ds2exp.models.ctc import (  # noqa: F401  (greedy decoding is part of this module's API)
+from ds2exp.models.ctc import (  # greedy decoding is part of this module's API (__all__)
     batch_greedy_decode, check_scores, greedy_decode, greedy_decode_with_offsets)
 
 __all__ = [
@@ -223,7 +224,7 @@ class BeamSearchDecoder:
             if not os.path.exists(self.lm_path):
                 raise FileNotFoundError(f"language model not found: {self.lm_path}")
             try:
-                import kenlm  # noqa: F401
+                importlib.import_module("kenlm")
             except ImportError as exc:
                 raise ImportError(
                     "Decoding with a language model (lm_path) needs the 'kenlm' Python module, "

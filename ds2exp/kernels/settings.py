@@ -16,6 +16,7 @@ kernels split their BLAS products themselves.
 """
 from __future__ import annotations
 
+import importlib
 import functools
 import logging
 import os
@@ -28,7 +29,7 @@ from typing import Callable, Iterable, Optional
 import numpy as np
 
 try:  # pragma: no cover - exercised implicitly
-    import numba  # noqa: F401
+    importlib.import_module("numba")
     HAVE_NUMBA = True
 except ImportError:  # also raised by a numba built for another numpy
     HAVE_NUMBA = False

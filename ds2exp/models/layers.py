@@ -23,20 +23,17 @@ Each layer comes in two implementations behind one interface, selected by ``impl
     compiled call (the two directions on two threads, the product with W_hh register-blocked);
     otherwise a numpy loop with BLAS per step. The input bias is added inside the recurrence op.
 
-Parameters carry the same names and shapes in both implementations (``weight`` for the conv;
-``weight_ih_l0``, ``weight_hh_l0``, ``bias_ih_l0``, ``bias_hh_l0`` and the ``_reverse`` ones for the
-RNN, gate order of ``nn.LSTM`` (i, f, g, o) and ``nn.GRU`` (r, z, n)), also when nested in a
-model, so checkpoints load into either.
+Parameters carry the same names and shapes in both (``weight``; ``weight_ih_l0``, ``weight_hh_l0``,
+``bias_ih_l0``, ``bias_hh_l0`` and ``_reverse``, gate order of ``nn.LSTM`` (i, f, g, o) and ``nn.GRU``
+(r, z, n)), also nested in a model, so checkpoints load into either.
 
 Notes (measured on the 2-core CPU, bench/bench_layers.py):
 
-* Call ``mindspore.runtime.launch_blocking()`` once at start-up. MindSpore's default asynchronous
-  op launch is what makes the stock layers slow on this machine (nn.Conv2d conv2 fwd+bwd 1.0 ->
-  0.5 s, the fused nn.LSTM fwd+bwd 5.0 -> 0.2 s) and it costs the pyfunc-based fast conv
-  backward about 2x (the pyfunc runs on a runtime thread that fights the main thread for the GIL).
-* The pyfunc ops run on CPU only; float32 only.
-* numba compiles its kernels on first use (a few seconds, then cached in __pycache__).
-  ``DS2EXP_NO_NUMBA=1`` or ``ds2exp.kernels.set_numba_enabled(False)`` selects the numpy fallback.
+* Call ``mindspore.runtime.launch_blocking()`` once at start-up: MindSpore's asynchronous op launch makes
+  the stock layers slow here (nn.Conv2d conv2 fwd+bwd 1.0 -> 0.5 s, the fused nn.LSTM 5.0 -> 0.2 s) and
+  the pyfunc-based fast conv backward about 2x slower (its runtime thread fights the main one for the GIL).
+* The pyfunc ops run on CPU only, float32 only. numba compiles its kernels on first use (cached in
+  __pycache__); ``DS2EXP_NO_NUMBA=1`` or ``ds2exp.kernels.set_numba_enabled(False)``: the numpy fallback.
 """
 from __future__ import annotations
 

@@ -72,7 +72,7 @@ def _sweep_tags(config: DictConfig, sweep_dir: str) -> Dict[str, str]:
     if params:
         tags["ds2exp.sweep.params"] = json.dumps(params)
     if OmegaConf.select(hydra, "sweeper.study_name") is not None:  # an Optuna search: where its study is
-        from ds2exp.sweeps.optuna_search import shown, study_location
+        from ds2exp.sweeps.optuna_study import shown, study_location
 
         name, url = study_location(config)
         tags.update({"ds2exp.optuna.study": name, "ds2exp.optuna.storage": shown(url)})

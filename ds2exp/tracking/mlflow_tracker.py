@@ -12,7 +12,6 @@ import logging
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
 
-import ds2exp  # noqa: F401  (protobuf implementation set before mlflow loads)
 
 log = logging.getLogger(__name__)
 

@@ -441,6 +441,5 @@ class _Replayer(ResilientTracker):
         self._pending = read_spool(self.spool_path)
 
 if __name__ == "__main__":
-    import ds2exp  # noqa: F401  (protobuf implementation before mlflow loads)
 
     sys.exit(flush_main())

@@ -251,7 +251,8 @@ def train_secondary(cfg, run_dir: Path, resumed, rank: int, world: int, interrup
     from ds2exp.training.checkpoint import prime_optimizer
     from ds2exp.training.ending import RunOutcome
     from ds2exp.training.optim import model_and_optimizer
-    from ds2exp.training.trainer import Trainer, TrainingStopped, compiled_step
+    from ds2exp.training.state import TrainingStopped
+    from ds2exp.training.trainer import Trainer, compiled_step
 
     data = build_data(cfg, None, rank=rank, world=world, fixed_label_length=compiled_step(cfg.hardware))
     model, optimizer = model_and_optimizer(cfg, announce=False)

@@ -31,6 +31,7 @@ did, msrun and its scheduler are stopped LINGER_S after the last worker ended.
 """
 from __future__ import annotations
 
+import importlib
 import ctypes
 import json
 import logging
@@ -259,11 +260,11 @@ def _preload() -> None:
     """Import what `report` needs (MindSpore for the checkpoint reader, then MLflow: seconds each) while
     the processes are being stopped."""
     def load() -> None:
-        try:
-            import ds2exp.training.checkpoint  # noqa: F401
-            import mlflow.tracking  # noqa: F401
-        except Exception:  # noqa: BLE001 - `report` imports them again and says what fails
-            pass
+        for name in ("ds2exp.training.checkpoint", "mlflow.tracking"):
+            try:
+                importlib.import_module(name)
+            except Exception as exc:  # noqa: BLE001 - `report` imports it again and says what fails
+                log.debug("preloading %s failed: %s", name, exc)
 
     if not _preloading:
         _preloading.append(threading.Thread(target=load, name="ds2exp-preload", daemon=True))

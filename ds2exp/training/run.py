@@ -135,7 +135,7 @@ def _train(cfg: DictConfig, run_dir: Path, resumed, continues: bool, rank: int =
 def fit(run) -> Tuple[str, Dict[str, Any]]:
     """Train until a limit or the divergence policy stops; returns (outcome, summary), outcome
     finished or diverged. A signal ends the run after the current step: TrainingInterrupted."""
-    from ds2exp.training.trainer import TrainingStopped
+    from ds2exp.training.state import TrainingStopped
 
     trainer, interrupt = run.trainer, run.interrupt
     interrupt.deferred = True  # from here a signal ends the run after the current step

@@ -12,25 +12,23 @@ from __future__ import annotations
 import collections
 import logging
 import math
-import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import mindspore as ms
 import numpy as np
 from mindspore import ops
-from omegaconf import OmegaConf
 
 from ds2exp.data.dataset import Batch, BatchLoader
 from ds2exp.models.ctc import ctc_losses, infeasible_rows
 from ds2exp.training.validate import EvalResult, evaluate_model
 from ds2exp.models.deepspeech2 import parameter_groups
-from ds2exp.training.best import best_filename
 from ds2exp.tracking import trial_hook
-from ds2exp.training.checkpoint import restore_optimizer, save_checkpoint
+from ds2exp.training.anomaly import AnomalyPolicy
 from ds2exp.training.divergence import ExplosionDetector
+from ds2exp.training.keeping import CheckpointKeeping
+from ds2exp.training.state import RolledBack, StepResult, TrainState
 from ds2exp.training.faults import FaultInjector
 from ds2exp.training.optim import learning_rate, set_learning_rate
 from ds2exp.training.progress import estimated_total, progress_bar
@@ -42,66 +40,13 @@ log = logging.getLogger(__name__)
 
 
 
-class _RolledBack(Exception):
-    """Internal: the state was restored from a checkpoint; restart the epoch iteration."""
-
-
-class TrainingStopped(Exception):
-    """Raised when the divergence policy gives up (non-finite steps or a loss/grad-norm explosion);
-    carries the diagnosis (cause, first_bad_step, diverged_at_step, summary, evidence)."""
-
-    def __init__(self, diagnosis: Dict[str, Any]):
-        super().__init__(diagnosis.get("summary", "training stopped"))
-        self.diagnosis = diagnosis
-
-
 def compiled_step(hw_cfg) -> bool:
     """hardware.mode=graph: the training step's forward and backward run as one compiled MindSpore graph
     (mindspore.jit, the fast layers' Custom ops inside it); everything else stays in PYNATIVE mode."""
     return enum_value(hw_cfg.mode) == "graph"
 
 
-@dataclass
-class StepResult:
-    loss: float
-    grad_norm: float
-    finite: bool
-    group_norms: Dict[str, float]
-    logits_absmax: float
-    losses: np.ndarray
-    first_bad_group: Optional[str] = None
-    loss_scale: float = 1.0  # the scale this step ran with
-    peer_flags: Optional[Dict[str, float]] = None  # data parallel: ranks that raised each flag
-    explosion: Optional[Dict[str, Any]] = None  # finite but exploded: the detector's evidence
-
-    @property
-    def good(self) -> bool:
-        """The step updated the weights."""
-        return self.finite and self.explosion is None
-
-
-@dataclass
-class TrainState:
-    step: int = 0  # optimizer steps attempted (good + skipped)
-    epoch: int = 0
-    batch_in_epoch: int = 0
-    nonfinite_steps: int = 0
-    exploded_steps: int = 0  # finite steps skipped as a loss/grad-norm explosion
-    anomalous_steps: int = 0  # nonfinite_steps + exploded_steps
-    first_bad_step: Optional[int] = None  # the run's first anomalous step
-    consecutive_bad: int = 0  # anomalous steps in a row
-    rollbacks: int = 0
-    loss_scale: float = 1.0
-    good_since_scale: int = 0
-    # [{"monitor", "value", "step", "path", "val_cer", "val_wer", "val_loss", "wer"}], best first
-    best: List[Dict[str, Any]] = field(default_factory=list)
-    # every step's loss and grad norm (non-finite and exploded steps too), and every validation
-    history: Dict[str, List] = field(default_factory=lambda: {"step": [], "loss": [], "grad_norm": [], "val_step": [],
-                                                              "val_wer": [], "val_cer": [], "val_loss": []})
-    lr_factor: float = 1.0
-
-
-class Trainer:
+class Trainer(CheckpointKeeping, AnomalyPolicy):
     def __init__(self, cfg, model, optimizer, train_loader: BatchLoader, val_loader: Optional[BatchLoader],
                  tracker: Tracker, run_dir: Path, steps_per_epoch: int, reducer=None, rank: int = 0,
                  is_primary: bool = True, faults: Optional[FaultInjector] = None):
@@ -242,84 +187,6 @@ class Trainer:
                 self.state.loss_scale *= float(p.scale_factor)
                 self.state.good_since_scale = 0
 
-    # ------------------------------------------------------------------ checkpoints
-    def checkpoint_meta(self) -> Dict[str, Any]:
-        s = self.state
-        return {"step": s.step, "epoch": s.epoch, "batch_in_epoch": s.batch_in_epoch,
-                "nonfinite_steps": s.nonfinite_steps, "exploded_steps": s.exploded_steps,
-                "anomalous_steps": s.anomalous_steps, "first_bad_step": s.first_bad_step,
-                "divergence_window": self.detector.state(), "loss_scale": s.loss_scale,
-                "good_since_scale": s.good_since_scale, "best": s.best, "history": s.history,
-                "rollbacks": s.rollbacks, "lr_factor": s.lr_factor,
-                "mlflow_run_id": self.tracker.run_id, "run_dir": str(self.run_dir),
-                "rng": {"numpy_seed": int(self.cfg.trainer.seed)},
-                "config": OmegaConf.to_container(self.cfg, resolve=True, enum_to_str=True),
-                "val_loss": s.history["val_loss"][-1] if s.history["val_loss"] else None,
-                "val_wer": s.history["val_wer"][-1] if s.history["val_wer"] else None,
-                "val_cer": s.history["val_cer"][-1] if s.history["val_cer"] else None}
-
-    def save_last(self) -> Optional[Path]:
-        if not self.is_primary:
-            return None
-        last = RunDir(self.run_dir).last
-        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        if last.exists():
-            os.replace(last, RunDir(self.run_dir).last_prev)  # kept until the new one is complete
-        return save_checkpoint(last, self.model, self.optimizer, self.checkpoint_meta())
-
-    def _rank_key(self, entry: Dict[str, Any]):
-        """Best first: by the monitored value in its mode, the later step on a tie."""
-        sign = 1.0 if enum_value(self.cfg.trainer.monitor_mode) == "min" else -1.0
-        value = entry["value"]
-        return (sign * value if math.isfinite(value) else math.inf, -entry["step"])
-
-    def save_best(self, res: EvalResult) -> None:
-        """Keep this step's weights when they rank among the `trainer.keep_best` best by `trainer.monitor`."""
-        if not self.is_primary:
-            return
-        t = self.cfg.trainer
-        monitor = str(t.monitor)
-        value = {"val/cer": res.cer, "val/wer": res.wer, "val/loss": res.loss}[monitor]
-        k = int(t.keep_best)
-        best = self.state.best
-        path = self.ckpt_dir / best_filename(self.state.step, monitor, value)
-        entry = {"monitor": monitor, "value": value, "step": self.state.step, "path": str(path),
-                 "val_cer": res.cer, "val_wer": res.wer, "val_loss": res.loss, "wer": res.wer}
-        if len(best) >= k and self._rank_key(entry) >= max(self._rank_key(b) for b in best):
-            return
-        best.append(entry)
-        best.sort(key=self._rank_key)
-        meta = {**self.checkpoint_meta(), "monitor": monitor, "monitor_mode": enum_value(t.monitor_mode),
-                "monitor_value": value}
-        save_checkpoint(path, self.model, self.optimizer, meta)
-        for b in best[k:]:
-            Path(b["path"]).unlink(missing_ok=True)
-        del best[k:]
-
-    def restore(self, loaded) -> None:
-        from ds2exp.models.deepspeech2 import load_state
-
-        load_state(self.model, loaded.model_state)
-        restore_optimizer(self.optimizer, loaded.optimizer_state)
-        m = loaded.meta
-        s = self.state
-        s.step, s.epoch, s.batch_in_epoch = int(m["step"]), int(m["epoch"]), int(m["batch_in_epoch"])
-        s.nonfinite_steps = int(m.get("nonfinite_steps", 0))
-        s.exploded_steps = int(m.get("exploded_steps", 0))
-        s.anomalous_steps = int(m.get("anomalous_steps", s.nonfinite_steps))
-        s.first_bad_step = m.get("first_bad_step")
-        self.detector.load(m.get("divergence_window"))
-        s.loss_scale = float(m.get("loss_scale", s.loss_scale))
-        s.good_since_scale = int(m.get("good_since_scale", 0))
-        # entries written before trainer.monitor were ranked by WER; those ranked by another monitor
-        # than this run's stay on disk but out of the ranking
-        monitor = str(self.cfg.trainer.monitor)
-        s.best = [b for b in ({"monitor": "val/wer", "value": b.get("wer"), **b} for b in m.get("best", []))
-                  if b["monitor"] == monitor and b["value"] is not None]
-        s.history = {**TrainState().history, **m.get("history", {})}
-        s.rollbacks = int(m.get("rollbacks", 0))
-        s.lr_factor = float(m.get("lr_factor", 1.0))
-
     # ------------------------------------------------------------------ evaluation
     def validate(self) -> Optional[EvalResult]:
         if self.val_loader is None or not self.is_primary:
@@ -359,7 +226,7 @@ class Trainer:
         while not done:
             try:
                 done, stop_reason, last_result = self._run_epoch(bar, deadline, last_result)
-            except _RolledBack:
+            except RolledBack:
                 bar.reset(total=self.max_steps)
                 bar.update(s.step)
                 self._bar_origin = (s.step, time.time())
@@ -498,58 +365,6 @@ class Trainer:
             m["train/audio_s_per_s"] = window["audio"] / window["time"]
             m["train/data_wait_share"] = window["wait"] / window["time"]
         self.tracker.log_metrics(m, s.step)
-
-    def _patience(self, res: StepResult) -> int:
-        """Anomalous steps in a row after which the policy acts: `stop` acts on the first non-finite
-        step and on `divergence.patience` exploded ones (one spike may be one odd batch); `skip` and
-        `rollback` after `nonfinite_patience` (and never before an explosion counts as one)."""
-        t = self.cfg.trainer
-        base = 1 if enum_value(t.nonfinite) == "stop" else int(t.nonfinite_patience)
-        return max(base, int(t.divergence.patience)) if res.finite else base
-
-    def _on_anomaly(self, batch: Batch, res: StepResult, lr: float) -> None:
-        """The one place that decides what a non-finite or exploded step leads to (`trainer.nonfinite`)."""
-        from ds2exp.training.diagnosis import diagnosis, format_text
-
-        s = self.state
-        t = self.cfg.trainer
-        policy = enum_value(t.nonfinite)
-        d = diagnosis(s.step, lr, res.loss_scale, batch, res, self.recent, policy, s.consecutive_bad,
-                      enum_value(self.cfg.precision.dtype), s.first_bad_step)
-        d.update(nonfinite_steps=s.nonfinite_steps, exploded_steps=s.exploded_steps,
-                 anomalous_steps=s.anomalous_steps)
-        log.warning("step %d skipped: %s", s.step, d["summary"])
-        if len(self.diagnoses) < 50:
-            self.diagnoses.append(d)
-        if s.anomalous_steps <= 5 or s.consecutive_bad == 1:  # first events in full, then only the count
-            self.tracker.log_text(format_text(d), f"anomalies/step_{s.step:07d}.txt")
-        if s.consecutive_bad < self._patience(res):
-            return
-        d["diverged_at_step"] = s.step
-        if policy == "rollback" and s.rollbacks < int(t.max_rollbacks):
-            self._rollback(d)
-        raise TrainingStopped(d)
-
-    def _rollback(self, d: Dict[str, Any]) -> None:
-        from ds2exp.training.checkpoint import find_latest_checkpoint, load_checkpoint
-
-        s = self.state
-        path = find_latest_checkpoint(self.ckpt_dir)
-        if path is None:
-            raise TrainingStopped({**d, "summary": d["summary"] + "; no checkpoint to roll back to"})
-        # run-level counts survive the restore; the divergence window comes back with the checkpoint
-        counters = (s.nonfinite_steps, s.exploded_steps, s.anomalous_steps, s.first_bad_step, s.rollbacks + 1,
-                    s.lr_factor * float(self.cfg.trainer.rollback_lr_factor))
-        self.restore(load_checkpoint(path))
-        s.nonfinite_steps, s.exploded_steps, s.anomalous_steps, s.first_bad_step, s.rollbacks, s.lr_factor = counters
-        s.consecutive_bad = 0
-        self.recent.clear()
-        log.warning("rollback %d: restored %s (step %d); learning rate x%g", s.rollbacks, path.name, s.step,
-                    s.lr_factor)
-        self.tracker.log_metrics({"train/rollbacks": s.rollbacks, "train/lr_factor": s.lr_factor}, s.step)
-        self.tracker.set_tags({"rollbacks": s.rollbacks})
-        raise _RolledBack()
-
 
 def _new_window() -> Dict[str, Any]:
     """What _log_train summarises: finite losses, utterances, audio seconds, step and data-wait time."""

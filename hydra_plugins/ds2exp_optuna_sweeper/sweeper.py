@@ -24,7 +24,8 @@ class Ds2expOptunaSweeper(Sweeper):
                                                                 task_function=task_function, config=config)
 
     def sweep(self, arguments: List[str]) -> Any:
-        from ds2exp.sweeps.optuna_search import SearchConfigError, run_search
+        from ds2exp.sweeps.optuna_search import run_search
+        from ds2exp.sweeps.optuna_study import SearchConfigError
 
         assert self.config is not None and self.launcher is not None
         try:
