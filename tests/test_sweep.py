@@ -298,3 +298,38 @@ def test_job_in_another_process_finds_the_parent_id_in_the_sweep_dir(tmp_path, m
         assert os.environ[ENV_PARENT] == "0123abcd"
     finally:
         HydraConfig.instance().cfg = None
+
+
+@pytest.mark.slow
+def test_a_killed_grid_sweep_run_again_runs_only_what_is_missing_under_one_parent(tmp_path, synth_data_dir):
+    """SIGKILL while the second of three jobs trains, then the same command: the first job is not run
+    again, the second resumes from its checkpoint, the third runs; one parent run, one verdict."""
+    import signal
+
+    from tests.helpers import wait_for
+
+    sweep_dir = tmp_path / "multirun" / "s"
+    cmd = [sys.executable, str(ROOT / "train.py"), "-m", f"paths.data_dir={synth_data_dir}",
+           f"hydra.sweep.dir={sweep_dir}", *[o for o in MICRO_3_STEPS if not o.startswith("trainer.max_steps")],
+           "trainer.max_steps=40", "trainer.checkpoint_every=2", "trainer.eval_every=20", "dataset.batch_size=4",
+           "optimizer.lr=1e-4,3e-4,1e-3"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=no_parent_env(tmp_path), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for(lambda: (sweep_dir / "0" / "summary.json").is_file()
+                 and (sweep_dir / "1" / "checkpoints" / "last.ckpt").is_file(), 900, proc, "job 1's first checkpoint")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    first = (sweep_dir / "0" / "summary.json").stat().st_mtime_ns
+    r = subprocess.run(cmd, cwd=ROOT, env=no_parent_env(tmp_path), capture_output=True, text=True, timeout=1500)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "job 0: finished in an earlier run of this sweep; not run again" in r.stdout
+    assert "job 1: interrupted in an earlier run of this sweep; resuming it" in r.stdout
+    assert (sweep_dir / "0" / "summary.json").stat().st_mtime_ns == first
+    assert "resuming from" in (sweep_dir / "1" / "train.log").read_text()
+    assert r.stdout.count("Recommended:") == 1 and "3 jobs: 3 finished" in r.stdout
+    client, parents, children = sweep_runs(tmp_path)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(children) == 3 and all(c.info.status == "FINISHED" for c in children)
+    assert {c.data.tags.get("mlflow.parentRunId") for c in children} == {parents[0].info.run_id}

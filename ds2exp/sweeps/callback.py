@@ -164,9 +164,15 @@ class MlflowSweepCallback(Callback):
         from ds2exp.tracking.resilient import ResilientTracker
 
         os.environ.pop(ENV_PARENT, None)  # this sweep's parent, not an outer one
+        # The same hydra.sweep.dir again continues the sweep: its jobs that ended are not run again
+        # (job_runner.py) and the parent run it already has goes on, so there is one parent, one verdict.
+        earlier = self.sweep_dir / PARENT_FILE
+        parent_id = earlier.read_text().strip() if earlier.is_file() else None
+        if parent_id:
+            print(f"sweep: continuing {self.sweep_dir} (MLflow parent run {parent_id})", flush=True)
         self.tracker = ResilientTracker(str(config.logger.tracking_uri), str(config.logger.experiment_name),
                                         self.sweep_dir, run_name=sweep_name(_swept_from_tags(tags), self.sweep_dir),
-                                        tags=tags)
+                                        run_id=parent_id, tags=tags, adopt_spool=bool(parent_id))
         if self._publish_parent():
             log.info("MLflow sweep parent run %s (%s)", self.parent_run_id, config.logger.tracking_uri)
         else:

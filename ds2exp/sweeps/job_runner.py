@@ -18,7 +18,7 @@ import math
 import os
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Dict, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -127,10 +127,43 @@ def _select(cfg: DictConfig, key: str) -> Any:
     return OmegaConf.select(cfg, key)
 
 
+def _earlier_run(cfg: DictConfig, job_dir: Optional[Path]) -> Dict[str, Any]:
+    """What an earlier run of this same job left in its folder (a sweep run again with the same
+    hydra.sweep.dir): its run_state and summary, when its config is this job's."""
+    from ds2exp.training.recovery import config_fingerprint, read_run_state
+
+    if job_dir is None or not (job_dir / "run_state.json").is_file():
+        return {}
+    state = read_run_state(job_dir)
+    if state.get("config_fingerprint") != config_fingerprint(cfg):
+        return {}
+    try:
+        summary = json.loads((job_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        summary = {}
+    return {"state": state, "summary": summary}
+
+
 def run_sweep_job(cfg: DictConfig, fn: Callable[[DictConfig], float]) -> float:
-    """Run one sweep job; returns its value, or `failure_value()` if it crashed or diverged."""
+    """Run one sweep job; returns its value, or `failure_value()` if it crashed or diverged. A job an
+    earlier run of the sweep finished (or diverged in) is not run again; one it left interrupted is
+    resumed from its checkpoint."""
+    from omegaconf import open_dict, read_write
+
+    from ds2exp.checkpoints import RunDir
+
     job_dir = _job_dir()
     _name_run(cfg)
+    earlier = _earlier_run(cfg, job_dir)
+    status = earlier.get("summary", {}).get("status") or earlier.get("state", {}).get("status")
+    if status in ("finished", "diverged"):
+        print(f"job {job_dir.name}: {status} in an earlier run of this sweep; not run again", flush=True)
+        best = (earlier["summary"].get("best_checkpoint") or {}).get("value") if status == "finished" else None
+        return float(best) if isinstance(best, (int, float)) and math.isfinite(best) else failure_value()
+    if status in ("interrupted", "running") and RunDir(job_dir).has_training_state():
+        print(f"job {job_dir.name}: interrupted in an earlier run of this sweep; resuming it", flush=True)
+        with read_write(cfg), open_dict(cfg):
+            cfg.resume = str(job_dir)
     try:
         value = fn(cfg)
     except Exception as exc:  # KeyboardInterrupt still ends the sweep
