@@ -132,3 +132,21 @@ def test_spec_augment_masks_and_is_seeded():
     b = spec_augment(feats, np.random.default_rng(5), 2, 20, 2, 30)
     np.testing.assert_array_equal(a, b)
     assert (a == 0).sum() > 0 and a.shape == feats.shape
+
+
+@pytest.mark.parametrize("n", [16000, 16123, 16160, 4800])
+def test_constant_padding_equals_installed_librosa_at_every_frame(n):
+    """pad_mode=constant is librosa >= 0.10's default centre padding: every frame, the last one included,
+    also when the length is a multiple of the hop (where its pad_mode="reflect" has an edge case of its own)."""
+    import librosa
+
+    from ds2exp.data.features import stft_magnitude
+
+    y = (np.random.default_rng(n).standard_normal(n) * 0.1).astype(np.float32)
+    ours = stft_magnitude(y, 320, 160, "hamming", "constant")
+    theirs = np.abs(librosa.stft(y, n_fft=320, hop_length=160, win_length=320, window="hamming", center=True))
+    assert ours.shape == theirs.shape
+    assert np.abs(ours - theirs).max(axis=0).max() < 1e-5
+    whole = np.abs(np.fft.rfft(np.pad(y.astype(np.float64), 160, mode="reflect")[np.arange(320)[None, :]
+                                     + 160 * np.arange(ours.shape[1])[:, None]] * np.hamming(321)[:-1], axis=1)).T
+    assert np.abs(stft_magnitude(y, 320, 160, "hamming", "reflect") - whole).max() < 1e-9  # librosa < 0.10
