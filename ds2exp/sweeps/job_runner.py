@@ -6,9 +6,9 @@ inside the job is logged, written to `<job dir>/error.txt`, its MLflow run is ma
 FAILED run is created, with the job's overrides as params, when the job died before it had one, e.g.
 an empty data split) and the job returns a failure value instead of raising, so the sweep goes on.
 A job that diverged (summary.json `status: diverged`) returns the failure value too, even when an
-earlier evaluation had a value. The failure value is NaN;
-the Optuna sweeper (hydra_plugins/ds2exp_optuna_sweeper) reads why from the job's folder
-(`summary.json`, `error.txt`) and records the trial as FAILED with that cause.
+earlier evaluation had a value. The failure value is NaN; the Optuna sweeper
+(hydra_plugins/ds2exp_optuna_sweeper) reads why from the job's folder (`summary.json`, `error.txt`) and
+records the trial as FAILED with that cause.
 """
 from __future__ import annotations
 
