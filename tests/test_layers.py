@@ -14,6 +14,7 @@ from mindspore import Tensor, nn
 from ds2exp import kernels as K
 from ds2exp.kernels import compiled
 from ds2exp.kernels import conv as KC
+from ds2exp.kernels import native as KN
 from ds2exp.kernels import rnn as KR
 from ds2exp.models import layers as L
 
@@ -76,6 +77,20 @@ def numba_mode(request):
     old = K.set_numba_enabled(request.param)
     yield request.param
     K.set_numba_enabled(old)
+
+
+@pytest.fixture(params=["native", "numba", "numpy"])
+def rnn_kernels(request):
+    """The RNN layers' three recurrence kernels: C++ (aot ops), numba and numpy (pyfunc ops)."""
+    if request.param == "native" and KN.library() is None:
+        pytest.skip("no C++ compiler builds the native kernels here")
+    if request.param == "numba" and not K.HAVE_NUMBA:
+        pytest.skip("numba not installed")
+    old_native = KN.set_native_enabled(request.param == "native")
+    old_numba = K.set_numba_enabled(request.param != "numpy")
+    yield request.param
+    KN.set_native_enabled(old_native)
+    K.set_numba_enabled(old_numba)
 
 
 # ------------------------------------------------------------------------------------------ conv
@@ -189,7 +204,7 @@ def rnn_inputs(B=3, T=7, In=5, lengths=(7, 3, 5), seed=5):
 
 @pytest.mark.parametrize("rnn_type", ["lstm", "gru"])
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
-def test_rnn_fast_matches_plain(rnn_type, bidirectional, numba_mode):
+def test_rnn_fast_matches_plain(rnn_type, bidirectional, rnn_kernels):
     In, H = 5, 4
     plain = L.make_rnn(rnn_type, In, H, bidirectional, impl="plain")
     fast = L.make_rnn(rnn_type, In, H, bidirectional, impl="fast")
@@ -201,7 +216,7 @@ def test_rnn_fast_matches_plain(rnn_type, bidirectional, numba_mode):
 
 
 @pytest.mark.parametrize("rnn_type", ["lstm", "gru"])
-def test_rnn_fast_matches_plain_at_blocked_shapes(rnn_type, numba_mode):
+def test_rnn_fast_matches_plain_at_blocked_shapes(rnn_type, rnn_kernels):
     """6 rows and 5 hidden units: the compiled recurrent product's 4x4 blocks and its leftover rows
     and gate columns (B=3, H=4 above fit no block of rows) give the plain layer's results."""
     In, H = 5, 5

@@ -2,6 +2,8 @@
 
 ``settings.use_numba``   compiled numba kernels (default when numba imports; ``DS2EXP_NO_NUMBA=1``
                          or ``set_numba_enabled(False)`` selects the numpy fallback).
+``settings.use_native`` the C++ RNN recurrences of kernels/native.py (default where a C++ compiler
+                         builds them; ``DS2EXP_NO_NATIVE=1`` or ``set_native_enabled(False)``: numba/numpy).
 ``settings.threads``     worker threads the kernels may use (``DS2EXP_RNN_THREADS``, else
                          ``OMP_NUM_THREADS``, else the cores this process may run on).
 ``settings.timing_hook`` ``hook(name, wall_s, cpu_s)`` after every call of a ``@kernel`` entry
@@ -52,6 +54,8 @@ def _default_threads() -> int:
 class KernelSettings:
     use_numba: bool
     threads: int
+    # the C++ recurrences of kernels/native.py for RNN layers built from now on (when they build)
+    use_native: bool = True
     timing_hook: Optional[Callable[[str, float, float], None]] = None
     # numba's kernels beat OpenBLAS at these small row counts (measured: B=8, H=256: 130 us vs
     # 300 us a step; B=2, H=1024: 1.4 ms vs 4 ms); above this batch size BLAS is as fast.
@@ -63,7 +67,14 @@ class KernelSettings:
 
 
 settings = KernelSettings(use_numba=HAVE_NUMBA and os.environ.get("DS2EXP_NO_NUMBA", "") in ("", "0"),
-                          threads=_default_threads())
+                          threads=_default_threads(),
+                          use_native=os.environ.get("DS2EXP_NO_NATIVE", "") in ("", "0"))
+_thread_listeners: list = []
+
+
+def on_threads_changed(fn: Callable[[int], None]) -> None:
+    """Call fn(threads) whenever set_threads changes the thread count (the C++ kernels' own copy)."""
+    _thread_listeners.append(fn)
 
 
 def set_numba_enabled(flag: bool) -> bool:
@@ -77,6 +88,8 @@ def set_threads(n: Optional[int]) -> int:
     """Worker threads for the kernels (None or 0: the default); returns the previous setting."""
     old = settings.threads
     settings.threads = int(n) if n and int(n) > 0 else _default_threads()
+    for fn in _thread_listeners:
+        fn(settings.threads)
     return old
 
 

@@ -47,6 +47,7 @@ from mindspore.common.initializer import HeUniform, Uniform, initializer
 
 from ds2exp.kernels.conv import (conv_output_size, direct_conv_forward, direct_conv_weight_grad, direct_geometry,
                                  freq_col2im, freq_im2col, pad4, pair, time_shifts)
+from ds2exp.kernels import native
 from ds2exp.kernels.rnn import GATES, KERNELS
 
 __all__ = [
@@ -66,8 +67,9 @@ IMPLS = ("plain", "fast")
 # --------------------------------------------------------------------------------------------
 # RNN recurrence as a Custom op
 # --------------------------------------------------------------------------------------------
-def _make_scan_ops(mode, D):
-    """Custom pyfunc forward op (with custom bprop) for a `mode` recurrence with D directions.
+def _make_scan_ops(mode, D, library=None):
+    """Custom forward op (with custom bprop) for a `mode` recurrence with D directions: the C++ kernels
+    of `library` (kernels/native.py) as aot ops, or with library None the numba/numpy kernels as pyfunc ops.
 
     Forward op inputs: xp (B, T, D*G) without bias, lengths (B,) int32, then (w_hh, b_hh, b_ih) per
     direction.
@@ -104,7 +106,7 @@ def _make_scan_ops(mode, D):
         def bwd_dtype(lt, w0, a, s, hs, dy):
             return w0, w0, w0, w0
 
-        bwd_op = ops.Custom(bwd, out_shape=bwd_shape, out_dtype=bwd_dtype, func_type="pyfunc")
+        bwd_op = _custom(bwd, f"{mode}_backward", library, bwd_shape, bwd_dtype)
 
         def bprop(xp, lengths, w0, b0, bi0, out, dout):
             dxp, dw0, db0, dbi0 = bwd_op(lengths, w0, out[1], out[2], out[3], dout[0])
@@ -131,22 +133,29 @@ def _make_scan_ops(mode, D):
         def bwd_dtype(lt, w0, w1, a, s, hs, dy):
             return (w0,) * 7
 
-        bwd_op = ops.Custom(bwd, out_shape=bwd_shape, out_dtype=bwd_dtype, func_type="pyfunc")
+        bwd_op = _custom(bwd, f"{mode}_backward", library, bwd_shape, bwd_dtype)
 
         def bprop(xp, lengths, w0, b0, bi0, w1, b1, bi1, out, dout):
             dxp, dw0, db0, dbi0, dw1, db1, dbi1 = bwd_op(lengths, w0, w1, out[1], out[2], out[3], dout[0])
             return dxp, ops.zeros_like(lengths), dw0, db0, dbi0, dw1, db1, dbi1
 
-    fwd_op = ops.Custom(fwd, out_shape=fwd_shape, out_dtype=fwd_dtype, func_type="pyfunc", bprop=bprop)
+    fwd_op = _custom(fwd, f"{mode}_forward", library, fwd_shape, fwd_dtype, bprop=bprop)
     # keep the Python callables alive: the pyfunc registry is keyed by id()
     fwd_op._ds2_keep = (fwd, bwd, bprop, bwd_op)
     return fwd_op
 
 
+def _custom(fn, symbol, library, out_shape, out_dtype, **kw):
+    """A Custom op running the C++ kernel `symbol` of `library`, or with library None the Python `fn`."""
+    if library is None:
+        return ops.Custom(fn, out_shape=out_shape, out_dtype=out_dtype, func_type="pyfunc", **kw)
+    return ops.Custom(f"{library}:{symbol}", out_shape=out_shape, out_dtype=out_dtype, func_type="aot", **kw)
+
+
 @functools.lru_cache(maxsize=None)
-def _scan_op(mode, D):
-    """One Custom op per (mode, directions), shared by every FastRNN of that kind."""
-    return _make_scan_ops(mode, D)
+def _scan_op(mode, D, library):
+    """One Custom op per (mode, directions, kernels), shared by every FastRNN of that kind."""
+    return _make_scan_ops(mode, D, library)
 
 
 # --------------------------------------------------------------------------------------------
@@ -221,7 +230,7 @@ class FastRNN(nn.Cell):
             self.bias_ih_l0_reverse = p((G,), "bias_ih_l0_reverse")
             self.bias_hh_l0_reverse = p((G,), "bias_hh_l0_reverse")
         self.matmul_t = ops.MatMul(transpose_b=True)
-        self.scan = _scan_op(self.rnn_type, self.num_directions)
+        self.scan = _scan_op(self.rnn_type, self.num_directions, native.library())
 
     def construct(self, x, lengths=None):
         B, T, In = x.shape

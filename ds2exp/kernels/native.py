@@ -1,0 +1,107 @@
+"""The C++ recurrences (kernels/native/recurrence.cc), built once per machine for MindSpore's aot Custom ops.
+
+``library()`` compiles the source with the system C++ compiler (``-O3 -march=native -fopenmp``) into
+the user's cache (``$DS2EXP_CACHE_DIR``, else ``$XDG_CACHE_HOME/ds2exp``, else ``~/.cache/ds2exp``),
+keyed by the source, the compiler and the CPU's instruction sets, and returns the library's path; where
+no compiler works it logs why once and returns None, and the RNN layers run the numba/numpy kernels
+(``ds2exp.kernels.rnn``) instead. ``DS2EXP_NO_NATIVE=1`` or ``set_native_enabled(False)`` chooses
+those too. MindSpore's own compile step for aot sources builds without optimisation or OpenMP, which
+is why the library is built here and handed to ``ops.Custom`` as ``path.so:function``.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+from ds2exp.kernels.settings import on_threads_changed, settings
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("native") / "recurrence.cc"
+FLAGS = ["-std=gnu++17", "-O3", "-march=native", "-fopenmp", "-fPIC", "-shared"]
+
+
+def cache_dir() -> Path:
+    if os.environ.get("DS2EXP_CACHE_DIR"):
+        return Path(os.environ["DS2EXP_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "ds2exp"
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return line
+    except OSError:
+        pass
+    return ""
+
+
+def _compiler() -> Optional[str]:
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+
+
+def build(cxx: Optional[str], directory: Path) -> Optional[str]:
+    """Compile the recurrences with `cxx` into `directory` unless built there already; load the library
+    and hand it the kernel thread count. Returns its path, or None (logged) where that fails."""
+    if cxx is None:
+        log.warning("no C++ compiler (g++, c++ or $CXX): the RNN recurrences run the numba/numpy kernels")
+        return None
+    try:
+        version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
+        key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_flags()]).encode())
+        out = Path(directory) / f"recurrence-{key.hexdigest()[:16]}.so"
+        if not out.is_file():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            # another process (a data-parallel rank) may build the same file: each writes its own
+            # temporary file and renames it into place, which is atomic
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+            os.close(fd)
+            try:
+                proc = subprocess.run([cxx, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True,
+                                      timeout=300)
+                if proc.returncode != 0:
+                    log.warning("building %s failed (%s); the RNN recurrences run the numba/numpy kernels:\n%s",
+                                SOURCE.name, cxx, proc.stderr[-2000:])
+                    return None
+                os.replace(tmp, out)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        lib = ctypes.CDLL(str(out))  # the same handle MindSpore's aot loader opens
+        lib.ds2_set_threads.argtypes = [ctypes.c_int]
+        lib.ds2_set_threads(settings.threads)
+        on_threads_changed(lib.ds2_set_threads)
+        log.info("RNN recurrences: C++ kernels %s (%d threads)", out, settings.threads)
+        return str(out)
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.warning("the C++ RNN kernels are unavailable (%s); the RNN recurrences run the numba/numpy kernels",
+                    exc)
+        return None
+
+
+@functools.lru_cache(maxsize=None)
+def _built() -> Optional[str]:
+    return build(_compiler(), cache_dir())
+
+
+def library() -> Optional[str]:
+    """Path of the built C++ recurrence library, or None where it is turned off or cannot be built."""
+    return _built() if settings.use_native else None
+
+
+def set_native_enabled(flag: bool) -> bool:
+    """Turn the C++ recurrences on/off for RNN layers built from now on; returns the previous setting."""
+    old = settings.use_native
+    settings.use_native = bool(flag)
+    return old

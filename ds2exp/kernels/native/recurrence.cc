@@ -1,0 +1,421 @@
+// LSTM and GRU recurrences, forward and backward, as MindSpore Custom(func_type="aot") kernels.
+//
+// Same tensors and arithmetic as ds2exp/kernels/rnn.py (its docstrings are the specification):
+//   forward  in: xp (B,T,D*G), lengths (B) int32, then w_hh (G,H), b_hh (G), b_ih (G) per direction
+//           out: y (B,T,D*H), A (D,T,B,G), C|S (D,T,B,H), Hs (D,T,B,H)      [aligned time, see rnn.py]
+//   backward in: lengths, w_hh per direction, A, C|S, Hs, dy (B,T,D*H)
+//           out: d_xp (B,T,D*G), then d_w_hh, d_b_hh, d_b_ih per direction
+// G = 4H (LSTM i,f,g,o) or 3H (GRU r,z,n). The kernels run on MindSpore's own buffers: no copies,
+// no Python, no GIL.
+//
+// Threads: one direction at a time, every thread on it, each owning a fixed range of hidden units
+// (all gates of those units), so a direction's W_hh is read once per step by all cores together
+// and stays in cache; one barrier per time step. Every output element is summed by the same code
+// in the same order (k = 0, 1, ... with one multiply-add each) whichever thread computes it and
+// however the columns are blocked, so results do not depend on the thread count.
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+int g_threads = 1;
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v16u __attribute__((vector_size(64), aligned(4), may_alias));
+
+inline v16 load(const float* p) { return *reinterpret_cast<const v16u*>(p); }
+inline void store(float* p, v16 v) { *reinterpret_cast<v16u*>(p) = v; }
+
+// out[r, n] (+)= sum_k a[r*ars + k*aks] * m[k*ldm + n] for r < RB, n < 16*NV: the register block.
+template <int RB, int NV>
+inline void block(const float* a, long ars, long aks, int K, const float* m, long ldm, float* out, long ldo,
+                  bool accumulate) {
+  v16 acc[RB][NV];
+  for (int r = 0; r < RB; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = accumulate ? load(out + r * ldo + 16 * v) : v16{};
+  for (int k = 0; k < K; ++k) {
+    v16 mv[NV];
+    for (int v = 0; v < NV; ++v) mv[v] = load(m + k * ldm + 16 * v);
+    for (int r = 0; r < RB; ++r) {
+      const float s = a[r * ars + k * aks];
+      for (int v = 0; v < NV; ++v) acc[r][v] += s * mv[v];
+    }
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int v = 0; v < NV; ++v) store(out + r * ldo + 16 * v, acc[r][v]);
+}
+
+// Column blocks: 64 wide for up to 4 rows, 32 wide for 8 rows (16 accumulators either way; 8 rows
+// read each W_hh vector for twice the rows).
+template <int RB>
+inline void rows_block(const float* a, long ars, long aks, int K, const float* m, long ldm, float* out, long ldo,
+                       int n0, int n1, bool accumulate) {
+  int n = n0;
+  constexpr int NV = RB >= 8 ? 2 : 4;
+  for (; n + 16 * NV <= n1; n += 16 * NV) block<RB, NV>(a, ars, aks, K, m + n, ldm, out + n, ldo, accumulate);
+  for (; n + 16 <= n1; n += 16) block<RB, 1>(a, ars, aks, K, m + n, ldm, out + n, ldo, accumulate);
+  for (; n < n1; ++n)
+    for (int r = 0; r < RB; ++r) {
+      float s = accumulate ? out[r * ldo + n] : 0.0f;
+      for (int k = 0; k < K; ++k) s += a[r * ars + k * aks] * m[k * ldm + n];
+      out[r * ldo + n] = s;
+    }
+}
+
+// out[r, n] (+)= sum_k a[r*ars + k*aks] * m[k*ldm + n], rows r < R, columns n0 <= n < n1.
+void gemm(const float* a, long ars, long aks, int R, int K, const float* m, long ldm, float* out, long ldo,
+          int n0, int n1, bool accumulate = false) {
+  int r = 0;
+  for (; r + 8 <= R; r += 8) rows_block<8>(a + r * ars, ars, aks, K, m, ldm, out + r * ldo, ldo, n0, n1, accumulate);
+  for (; r + 4 <= R; r += 4) rows_block<4>(a + r * ars, ars, aks, K, m, ldm, out + r * ldo, ldo, n0, n1, accumulate);
+  for (; r < R; ++r) rows_block<1>(a + r * ars, ars, aks, K, m, ldm, out + r * ldo, ldo, n0, n1, accumulate);
+}
+
+// Eigen's float32 rational tanh (ds2exp/kernels/tanh_fit.py holds the coefficients' one home; the
+// numba kernels compute the same function).
+inline float tanh_fit(float x) {
+  const float clamp = 7.90531110763549805f;
+  x = x < -clamp ? -clamp : (x > clamp ? clamp : x);
+  const float x2 = x * x;
+  float p = x2 * -2.76076847742355e-16f + 2.00018790482477e-13f;
+  p = p * x2 + -8.60467152213735e-11f;
+  p = p * x2 + 5.12229709037114e-08f;
+  p = p * x2 + 1.48572235717979e-05f;
+  p = p * x2 + 6.37261928875436e-04f;
+  p = p * x2 + 4.89352455891786e-03f;
+  p = p * x;
+  float q = x2 * 1.19825839466702e-06f + 1.18534705686654e-04f;
+  q = q * x2 + 2.26843463243900e-03f;
+  q = q * x2 + 4.89352518554385e-03f;
+  return p / q;
+}
+
+inline float sigmoid_fit(float x) { return 0.5f * tanh_fit(0.5f * x) + 0.5f; }
+
+struct Shape {
+  int B, T, D, G, H;
+};
+
+// Aligned time t of row b (length L) -> frame: direction 1 runs each row backwards over its length.
+inline int frame(int d, int t, int L) { return (d == 1 && t < L) ? L - 1 - t : t; }
+
+// Hidden units [u0, u1) owned by thread `id` of `nt`, in blocks of 16 (one vector).
+inline void units(int H, int nt, int id, int& u0, int& u1) {
+  const int blocks = (H + 15) / 16;
+  u0 = std::min(H, 16 * (blocks * id / nt));
+  u1 = std::min(H, 16 * (blocks * (id + 1) / nt));
+}
+
+inline int team(int H) {
+  const int most = std::max(1, (H + 15) / 16);
+  return std::max(1, std::min(g_threads, most));
+}
+
+void clip_lengths(const int32_t* lengths, int B, int T, std::vector<int>& L, int& Tm) {
+  L.resize(B);
+  Tm = 0;
+  for (int b = 0; b < B; ++b) {
+    L[b] = std::max(0, std::min(T, (int)lengths[b]));
+    Tm = std::max(Tm, L[b]);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// forward
+// ------------------------------------------------------------------------------------------------
+template <bool LSTM>
+void forward_direction(const Shape& s, int d, const float* xp, const std::vector<int>& L, int Tm, const float* w,
+                       const float* bhh, const float* bih, float* y, float* A, float* CS, float* Hs) {
+  const int B = s.B, T = s.T, G = s.G, H = s.H, DG = s.D * G, DH = s.D * H;
+  std::vector<float> wT((size_t)H * G), xb(G), gates((size_t)B * G);
+  for (int j = 0; j < G; ++j) xb[j] = LSTM ? bhh[j] + bih[j] : bih[j];
+  float* Ad = A + (size_t)d * T * B * G;
+  float* Sd = CS + (size_t)d * T * B * H;
+  float* Hd = Hs + (size_t)d * T * B * H;
+  const int nt = team(H);
+#pragma omp parallel num_threads(nt)
+  {
+    const int id = omp_get_thread_num();
+    int u0, u1;
+    units(H, nt, id, u0, u1);
+    for (int g = 0; g < G / H; ++g)  // W_hh transposed, the columns of this thread's units, in tiles
+      for (int j0 = g * H + u0; j0 < g * H + u1; j0 += 16)
+        for (int k0 = 0; k0 < H; k0 += 16)
+          for (int j = j0; j < std::min(j0 + 16, g * H + u1); ++j)
+            for (int k = k0; k < std::min(k0 + 16, H); ++k) wT[(size_t)k * G + j] = w[(size_t)j * H + k];
+    for (int t = 0; t < T; ++t) {
+      float* a_t = Ad + (size_t)t * B * G;
+      float* s_t = Sd + (size_t)t * B * H;
+      float* h_t = Hd + (size_t)t * B * H;
+      if (t >= Tm) {  // past every row's length: zero outputs (frame t is padding in every row)
+        for (int b = 0; b < B; ++b) {
+          for (int g = 0; g < G / H; ++g) std::memset(a_t + (size_t)b * G + g * H + u0, 0, sizeof(float) * (u1 - u0));
+          std::memset(s_t + (size_t)b * H + u0, 0, sizeof(float) * (u1 - u0));
+          std::memset(h_t + (size_t)b * H + u0, 0, sizeof(float) * (u1 - u0));
+          std::memset(y + ((size_t)b * T + t) * DH + d * H + u0, 0, sizeof(float) * (u1 - u0));
+        }
+        continue;
+      }
+      const float* h_prev = t > 0 ? Hd + (size_t)(t - 1) * B * H : nullptr;
+      for (int g = 0; g < G / H; ++g) {
+        if (h_prev)
+          gemm(h_prev, H, 1, B, H, wT.data(), G, gates.data(), G, g * H + u0, g * H + u1);
+        else
+          for (int b = 0; b < B; ++b) std::memset(&gates[(size_t)b * G + g * H + u0], 0, sizeof(float) * (u1 - u0));
+      }
+      for (int b = 0; b < B; ++b) {
+        const int f = frame(d, t, L[b]);
+        const float keep = t < L[b] ? 1.0f : 0.0f;
+        const float* x = xp + ((size_t)b * T + f) * DG + (size_t)d * G;
+        const float* gb = &gates[(size_t)b * G];
+        float* ab = a_t + (size_t)b * G;
+        float* sb = s_t + (size_t)b * H;
+        float* hb = h_t + (size_t)b * H;
+        float* yb = y + ((size_t)b * T + f) * DH + d * H;
+        const float* hp = h_prev ? h_prev + (size_t)b * H : nullptr;
+        if (LSTM) {
+          const float* cp = t > 0 ? Sd + (size_t)(t - 1) * B * H + (size_t)b * H : nullptr;
+#pragma omp simd
+          for (int u = u0; u < u1; ++u) {
+            const float i = sigmoid_fit(gb[u] + (x[u] + xb[u]));
+            const float fg = sigmoid_fit(gb[H + u] + (x[H + u] + xb[H + u]));
+            const float gg = tanh_fit(gb[2 * H + u] + (x[2 * H + u] + xb[2 * H + u]));
+            const float o = sigmoid_fit(gb[3 * H + u] + (x[3 * H + u] + xb[3 * H + u]));
+            ab[u] = i;
+            ab[H + u] = fg;
+            ab[2 * H + u] = gg;
+            ab[3 * H + u] = o;
+            const float c = (cp ? cp[u] : 0.0f) * fg + i * gg;
+            sb[u] = c;
+            const float h = tanh_fit(c) * o;
+            hb[u] = h;
+            yb[u] = h * keep;
+          }
+        } else {
+#pragma omp simd
+          for (int u = u0; u < u1; ++u) {
+            const float r = sigmoid_fit((x[u] + xb[u]) + gb[u] + bhh[u]);
+            const float z = sigmoid_fit((x[H + u] + xb[H + u]) + gb[H + u] + bhh[H + u]);
+            const float sn = gb[2 * H + u] + bhh[2 * H + u];
+            const float n = tanh_fit((x[2 * H + u] + xb[2 * H + u]) + r * sn);
+            ab[u] = r;
+            ab[H + u] = z;
+            ab[2 * H + u] = n;
+            sb[u] = sn;
+            const float h = ((hp ? hp[u] : 0.0f) - n) * z + n;
+            hb[u] = h;
+            yb[u] = h * keep;
+          }
+        }
+      }
+#pragma omp barrier
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// backward
+// ------------------------------------------------------------------------------------------------
+// d W_hh[j, u] = sum over steps t >= 1 and rows b of dGh[t, b, j] * Hs[t-1, b, u], tiled for cache:
+// each tile continues its elements' sums in k order, so the tiling changes no result.
+void weight_grad(const float* dGh, const float* Hd, int B, int Tm, int G, int H, float* dw, int nt) {
+  const int K = (Tm - 1) * B;
+  const int JT = 64, UT = 128, KT = 256;
+  const int jtiles = (G + JT - 1) / JT;
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int jt = 0; jt < jtiles; ++jt) {
+    const int j0 = jt * JT, j1 = std::min(G, j0 + JT);
+    for (int j = j0; j < j1; ++j) std::memset(dw + (size_t)j * H, 0, sizeof(float) * H);
+    if (K <= 0) continue;
+    for (int k0 = 0; k0 < K; k0 += KT) {
+      const int kn = std::min(KT, K - k0);
+      for (int n0 = 0; n0 < H; n0 += UT) {
+        const int n1 = std::min(H, n0 + UT);
+        gemm(dGh + (size_t)(B + k0) * G + j0, 1, G, j1 - j0, kn, Hd + (size_t)k0 * H, H, dw + (size_t)j0 * H, H, n0,
+             n1, true);
+      }
+    }
+  }
+}
+
+template <bool LSTM>
+void backward_direction(const Shape& s, int d, const std::vector<int>& L, int Tm, const float* w, const float* A,
+                        const float* CS, const float* Hs, const float* dy, float* dxp, float* dw, float* db,
+                        float* dbi) {
+  const int B = s.B, T = s.T, G = s.G, H = s.H, DG = s.D * G, DH = s.D * H;
+  const float* Ad = A + (size_t)d * T * B * G;
+  const float* Sd = CS + (size_t)d * T * B * H;
+  const float* Hd = Hs + (size_t)d * T * B * H;
+  std::vector<float> dGh((size_t)std::max(Tm, 1) * B * G), dh((size_t)B * H, 0.0f), dc((size_t)B * H, 0.0f),
+      back(LSTM ? 0 : (size_t)B * H);
+  const int nt = team(H);
+#pragma omp parallel num_threads(nt)
+  {
+    const int id = omp_get_thread_num();
+    int u0, u1;
+    units(H, nt, id, u0, u1);
+    for (int t = Tm; t < T; ++t)  // frames past every row's length get no gradient
+      for (int b = 0; b < B; ++b)
+        for (int g = 0; g < G / H; ++g)
+          std::memset(dxp + ((size_t)b * T + t) * DG + (size_t)d * G + g * H + u0, 0, sizeof(float) * (u1 - u0));
+    for (int t = Tm - 1; t >= 0; --t) {
+      const float* a_t = Ad + (size_t)t * B * G;
+      float* dg_t = &dGh[(size_t)t * B * G];
+      for (int b = 0; b < B; ++b) {
+        const int f = frame(d, t, L[b]);
+        const float* dyb = dy + ((size_t)b * T + f) * DH + d * H;
+        const bool valid = t < L[b];
+        const float* ab = a_t + (size_t)b * G;
+        float* dgb = dg_t + (size_t)b * G;
+        float* dxb = dxp + ((size_t)b * T + f) * DG + (size_t)d * G;
+        float* dhb = &dh[(size_t)b * H];
+        if (LSTM) {
+          float* dcb = &dc[(size_t)b * H];
+          const float* cb = Sd + (size_t)t * B * H + (size_t)b * H;
+          const float* cpb = t > 0 ? Sd + (size_t)(t - 1) * B * H + (size_t)b * H : nullptr;
+#pragma omp simd
+          for (int u = u0; u < u1; ++u) {
+            const float i = ab[u], fg = ab[H + u], gg = ab[2 * H + u], o = ab[3 * H + u];
+            const float dhk = dhb[u] + (valid ? dyb[u] : 0.0f);
+            const float tc = tanh_fit(cb[u]);
+            const float d_o = dhk * tc * o * (1.0f - o);
+            const float dck = dcb[u] + dhk * o * (1.0f - tc * tc);
+            const float d_i = dck * gg * i * (1.0f - i);
+            const float d_g = dck * i * (1.0f - gg * gg);
+            const float d_f = cpb ? dck * cpb[u] * fg * (1.0f - fg) : 0.0f;
+            dcb[u] = dck * fg;
+            dgb[u] = d_i;
+            dgb[H + u] = d_f;
+            dgb[2 * H + u] = d_g;
+            dgb[3 * H + u] = d_o;
+            dxb[u] = d_i;
+            dxb[H + u] = d_f;
+            dxb[2 * H + u] = d_g;
+            dxb[3 * H + u] = d_o;
+          }
+        } else {
+          const float* sb = Sd + (size_t)t * B * H + (size_t)b * H;
+          const float* hpb = t > 0 ? Hd + (size_t)(t - 1) * B * H + (size_t)b * H : nullptr;
+#pragma omp simd
+          for (int u = u0; u < u1; ++u) {
+            const float r = ab[u], z = ab[H + u], n = ab[2 * H + u];
+            const float dhk = dhb[u] + (valid ? dyb[u] : 0.0f);
+            const float h_prev = hpb ? hpb[u] : 0.0f;
+            const float dn = dhk * (1.0f - z) * (1.0f - n * n);
+            const float dz = (h_prev - n) * dhk * z * (1.0f - z);
+            const float dr = dn * sb[u] * r * (1.0f - r);
+            dxb[u] = dr;
+            dxb[H + u] = dz;
+            dxb[2 * H + u] = dn;
+            dgb[u] = dr;
+            dgb[H + u] = dz;
+            dgb[2 * H + u] = dn * r;
+            dhb[u] = dhk * z;
+          }
+        }
+      }
+#pragma omp barrier
+      if (t > 0) {  // dh for step t-1: this step's gate gradients through W_hh, this thread's units
+        if (LSTM) {
+          gemm(dg_t, G, 1, B, G, w, H, dh.data(), H, u0, u1);
+        } else {  // dh = dh * z (above) + the product, added after it as the numpy kernels do
+          gemm(dg_t, G, 1, B, G, w, H, back.data(), H, u0, u1);
+          for (int b = 0; b < B; ++b)
+            for (int u = u0; u < u1; ++u) dh[(size_t)b * H + u] += back[(size_t)b * H + u];
+        }
+      }
+    }
+  }
+  weight_grad(dGh.data(), Hd, B, Tm, G, H, dw, team(G));
+  // bias gradients: d b_hh sums the recurrent pre-activations' gradient, d b_ih the input ones'
+#pragma omp parallel num_threads(nt)
+  {
+    const int id = omp_get_thread_num(), j0 = G * id / nt, j1 = G * (id + 1) / nt;
+    for (int j = j0; j < j1; ++j) db[j] = dbi[j] = 0.0f;
+    for (int k = 0; k < Tm * B; ++k)
+      for (int j = j0; j < j1; ++j) db[j] += dGh[(size_t)k * G + j];
+    for (int k = 0; k < B * T; ++k)
+      for (int j = j0; j < j1; ++j) dbi[j] += dxp[(size_t)k * DG + (size_t)d * G + j];
+  }
+}
+
+// MindSpore's aot calling convention: params holds the inputs, then the outputs.
+template <bool LSTM>
+int forward(int nparam, void** params, int64_t** shapes) {
+  const int D = nparam == 12 ? 2 : 1;
+  const int64_t* xs = shapes[0];
+  const int64_t* ws = shapes[2];
+  Shape s{(int)xs[0], (int)xs[1], D, (int)ws[0], (int)ws[1]};
+  const float* xp = static_cast<const float*>(params[0]);
+  std::vector<int> L;
+  int Tm;
+  clip_lengths(static_cast<const int32_t*>(params[1]), s.B, s.T, L, Tm);
+  const int o = 2 + 3 * D;
+  float* y = static_cast<float*>(params[o]);
+  float* A = static_cast<float*>(params[o + 1]);
+  float* CS = static_cast<float*>(params[o + 2]);
+  float* Hs = static_cast<float*>(params[o + 3]);
+  for (int d = 0; d < D; ++d) {
+    const float* w = static_cast<const float*>(params[2 + 3 * d]);
+    const float* bhh = static_cast<const float*>(params[3 + 3 * d]);
+    const float* bih = static_cast<const float*>(params[4 + 3 * d]);
+    forward_direction<LSTM>(s, d, xp, L, Tm, w, bhh, bih, y, A, CS, Hs);
+  }
+  return 0;
+}
+
+template <bool LSTM>
+int backward(int nparam, void** params, int64_t** shapes) {
+  const int D = nparam == 14 ? 2 : 1;
+  const int64_t* as = shapes[1 + D];  // A: (D, T, B, G)
+  const int64_t* ws = shapes[1];
+  Shape s{(int)as[2], (int)as[1], D, (int)ws[0], (int)ws[1]};
+  std::vector<int> L;
+  int Tm;
+  clip_lengths(static_cast<const int32_t*>(params[0]), s.B, s.T, L, Tm);
+  const float* A = static_cast<const float*>(params[1 + D]);
+  const float* CS = static_cast<const float*>(params[2 + D]);
+  const float* Hs = static_cast<const float*>(params[3 + D]);
+  const float* dy = static_cast<const float*>(params[4 + D]);
+  const int o = 5 + D;
+  float* dxp = static_cast<float*>(params[o]);
+  for (int d = 0; d < D; ++d) {
+    const float* w = static_cast<const float*>(params[1 + d]);
+    float* dw = static_cast<float*>(params[o + 1 + 3 * d]);
+    float* db = static_cast<float*>(params[o + 2 + 3 * d]);
+    float* dbi = static_cast<float*>(params[o + 3 + 3 * d]);
+    backward_direction<LSTM>(s, d, L, Tm, w, A, CS, Hs, dy, dxp, dw, db, dbi);
+  }
+  return 0;
+}
+
+}  // namespace
+
+extern "C" {
+
+void ds2_set_threads(int n) { g_threads = n > 0 ? n : 1; }
+int ds2_get_threads() { return g_threads; }
+
+int lstm_forward(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes, void* stream,
+                 void* extra) {
+  return forward<true>(nparam, params, shapes);
+}
+int lstm_backward(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes, void* stream,
+                  void* extra) {
+  return backward<true>(nparam, params, shapes);
+}
+int gru_forward(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes, void* stream,
+                void* extra) {
+  return forward<false>(nparam, params, shapes);
+}
+int gru_backward(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes, void* stream,
+                 void* extra) {
+  return backward<false>(nparam, params, shapes);
+}
+}
