@@ -4,7 +4,7 @@ Each config group in `conf/` (dataset, model, optimizer, hardware, precision, lo
 is backed by one dataclass here. Hydra merges the YAML files onto these dataclasses, so a
 misspelt key, a wrong type or a value outside an Enum fails at composition time with the
 offending key named, before any work starts. Range checks that types cannot express
-(lr > 0, batch size >= 1, ...) live in ds2exp/validation.py.
+(lr > 0, batch size >= 1, ...) live in ds2exp/config_checks.py.
 """
 from __future__ import annotations
 

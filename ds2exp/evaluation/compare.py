@@ -48,7 +48,7 @@ def make_decoder(dec_cfg):
 
 
 def score_checkpoint(path: Path, cfg, loader) -> CheckpointScore:
-    from ds2exp.training.validate import evaluate_model
+    from ds2exp.training.eval_pass import evaluate_model
     from ds2exp.models.deepspeech2 import count_parameters
 
     model, loaded, _ = load_model(path, cfg.model)
