@@ -70,7 +70,7 @@ def _max_step(db: Path) -> int:
 
 
 def _checkpoint_step(run_dir: Path) -> int:
-    from ds2exp.training.checkpoint import find_latest_checkpoint, load_checkpoint
+    from ds2exp.checkpoints.io import find_latest_checkpoint, load_checkpoint
 
     found = find_latest_checkpoint(run_dir) if (run_dir / "checkpoints").is_dir() else None
     return int(load_checkpoint(found).meta["step"]) if found else 0
@@ -182,7 +182,7 @@ def main() -> int:
     import numpy as np
     from mlflow.tracking import MlflowClient
 
-    from ds2exp.training.checkpoint import load_checkpoint
+    from ds2exp.checkpoints.io import load_checkpoint
 
     a = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     diffs = {}

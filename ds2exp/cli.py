@@ -327,7 +327,7 @@ def refuse(key: str, value, allowed: str) -> "NoReturn":
 def resume_in_place(resume: str) -> List[str]:
     """Hydra overrides that make a `resume=` session run in the run directory it continues, so that its
     train.log is appended there (its own .hydra/ files go to .hydra/resumed/, keeping the first ones)."""
-    from ds2exp.checkpoints import resumed_run_dir
+    from ds2exp.checkpoints.names import resumed_run_dir
     from ds2exp.file_checks import check_checkpoint
 
     info = check_checkpoint("resume", resume, need_training_state=True)

@@ -36,7 +36,7 @@ def ckpts(tmp_path_factory):
     """Checkpoint-shaped inputs: good, damaged in each way the probes found, and not checkpoints at all."""
     import ds2exp  # noqa: F401
     from ds2exp.models.deepspeech2 import DeepSpeech2
-    from ds2exp.training.checkpoint import _fields, save_checkpoint
+    from ds2exp.checkpoints.io import _fields, save_checkpoint
 
     d = tmp_path_factory.mktemp("ckpts")
     misfit = DeepSpeech2(conv_channels=2, rnn_layers=1, rnn_hidden=8, conv_impl="plain", rnn_impl="plain")

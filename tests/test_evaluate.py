@@ -109,7 +109,7 @@ def test_average_best_checkpoints(trained_run, tmp_path):
     import numpy as np
 
     from ds2exp.average import main as average_main
-    from ds2exp.training.checkpoint import load_checkpoint
+    from ds2exp.checkpoints.io import load_checkpoint
 
     _, run_dir = trained_run
     out = tmp_path / "avg.ckpt"

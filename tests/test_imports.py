@@ -45,7 +45,7 @@ def imports_of(path: Path):
             else:
                 target = node.module or ""
             out.append((target, node.lineno))
-            # `from ds2exp.training import checkpoint` imports the module ds2exp.training.checkpoint
+            # `from ds2exp.checkpoints import io` imports the module ds2exp.checkpoints.io
             out += [(f"{target}.{alias.name}", node.lineno) for alias in node.names]
     return out
 

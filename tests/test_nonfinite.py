@@ -43,7 +43,7 @@ def test_huge_learning_rate_stops_naming_step_and_cause(tmp_path, shared_data_di
 
 @pytest.mark.slow
 def test_skip_keeps_weights_unchanged_through_nan_gradients(tmp_path, shared_data_dir):
-    from ds2exp.training.checkpoint import load_checkpoint
+    from ds2exp.checkpoints.io import load_checkpoint
 
     a, b = tmp_path / "a", tmp_path / "b"
     common = MICRO_BATCH4 + ["logger=none", "trainer.eval_every=1000", "dataset.num_buckets=1",

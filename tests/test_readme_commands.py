@@ -84,7 +84,7 @@ TRANSCRIPTS = transcripts(README.read_text())
 
 def _make_checkpoint(path: Path, cfg_container) -> None:
     from ds2exp.models.deepspeech2 import DeepSpeech2
-    from ds2exp.training.checkpoint import save_checkpoint
+    from ds2exp.checkpoints.io import save_checkpoint
 
     model = DeepSpeech2(conv_channels=2, rnn_layers=1, rnn_hidden=8, conv_impl="plain", rnn_impl="plain")
     save_checkpoint(path, model, meta={"step": 1, "epoch": 0, "config": cfg_container})

@@ -33,7 +33,7 @@ def _state(run_dir: Path) -> dict:
 
 
 def _ckpt_step(path: Path) -> int:
-    from ds2exp.training.checkpoint import load_checkpoint
+    from ds2exp.checkpoints.io import load_checkpoint
 
     return int(load_checkpoint(path).meta["step"])
 
@@ -108,7 +108,7 @@ def test_a_second_sigint_exits_at_once_and_keeps_the_last_checkpoint(tmp_path, s
     out = _output(proc)
     assert "second SIGINT: exiting now" in out and "==== ds2exp training" not in out
     assert _state(run_dir)["status"] == "running"  # no clean-up ran: resumable like a killed run
-    from ds2exp.training.checkpoint import find_latest_checkpoint
+    from ds2exp.checkpoints.io import find_latest_checkpoint
 
     latest = find_latest_checkpoint(run_dir)
     assert latest is not None and _ckpt_step(latest) >= 1

@@ -150,7 +150,7 @@ def run_sweep_job(cfg: DictConfig, fn: Callable[[DictConfig], float]) -> float:
     resumed from its checkpoint."""
     from omegaconf import open_dict, read_write
 
-    from ds2exp.checkpoints import RunDir
+    from ds2exp.checkpoints.names import RunDir
 
     job_dir = _job_dir()
     _name_run(cfg)

@@ -260,7 +260,7 @@ def _preload() -> None:
     """Import what `report` needs (MindSpore for the checkpoint reader, then MLflow: seconds each) while
     the processes are being stopped."""
     def load() -> None:
-        for name in ("ds2exp.training.checkpoint", "mlflow.tracking"):
+        for name in ("ds2exp.checkpoints.io", "mlflow.tracking"):
             try:
                 importlib.import_module(name)
             except Exception as exc:  # noqa: BLE001 - `report` imports it again and says what fails
@@ -371,8 +371,8 @@ def _own_error(worker_log: Path) -> Optional[str]:
 def _last_step(run_dir: Path, state: Dict[str, Any], mlflow_run) -> Optional[int]:
     """The last step known to have run: rank 0's last checkpoint, its run_state, its MLflow train/loss
     (`mlflow_run`: (client, run id) or None)."""
-    from ds2exp.checkpoints import RunDir
-    from ds2exp.training.checkpoint import CheckpointError, verify_checkpoint
+    from ds2exp.checkpoints.names import RunDir
+    from ds2exp.checkpoints.io import CheckpointError, verify_checkpoint
 
     steps = [state.get("step")]
     try:
@@ -414,8 +414,8 @@ def _summary(run_dir: Path, cfg, step: Optional[int], error: str, uri: Optional[
              exp_id: Optional[str]) -> Dict[str, Any]:
     """summary.json of the failed run (the fields of ds2exp.training.summary.build), from what rank 0
     left: its last checkpoint (with the best ones it lists) and its MLflow run."""
-    from ds2exp.checkpoints import RunDir
-    from ds2exp.training.checkpoint import CheckpointError, verify_checkpoint
+    from ds2exp.checkpoints.names import RunDir
+    from ds2exp.checkpoints.io import CheckpointError, verify_checkpoint
     from ds2exp.training.summary import run_link
 
     best = None

@@ -8,7 +8,7 @@ from typing import Any, Dict, Tuple
 
 from omegaconf import DictConfig
 
-from ds2exp.checkpoints import RunDir, resumed_run_dir
+from ds2exp.checkpoints.names import RunDir, resumed_run_dir
 from ds2exp.config import project_root
 from ds2exp.training import distributed, ending, recovery
 from ds2exp.training.ending import RunOutcome
@@ -89,7 +89,7 @@ def _train_run(cfg: DictConfig, interrupt) -> RunOutcome:
             run_dir = restart_in
         elif cfg.resume:
             if resumed is None:
-                from ds2exp.training.checkpoint import load_checkpoint
+                from ds2exp.checkpoints.io import load_checkpoint
 
                 resumed = load_checkpoint(cfg.resume)
             run_dir = resumed_run_dir(cfg.resume, resumed.meta)

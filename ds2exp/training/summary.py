@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from ds2exp.config import enum_value
-from ds2exp.checkpoints import RunDir
+from ds2exp.checkpoints.names import RunDir
 
 log = logging.getLogger(__name__)
 

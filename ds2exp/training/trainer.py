@@ -34,7 +34,7 @@ from ds2exp.training.optim import learning_rate, set_learning_rate
 from ds2exp.training.progress import estimated_total, progress_bar
 from ds2exp.tracking.mlflow_tracker import Tracker
 from ds2exp.config import enum_value
-from ds2exp.checkpoints import RunDir
+from ds2exp.checkpoints.names import RunDir
 
 log = logging.getLogger(__name__)
 

@@ -78,7 +78,7 @@ def train(tmp_root: Path, data_dir: Path, *overrides: str, check: bool = True, t
 
 
 def load_params(run_dir: Path):
-    from ds2exp.training.checkpoint import load_checkpoint
+    from ds2exp.checkpoints.io import load_checkpoint
 
     c = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     return c.model_state, c.optimizer_state, c.meta

@@ -76,7 +76,7 @@ def test_claim_resumable_run_rules(tmp_path):
 
     from ds2exp.cli import check_overrides
     from ds2exp.training import recovery
-    from ds2exp.training.checkpoint import save_checkpoint
+    from ds2exp.checkpoints.io import save_checkpoint
     from tests.helpers.models import tiny_model
 
     cfg = check_overrides(["trainer.max_steps=10", f"paths.root_dir={tmp_path}"])
