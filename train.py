@@ -1,7 +1,7 @@
 """Train a DeepSpeech2 model: `python train.py hardware=cpu optimizer.lr=1e-4`.
 
 Sweeps: `python train.py -m optimizer.lr=1e-4,1e-3 dataset.batch_size=8,16` or a preset,
-`python train.py -m +sweep=nan_lr_batch`; summarise with `python -m ds2exp.sweep_report <sweep dir>`.
+`python train.py -m +sweep=nan_lr_batch`; summarise with `python -m ds2exp.sweeps.report <sweep dir>`.
 """
 import sys
 from pathlib import Path

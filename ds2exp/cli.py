@@ -10,7 +10,7 @@ created (run directory, MLflow store folder, export file) exits with status 3. N
 either way. A plain command line is composed once here (and once more by @hydra.main); the
 returned config is for the caller to reuse.
 
-Other entry points (python -m ds2exp.transcribe / average / sweep_report / lr_find) call
+Other entry points (python -m ds2exp.transcribe / average / sweeps.report / lr_find) call
 `refuse(key, value, allowed)` or `config_error(message)` for the same one-line, exit-2 contract.
 """
 from __future__ import annotations

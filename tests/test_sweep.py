@@ -30,13 +30,13 @@ def sweep(tmp_root: Path, data_dir: Path, *overrides: str, name: str = "s"):
 
 @pytest.fixture
 def report(monkeypatch, capsys):
-    """`python -m ds2exp.sweep_report TARGET --out PNG`, run in this process (saves the imports)."""
-    from ds2exp import sweep_report
+    """`python -m ds2exp.sweeps.report TARGET --out PNG`, run in this process (saves the imports)."""
+    from ds2exp.sweeps.report import main as report_main
 
     def _report(tmp_root: Path, target: str, out: Path) -> str:
         monkeypatch.setenv("DS2EXP_ROOT", str(tmp_root))
         capsys.readouterr()
-        assert sweep_report.main([target, "--out", str(out)]) == 0
+        assert report_main([target, "--out", str(out)]) == 0
         assert out.is_file() and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         return capsys.readouterr().out
 
