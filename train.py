@@ -17,10 +17,10 @@ from ds2exp.config import config_dir
 @hydra.main(config_path=config_dir(), config_name="train", version_base=None)
 def main(cfg: DictConfig) -> float:
     from ds2exp.sweeps.job_runner import in_multirun, run_sweep_job
-    from ds2exp.training.run import run_training, train_command
+    from ds2exp.training.run import train_command, train_run
 
     if in_multirun():  # a crashed or diverged job is recorded as failed; the sweep goes on
-        return run_sweep_job(cfg, run_training)
+        return run_sweep_job(cfg, train_run)
     status = train_command(cfg)  # prints how the run ended; a failure adds one `error:` line
     if status:  # 1 diverged or failed, 130 SIGINT, 143 SIGTERM
         sys.exit(status)

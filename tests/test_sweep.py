@@ -142,6 +142,25 @@ def test_lr_batch_sweep_gives_its_verdict_and_names_its_runs(tmp_path, shared_da
     assert table_cells(out_dir) == table_cells(out_run) == cells  # the two sources agree with the sweep's own
 
 
+def test_a_job_returns_its_run_s_value_and_nan_when_the_run_diverged_or_crashed(tmp_path):
+    """What run_sweep_job hands the sweeper, from the RunOutcome of the job's run (in-process, no Hydra)."""
+    import math
+
+    from ds2exp.cli import check_overrides
+    from ds2exp.sweeps.job_runner import run_sweep_job
+    from ds2exp.training.ending import RunOutcome
+
+    cfg = check_overrides([f"paths.root_dir={tmp_path}", "logger=none"])
+    assert run_sweep_job(cfg, lambda c: RunOutcome("finished", 58.12)) == 58.12
+    assert math.isnan(run_sweep_job(cfg, lambda c: RunOutcome("diverged", 58.12, 21)))  # its best value is not used
+    assert math.isnan(run_sweep_job(cfg, lambda c: RunOutcome("finished", float("nan"))))  # never evaluated
+
+    def crash(c):
+        raise RuntimeError("boom")
+
+    assert math.isnan(run_sweep_job(cfg, crash))
+
+
 @pytest.mark.slow
 def test_crashed_and_diverged_jobs_do_not_stop_the_sweep(tmp_path, shared_data_dir, report):
     # max_duration=0.5 s filters out every utterance: the job raises DatasetError at runtime (the

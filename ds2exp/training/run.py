@@ -28,11 +28,6 @@ def train_command(cfg: DictConfig) -> int:
         return ending.report_failure(exc, cfg, run_dir_from_hydra())
 
 
-def run_training(cfg: DictConfig) -> float:
-    """Train; returns the best value of `trainer.monitor` over the run (what a search optimises)."""
-    return train_run(cfg).value
-
-
 def train_run(cfg: DictConfig) -> RunOutcome:
     """Train and print the end-of-run summary. SIGINT/SIGTERM end the run after the current step
     (ds2exp.training.signals) and raise TrainingInterrupted once the run is marked interrupted."""
@@ -121,7 +116,7 @@ def _train(cfg: DictConfig, run_dir: Path, resumed, continues: bool, rank: int =
     try:
         build_run(run, resumed, continues, world)
         outcome, summary = fit(run)
-        ending.finish(run, outcome, summary)
+        report = ending.finish(run, outcome, summary)
     except TrainingInterrupted as exc:
         ending.end_interrupted(run, exc)
         raise
@@ -129,7 +124,7 @@ def _train(cfg: DictConfig, run_dir: Path, resumed, continues: bool, rank: int =
         ending.end_failed(run, exc)
         raise
     best = run.trainer.state.best  # best first by trainer.monitor in trainer.monitor_mode
-    return RunOutcome(outcome, float(best[0]["value"]) if best else float("nan"))
+    return RunOutcome(outcome, float(best[0]["value"]) if best else float("nan"), report.get("diverged_at_step"))
 
 
 def fit(run) -> Tuple[str, Dict[str, Any]]:
