@@ -42,13 +42,11 @@ from pathlib import Path
 CLEAN_ENV = dict(os.environ)
 
 import ds2exp  # noqa: E402,F401  (protobuf implementation before mlflow/mindspore)
+from bench.small_runs import SMALL  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# a small model (4 conv channels, one 32-unit RNN layer) on 48 utterances in batches of 4
-SOAK_RUN = ["model.conv_channels=4", "model.rnn_hidden=32", "model.rnn_layers=1", "dataset.max_utterances=48",
-            "trainer.max_eval_utterances=8", "trainer.progress=false", "dataset.batch_size=4", "dataset.num_buckets=2",
-            "trainer.checkpoint_every=5", "trainer.log_every=1", "trainer.eval_every=50"]
+SOAK_RUN = [*SMALL, "trainer.checkpoint_every=5", "trainer.log_every=1", "trainer.eval_every=50"]
 
 
 def _store_value(db: Path, sql: str, unreadable):

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from tests.helpers import ROOT, wait_for
-from tests.helpers.processes import MICRO_BATCH4, train, train_cmd, train_env
+from bench.small_runs import MICRO_BATCH4
+from tests.helpers.processes import train, train_cmd, train_env
 from tests.helpers.tracking import max_logged_step, mlflow_client, mlflow_runs, runs_of
 
 MSRUN = [sys.executable, "-m", "mindspore.parallel.cluster.run"]

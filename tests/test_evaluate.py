@@ -7,7 +7,8 @@ import sys
 import pytest
 
 from tests.helpers import ROOT
-from tests.helpers.processes import MICRO_BATCH4, train
+from bench.small_runs import MICRO_BATCH4
+from tests.helpers.processes import train
 from tests.helpers.tracking import mlflow_runs
 
 

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from tests.helpers import write_flac
-from tests.helpers.processes import MICRO_BATCH4, MICRO_MODEL, train
+from bench.small_runs import MICRO_BATCH4, MICRO_MODEL
+from tests.helpers.processes import train
 from tests.helpers.tracking import mlflow_runs
 
 

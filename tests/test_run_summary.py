@@ -14,7 +14,8 @@ import sys
 import pytest
 
 from tests.helpers import ROOT
-from tests.helpers.processes import SMALL, run
+from bench.small_runs import SMALL
+from tests.helpers.processes import run
 
 
 def _cfg(tmp_path, *overrides):

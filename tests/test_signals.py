@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import ROOT, wait_for
-from tests.helpers.processes import SMALL, start
+from bench.small_runs import SMALL
+from tests.helpers.processes import start
 from tests.helpers.tracking import max_logged_step, mlflow_client, runs_of
 
 RUN = SMALL + ["trainer.max_steps=8", "trainer.eval_every=4", "trainer.log_every=1", "trainer.checkpoint_every=100"]

@@ -14,7 +14,8 @@ from omegaconf import open_dict
 import yaml
 
 from tests.helpers import ROOT
-from tests.helpers.processes import MICRO_3_STEPS, no_parent_env
+from bench.small_runs import MICRO_3_STEPS
+from tests.helpers.processes import no_parent_env
 from tests.helpers.tracking import sweep_runs
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers.processes import MICRO_BATCH4, SMALL, train
+from bench.small_runs import MICRO_BATCH4, SMALL
+from tests.helpers.processes import train
 from tests.helpers.tracking import mlflow_runs
 
 

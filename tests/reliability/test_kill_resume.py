@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from tests.helpers.processes import SMALL, assert_same_parameters, load_params, run, sigkill_after_checkpoint, start
+from bench.small_runs import SMALL
+from tests.helpers.processes import assert_same_parameters, load_params, run, sigkill_after_checkpoint, start
 from tests.helpers.tracking import history, mlflow_client, runs_of
 
 STEPS = 16
