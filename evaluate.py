@@ -27,7 +27,7 @@ def main(cfg: DictConfig) -> None:
 
     from ds2exp.data.dataset import DatasetError
     from ds2exp.evaluation.compare import format_table, run_evaluation
-    from ds2exp.training.checkpoint import CheckpointError
+    from ds2exp.checkpoints.io import CheckpointError
     from ds2exp.runtime import setup_mindspore
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -18,7 +18,7 @@ from ds2exp.config import config_dir
 def main(cfg: DictConfig) -> None:
     from ds2exp.data.dataset import DatasetError
     from ds2exp.export_model import ExportError, export_checkpoint
-    from ds2exp.training.checkpoint import CheckpointError
+    from ds2exp.checkpoints.io import CheckpointError
     from ds2exp.runtime import setup_mindspore
 
     setup_mindspore(cfg.hardware, 0)

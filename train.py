@@ -1,7 +1,7 @@
 """Train a DeepSpeech2 model: `python train.py hardware=cpu optimizer.lr=1e-4`.
 
 Sweeps: `python train.py -m optimizer.lr=1e-4,1e-3 dataset.batch_size=8,16` or a preset,
-`python train.py -m +sweep=nan_lr_batch`; summarise with `python -m ds2exp.sweep_report <sweep dir>`.
+`python train.py -m +sweep=nan_lr_batch`; summarise with `python -m ds2exp.sweeps.report <sweep dir>`.
 """
 import sys
 from pathlib import Path
@@ -17,10 +17,10 @@ from ds2exp.config import config_dir
 @hydra.main(config_path=config_dir(), config_name="train", version_base=None)
 def main(cfg: DictConfig) -> float:
     from ds2exp.sweeps.job_runner import in_multirun, run_sweep_job
-    from ds2exp.training.run import run_training, train_command
+    from ds2exp.training.run import train_command, train_run
 
     if in_multirun():  # a crashed or diverged job is recorded as failed; the sweep goes on
-        return run_sweep_job(cfg, run_training)
+        return run_sweep_job(cfg, train_run)
     status = train_command(cfg)  # prints how the run ended; a failure adds one `error:` line
     if status:  # 1 diverged or failed, 130 SIGINT, 143 SIGTERM
         sys.exit(status)

@@ -71,7 +71,7 @@ def tiny_checkpoint(path: Path) -> Path:
 
     from ds2exp.config import FeatureConfig, ModelConfig
     from ds2exp.models.deepspeech2 import build_model
-    from ds2exp.training.checkpoint import save_checkpoint
+    from ds2exp.checkpoints.io import save_checkpoint
 
     tiny = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(Path(__file__).resolve().parents[1]
                                                                              / "conf" / "model" / "ds2_tiny.yaml"))

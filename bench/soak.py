@@ -42,7 +42,7 @@ from pathlib import Path
 CLEAN_ENV = dict(os.environ)
 
 import ds2exp  # noqa: E402,F401  (protobuf implementation before mlflow/mindspore)
-from tests.helpers.processes import SMALL  # noqa: E402  (the tests' small-model settings)
+from bench.small_runs import SMALL  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,7 +70,7 @@ def _max_step(db: Path) -> int:
 
 
 def _checkpoint_step(run_dir: Path) -> int:
-    from ds2exp.training.checkpoint import find_latest_checkpoint, load_checkpoint
+    from ds2exp.checkpoints.io import find_latest_checkpoint, load_checkpoint
 
     found = find_latest_checkpoint(run_dir) if (run_dir / "checkpoints").is_dir() else None
     return int(load_checkpoint(found).meta["step"]) if found else 0
@@ -182,7 +182,7 @@ def main() -> int:
     import numpy as np
     from mlflow.tracking import MlflowClient
 
-    from ds2exp.training.checkpoint import load_checkpoint
+    from ds2exp.checkpoints.io import load_checkpoint
 
     a = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     diffs = {}

@@ -20,9 +20,9 @@ import numpy as np
 
 
 def select(run_dir: Path, mode: str, k: int) -> List[Path]:
-    from ds2exp.checkpoints import RunDir
-    from ds2exp.training.best import ranked_best
-    from ds2exp.training.checkpoint import load_checkpoint
+    from ds2exp.checkpoints.names import RunDir
+    from ds2exp.checkpoints.best import ranked_best
+    from ds2exp.checkpoints.io import load_checkpoint
 
     run = RunDir.of(run_dir)
     d = run.checkpoint_folder
@@ -46,7 +46,7 @@ def select(run_dir: Path, mode: str, k: int) -> List[Path]:
 def average(paths: List[Path], out: Path) -> Path:
     import mindspore as ms
 
-    from ds2exp.training.checkpoint import load_checkpoint
+    from ds2exp.checkpoints.io import load_checkpoint
 
     loaded = [load_checkpoint(p) for p in paths]
     names = list(loaded[0].model_state)
@@ -62,7 +62,7 @@ def average(paths: List[Path], out: Path) -> Path:
         else:
             value = newest.model_state[n]
         entries.append({"name": n, "data": ms.Tensor(value)})
-    from ds2exp.training.checkpoint import save_checkpoint
+    from ds2exp.checkpoints.io import save_checkpoint
 
     meta = dict(newest.meta)
     meta["averaged_from"] = [str(p) for p in paths]
@@ -82,9 +82,9 @@ def main(argv=None) -> int:
     ap.add_argument("--k", type=int, default=3)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
-    from ds2exp.checkpoints import AVERAGED_PREFIX, RunDir
+    from ds2exp.checkpoints.names import AVERAGED_PREFIX, RunDir
     from ds2exp.cli import refuse
-    from ds2exp.training.checkpoint import CheckpointError
+    from ds2exp.checkpoints.io import CheckpointError
 
     if args.k < 1:
         refuse("--k", args.k, "an integer >= 1")

@@ -3,14 +3,14 @@
 Hydra reports composition errors over several lines and exits with 1, after which a run
 directory may already exist. `preflight()` composes the same config with Hydra's compose API
 (every value of every sweep is tried, including the sweeper params a `+sweep=<preset>` sets), runs
-`validation.validate()` (values and ranges), checks Hydra's run/sweep directory
-and the files the command names (ds2exp/input_checks.py), and on any problem prints ONE line
+`config_checks.validate()` (values and ranges), checks Hydra's run/sweep directory
+and the files the command names (ds2exp/file_checks.py), and on any problem prints ONE line
 naming the key and what is allowed, then exits with status 2. An output location that cannot be
 created (run directory, MLflow store folder, export file) exits with status 3. Nothing is created
 either way. A plain command line is composed once here (and once more by @hydra.main); the
 returned config is for the caller to reuse.
 
-Other entry points (python -m ds2exp.transcribe / average / sweep_report / lr_find) call
+Other entry points (python -m ds2exp.transcribe / average / sweeps.report / lr_find) call
 `refuse(key, value, allowed)` or `config_error(message)` for the same one-line, exit-2 contract.
 """
 from __future__ import annotations
@@ -29,9 +29,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from ds2exp.config import ConfigValueError, config_dir
-from ds2exp.validation import validate
-from ds2exp.input_checks import check_device, check_inputs
-from ds2exp.validation import check_hydra_dirs
+from ds2exp.config_checks import check_hydra_dirs, validate
+from ds2exp.file_checks import check_device, check_inputs
 
 EXIT_CONFIG_ERROR = 2
 EXIT_OUTPUT_ERROR = 3  # the run directory or the MLflow store folder cannot be created
@@ -306,7 +305,7 @@ def check_argument_outputs(tracking_uri: Optional[str] = None, out_file: Optiona
                            tracking_key: str = "--tracking-uri", out_key: str = "--out") -> None:
     """For argparse commands: a tracking URI of a supported scheme (else exit 2) and an output file
     whose folder can be created (else exit 3), each refused in one line."""
-    from ds2exp.validation import check_tracking_uri
+    from ds2exp.config_checks import check_tracking_uri
 
     if tracking_uri is not None:
         try:
@@ -328,8 +327,8 @@ def refuse(key: str, value, allowed: str) -> "NoReturn":
 def resume_in_place(resume: str) -> List[str]:
     """Hydra overrides that make a `resume=` session run in the run directory it continues, so that its
     train.log is appended there (its own .hydra/ files go to .hydra/resumed/, keeping the first ones)."""
-    from ds2exp.checkpoints import resumed_run_dir
-    from ds2exp.input_checks import check_checkpoint
+    from ds2exp.checkpoints.names import resumed_run_dir
+    from ds2exp.file_checks import check_checkpoint
 
     info = check_checkpoint("resume", resume, need_training_state=True)
     run_dir = str(resumed_run_dir(resume, info.meta or {}).resolve()).replace("\\", "\\\\").replace("'", "\\'")

@@ -4,7 +4,7 @@ Each config group in `conf/` (dataset, model, optimizer, hardware, precision, lo
 is backed by one dataclass here. Hydra merges the YAML files onto these dataclasses, so a
 misspelt key, a wrong type or a value outside an Enum fails at composition time with the
 offending key named, before any work starts. Range checks that types cannot express
-(lr > 0, batch size >= 1, ...) live in ds2exp/validation.py.
+(lr > 0, batch size >= 1, ...) live in ds2exp/config_checks.py.
 """
 from __future__ import annotations
 
@@ -47,6 +47,35 @@ def config_dir() -> str:
 
 if not OmegaConf.has_resolver("ds2exp_root"):
     OmegaConf.register_new_resolver("ds2exp_root", project_root)
+
+
+def group_options(group: str) -> List[str]:
+    """The options of a config group: the names of the yaml files in conf/<group>/."""
+    return sorted(p.stem for p in (Path(config_dir()) / group).glob("*.yaml"))
+
+
+def config_group_lines(config_name: str, *added: str) -> str:
+    """The config groups of a command, for its --help (`${ds2exp_config_groups:train,sweep}` in the help
+    template): one line per group of conf/<config_name>.yaml's defaults list, then per group in `added`
+    (one the command line adds with +group=NAME), each with its options on disk and its default."""
+    import yaml
+
+    defaults = yaml.safe_load((Path(config_dir()) / f"{config_name}.yaml").read_text()).get("defaults", [])
+    notes = {}
+    for entry in defaults:
+        if isinstance(entry, dict):  # `group: option`; plain names are schemas and _self_
+            for key, option in entry.items():
+                group = key.split()[-1].split("@")[0].lstrip("/")  # `optional group@package: option`
+                if not group.startswith("hydra/"):
+                    notes[group] = "none by default" if option is None else f"default: {option}"
+    notes.update({group: f"add with +{group}=NAME" for group in added})
+    width = max(len(group) for group in notes) + 2
+    return "\n".join(f"  {group + ':':<{width}}{', '.join(group_options(group))}   ({note})"
+                     for group, note in notes.items())
+
+
+if not OmegaConf.has_resolver("ds2exp_config_groups"):
+    OmegaConf.register_new_resolver("ds2exp_config_groups", config_group_lines)
 
 
 def enum_value(x) -> str:

@@ -34,7 +34,7 @@ from omegaconf import OmegaConf
 from ds2exp.config import enum_value
 from ds2exp.data.labels import BLANK_INDEX, LABELS
 from ds2exp.models.graph_rnn import use_graph_rnns
-from ds2exp.training.loading import build_from_checkpoint, load_model
+from ds2exp.checkpoints.loading import build_from_checkpoint, load_model
 from ds2exp.mindir import load_graph, write_export_info
 
 log = logging.getLogger("ds2exp.export")
@@ -70,7 +70,7 @@ class InferenceGraph(nn.Cell):
 
 
 def export_info(loaded, fallback_model_cfg, frames: Optional[int]) -> dict:
-    from ds2exp.training.checkpoint import model_config_for
+    from ds2exp.checkpoints.io import model_config_for
 
     meta_cfg = loaded.meta.get("config") or {}
     feature = (meta_cfg.get("dataset") or {}).get("feature")

@@ -48,7 +48,7 @@ class CheckpointModel:
     """A checkpoint's model with the kernels it was trained with."""
 
     def __init__(self, ref: str):
-        from ds2exp.training.loading import load_model
+        from ds2exp.checkpoints.loading import load_model
 
         self.model, loaded, why = load_model(ref)  # no fallback: a checkpoint without its config is refused
         if why:
@@ -251,7 +251,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(OmegaConf.to_yaml(cfg))
         return 0
     from ds2exp.data.audio import AudioError
-    from ds2exp.training.checkpoint import CheckpointError
+    from ds2exp.checkpoints.io import CheckpointError
     from ds2exp.runtime import setup_mindspore
 
     setup_mindspore(cfg.hardware, 0)

@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 
 from ds2exp.models.deepspeech2 import DeepSpeech2, count_parameters, load_state
-from ds2exp.training.checkpoint import (CheckpointError, find_latest_checkpoint, load_checkpoint,
-                                        save_checkpoint)
+from ds2exp.checkpoints.io import CheckpointError, find_latest_checkpoint, load_checkpoint, save_checkpoint
 from tests.helpers import ROOT
 from tests.helpers.models import tiny_model
 
@@ -45,7 +44,7 @@ def test_disk_full_names_the_path_and_keeps_previous(tmp_path):
     script = textwrap.dedent(f"""
         import resource, signal
         import ds2exp
-        from ds2exp.training.checkpoint import save_checkpoint, CheckpointError
+        from ds2exp.checkpoints.io import save_checkpoint, CheckpointError
         from tests.helpers.models import tiny_model
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))
@@ -102,7 +101,7 @@ def test_mismatched_architecture_lists_every_mismatch(tmp_path):
 
 
 def _record_ends(path):
-    from ds2exp.training.checkpoint import _fields
+    from ds2exp.checkpoints.io import _fields
 
     data = path.read_bytes()
     return data, [stop for _, _, stop in _fields(data, 0, len(data))]
@@ -110,7 +109,7 @@ def _record_ends(path):
 
 def test_truncation_at_a_record_boundary_and_a_flipped_byte_are_detected(tmp_path):
     """MindSpore loads a file cut between two records; the SHA-256 record catches it."""
-    from ds2exp.training.checkpoint import verify_checkpoint
+    from ds2exp.checkpoints.io import verify_checkpoint
 
     good = save_checkpoint(tmp_path / "good.ckpt", tiny_model(), meta={"step": 9})
     info = verify_checkpoint(good)
@@ -146,7 +145,7 @@ def test_run_directory_falls_back_to_the_newest_intact_checkpoint_and_says_which
     assert load_checkpoint(tmp_path / "run").path == last
     data, ends = _record_ends(last)
     last.write_bytes(data[:ends[len(ends) // 2]])
-    caplog.set_level("WARNING", logger="ds2exp.training.checkpoint")
+    caplog.set_level("WARNING", logger="ds2exp.checkpoints.io")
     loaded = load_checkpoint(tmp_path / "run")
     assert loaded.meta["step"] == 10 and loaded.path.name == "best-step0000010-cer58.12.ckpt"
     text = caplog.text

@@ -36,7 +36,7 @@ def ckpts(tmp_path_factory):
     """Checkpoint-shaped inputs: good, damaged in each way the probes found, and not checkpoints at all."""
     import ds2exp  # noqa: F401
     from ds2exp.models.deepspeech2 import DeepSpeech2
-    from ds2exp.training.checkpoint import _fields, save_checkpoint
+    from ds2exp.checkpoints.io import _fields, save_checkpoint
 
     d = tmp_path_factory.mktemp("ckpts")
     misfit = DeepSpeech2(conv_channels=2, rnn_layers=1, rnn_hidden=8, conv_impl="plain", rnn_impl="plain")
@@ -173,17 +173,18 @@ def test_truncation_names_the_newest_intact_neighbour(ckpts, workdir, tmp_path_f
 
 
 def test_argparse_commands_refuse_in_one_line(tmp_path, workdir):
-    """python -m ds2exp.average / ds2exp.sweep_report: the same contract through the shared helpers."""
-    from ds2exp import average, sweep_report
+    """python -m ds2exp.average / ds2exp.sweeps.report: the same contract through the shared helpers."""
+    from ds2exp import average
+    from ds2exp.sweeps import report
 
     sweep_dir = tmp_path / "sweep"
     sweep_dir.mkdir()
     for fn, argv, key, status in (
             (average.main, [str(sweep_dir), "--k", "0"], "--k", 2),
             (average.main, [str(tmp_path / "missing"), "--k", "2"], "run_dir", 2),
-            (sweep_report.main, [str(sweep_dir), "--tracking-uri", "foo://bar"], "--tracking-uri", 2),
-            (sweep_report.main, [str(sweep_dir), "--tracking-uri", ""], "--tracking-uri", 2),
-            (sweep_report.main, [str(sweep_dir), "--out", "/proc/nope/x.png"], "--out", 3)):
+            (report.main, [str(sweep_dir), "--tracking-uri", "foo://bar"], "--tracking-uri", 2),
+            (report.main, [str(sweep_dir), "--tracking-uri", ""], "--tracking-uri", 2),
+            (report.main, [str(sweep_dir), "--out", "/proc/nope/x.png"], "--out", 3)):
         code, lines = run_main(fn, argv)
         COUNTS[f"argparse exit {code}"] += 1
         assert_refused(code, lines, key, status)

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from tests.helpers import ROOT, wait_for
-from tests.helpers.processes import MICRO_BATCH4, train, train_cmd, train_env
+from bench.small_runs import MICRO_BATCH4
+from tests.helpers.processes import train, train_cmd, train_env
 from tests.helpers.tracking import max_logged_step, mlflow_client, mlflow_runs, runs_of
 
 MSRUN = [sys.executable, "-m", "mindspore.parallel.cluster.run"]
@@ -158,7 +159,7 @@ def test_a_rank_killed_mid_run_stops_the_whole_run_within_seconds(tmp_path, synt
     scheduler and msrun are stopped; the launcher records the run failed (run_state.json, the MLflow run
     FAILED), prints the summary and one error line naming rank 1, and exits 1; rank 0's last checkpoint
     stays loadable."""
-    from ds2exp.training.checkpoint import load_checkpoint
+    from ds2exp.checkpoints.io import load_checkpoint
 
     run_dir, db = tmp_path / "outputs" / "run", tmp_path / "mlflow.db"
     out, err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"

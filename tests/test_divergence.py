@@ -11,7 +11,8 @@ from ds2exp.tracking import make_tracker
 from ds2exp.training.divergence import ExplosionDetector
 from ds2exp.training.progress import estimated_total
 from ds2exp.training.state import TrainingStopped
-from tests.helpers.processes import MICRO_BATCH4, train
+from bench.small_runs import MICRO_BATCH4
+from tests.helpers.processes import train
 from tests.helpers.tracking import mlflow_runs
 from tests.helpers.trainers import make_trainer
 

@@ -7,7 +7,8 @@ import sys
 import pytest
 
 from tests.helpers import ROOT
-from tests.helpers.processes import MICRO_BATCH4, train
+from bench.small_runs import MICRO_BATCH4
+from tests.helpers.processes import train
 from tests.helpers.tracking import mlflow_runs
 
 
@@ -109,7 +110,7 @@ def test_average_best_checkpoints(trained_run, tmp_path):
     import numpy as np
 
     from ds2exp.average import main as average_main
-    from ds2exp.training.checkpoint import load_checkpoint
+    from ds2exp.checkpoints.io import load_checkpoint
 
     _, run_dir = trained_run
     out = tmp_path / "avg.ckpt"

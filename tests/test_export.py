@@ -32,7 +32,7 @@ def tiny_checkpoint(path, rnn_type: str):
 
     from ds2exp.config import FeatureConfig, ModelConfig
     from ds2exp.models.deepspeech2 import build_model
-    from ds2exp.training.checkpoint import save_checkpoint
+    from ds2exp.checkpoints.io import save_checkpoint
 
     mcfg = OmegaConf.to_container(OmegaConf.structured(ModelConfig(conv_channels=4, rnn_hidden=32, rnn_layers=2,
                                                                    rnn_type=rnn_type)), enum_to_str=True)
@@ -59,7 +59,7 @@ def test_exported_graph_serves_any_length_and_batch(speech, tmp_path, rnn_type):
     import mindspore as ms
 
     from ds2exp.export_model import InferenceGraph, _batch, build_from_checkpoint, export_checkpoint
-    from ds2exp.training.checkpoint import load_checkpoint
+    from ds2exp.checkpoints.io import load_checkpoint
     from ds2exp.mindir import load_graph, read_export_info
 
     ms.runtime.launch_blocking()

@@ -45,7 +45,7 @@ def imports_of(path: Path):
             else:
                 target = node.module or ""
             out.append((target, node.lineno))
-            # `from ds2exp.training import checkpoint` imports the module ds2exp.training.checkpoint
+            # `from ds2exp.checkpoints import io` imports the module ds2exp.checkpoints.io
             out += [(f"{target}.{alias.name}", node.lineno) for alias in node.names]
     return out
 
@@ -159,3 +159,9 @@ def test_no_import_cycle_between_bench_modules():
     _, graph = module_graph(ROOT / "bench")
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle between bench modules: " + _describe(graph, cycle)
+
+
+def test_bench_imports_nothing_of_tests():
+    found = [f"{p.relative_to(ROOT)}:{line} imports {target}" for p in (ROOT / "bench").rglob("*.py")
+             for target, line in imports_of(p) if target.split(".")[0] == "tests"]
+    assert not found, found

@@ -9,7 +9,8 @@ import sys
 import pytest
 
 from tests.helpers import ROOT
-from tests.helpers.processes import MICRO_3_STEPS, no_parent_env
+from bench.small_runs import MICRO_3_STEPS
+from tests.helpers.processes import no_parent_env
 from tests.helpers.tracking import sweep_runs
 
 pytest.importorskip("hydra_plugins.hydra_joblib_launcher")

@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 from tests.helpers import ROOT
-from tests.helpers.processes import MICRO_BATCH4, no_parent_env
+from bench.small_runs import MICRO_BATCH4
+from tests.helpers.processes import no_parent_env
 
 
 def _run(tmp_path: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:

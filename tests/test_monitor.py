@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from ds2exp.evaluation.compare import resolve_checkpoint
-from ds2exp.training.validate import EvalResult
+from ds2exp.training.eval_pass import EvalResult
 from ds2exp.tracking.plots import plot_curves
-from ds2exp.training.best import best_filename, choose_best
-from ds2exp.training.checkpoint import save_checkpoint
+from ds2exp.checkpoints.best import best_filename, choose_best
+from ds2exp.checkpoints.io import save_checkpoint
 from tests.helpers import ROOT
 from tests.helpers.trainers import make_trainer
 

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from tests.helpers import write_flac
-from tests.helpers.processes import MICRO_BATCH4, MICRO_MODEL, train
+from bench.small_runs import MICRO_BATCH4, MICRO_MODEL
+from tests.helpers.processes import train
 from tests.helpers.tracking import mlflow_runs
 
 
@@ -43,7 +44,7 @@ def test_huge_learning_rate_stops_naming_step_and_cause(tmp_path, shared_data_di
 
 @pytest.mark.slow
 def test_skip_keeps_weights_unchanged_through_nan_gradients(tmp_path, shared_data_dir):
-    from ds2exp.training.checkpoint import load_checkpoint
+    from ds2exp.checkpoints.io import load_checkpoint
 
     a, b = tmp_path / "a", tmp_path / "b"
     common = MICRO_BATCH4 + ["logger=none", "trainer.eval_every=1000", "dataset.num_buckets=1",

@@ -15,7 +15,8 @@ import pytest
 
 from tests.helpers import ROOT, wait_for
 from tests.helpers.postgres import PostgresCluster, postgres_bin_dir
-from tests.helpers.processes import MICRO_3_STEPS, no_parent_env
+from bench.small_runs import MICRO_3_STEPS
+from tests.helpers.processes import no_parent_env
 from tests.helpers.tracking import free_port
 
 STUDY = "ds2exp_optuna_lr"

@@ -18,7 +18,7 @@ import pytest
 
 from tests.helpers import ROOT, wait_for
 from tests.helpers.postgres import PostgresCluster, postgres_bin_dir
-from tests.helpers.processes import SMALL
+from bench.small_runs import SMALL
 from tests.helpers.tracking import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from tests.helpers import ROOT
-from tests.helpers.processes import MICRO_MODEL
+from bench.small_runs import MICRO_MODEL
 
 kenlm = pytest.importorskip("kenlm", reason="the lm extra (pip install 'ds2exp[lm]') is not installed")
 

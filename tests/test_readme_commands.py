@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -84,7 +85,7 @@ TRANSCRIPTS = transcripts(README.read_text())
 
 def _make_checkpoint(path: Path, cfg_container) -> None:
     from ds2exp.models.deepspeech2 import DeepSpeech2
-    from ds2exp.training.checkpoint import save_checkpoint
+    from ds2exp.checkpoints.io import save_checkpoint
 
     model = DeepSpeech2(conv_channels=2, rnn_layers=1, rnn_hidden=8, conv_impl="plain", rnn_impl="plain")
     save_checkpoint(path, model, meta={"step": 1, "epoch": 0, "config": cfg_container})
@@ -245,26 +246,47 @@ def test_readme_transcripts_print_what_the_readme_shows(tmp_path, no, argv, expe
     assert (r.stdout + r.stderr).strip().splitlines() == expected, f"README.md:{no}"
 
 
+def _help(script: str, config_dir=None) -> str:
+    env = {**os.environ, "DS2EXP_CONFIG_DIR": str(config_dir)} if config_dir else None
+    r = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True, cwd=ROOT,
+                       env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def _listed_groups(help_text: str):
+    """{group: [options]} of the help's `Config groups` lines, in the order shown."""
+    lines = re.findall(r"^  (\w+):\s+(.*)$", help_text.split("Config groups", 1)[1], re.M)
+    return {group: re.findall(r"\w+", options.split("(")[0]) for group, options in lines}
+
+
 @pytest.mark.parametrize("script, groups", [
-    ("train.py", ["experiment", "dataset", "model", "optimizer", "hardware", "precision", "logger", "trainer",
+    ("train.py", ["dataset", "model", "optimizer", "hardware", "precision", "logger", "trainer", "experiment",
                   "sweep"]),
     ("evaluate.py", ["dataset", "model", "hardware", "logger", "decoder"]),
     ("export.py", ["dataset", "model", "hardware"]),
 ])
 def test_help_starts_with_examples_and_lists_exactly_the_groups_the_command_uses(script, groups):
-    r = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True, cwd=ROOT,
-                       timeout=300)
-    assert r.returncode == 0, r.stderr
-    text = r.stdout
+    text = _help(script)
     head = text.split("Config groups", 1)[0]
     assert "Examples:" in head and f"python {script} " in head, text[:1000]
-    listed = dict(re.findall(r"^  (\w+):\s+(.*)$", text.split("Config groups", 1)[1], re.M))
+    listed = _listed_groups(text)
     assert list(listed) == groups, listed
-    conf = ROOT / "conf"
     for group in groups:
-        options = sorted(p.stem for p in (conf / group).glob("*.yaml"))
-        shown = re.findall(r"[\w]+", listed[group].split("(")[0])
-        if group == "experiment":  # a folder of named runs that grows: each named one must exist
-            assert "quickstart" in shown and "quickstart" in options
-        else:
-            assert sorted(shown) == options, (group, shown, options)
+        assert listed[group] == sorted(f[:-5] for f in os.listdir(ROOT / "conf" / group) if f.endswith(".yaml"))
+    default = re.search(r"^  dataset:.*\(default: (\w+)\)$", text, re.M)
+    assert default and default.group(1) == "synth_tiny", text
+
+
+def test_help_lists_a_config_file_added_to_a_group(tmp_path):
+    """The groups and their options in --help are read from conf/ on disk: a yaml added to a group
+    folder, or to a group the command line adds (+sweep=), is listed without touching the help text."""
+    conf = tmp_path / "conf"
+    shutil.copytree(ROOT / "conf", conf)
+    shutil.copy(conf / "dataset" / "synth_tiny.yaml", conf / "dataset" / "zz_added.yaml")
+    shutil.copy(conf / "sweep" / "nan_lr_batch.yaml", conf / "sweep" / "zz_added.yaml")
+    listed = _listed_groups(_help("train.py", conf))
+    for group in ("dataset", "sweep"):
+        assert "zz_added" in listed[group], listed
+        assert listed[group] == sorted(f[:-5] for f in os.listdir(conf / group) if f.endswith(".yaml"))
+    assert "zz_added" not in _listed_groups(_help("train.py"))["dataset"]

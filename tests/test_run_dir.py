@@ -1,7 +1,7 @@
-"""ds2exp.checkpoints.RunDir: the run directory's file names, and which files hold a training state."""
+"""ds2exp.checkpoints.names.RunDir: the run directory's file names, and which files hold a training state."""
 from __future__ import annotations
 
-from ds2exp.checkpoints import RunDir
+from ds2exp.checkpoints.names import RunDir
 
 
 def test_run_dir_of_a_run_its_folder_or_a_checkpoint(tmp_path):

@@ -14,7 +14,8 @@ import sys
 import pytest
 
 from tests.helpers import ROOT
-from tests.helpers.processes import SMALL, run
+from bench.small_runs import SMALL
+from tests.helpers.processes import run
 
 
 def _cfg(tmp_path, *overrides):
@@ -98,6 +99,41 @@ def test_summary_of_each_outcome(tmp_path):
 
     failed = build("failed", {"error": "RuntimeError: boom"}, _state(3), cfg, tmp_path / "run", None)
     assert _lines(format_summary(failed))["status"] == "failed at step 3: RuntimeError: boom"
+
+
+def test_a_data_parallel_run_stopped_by_the_rank_watch_gets_the_summary_every_run_gets(tmp_path):
+    """The launcher writes summary.json of a run whose rank died through ending.write_summary: the fields of
+    any failed run's summary, the best checkpoint from rank 0's last.ckpt, the link to rank 0's MLflow run."""
+    from ds2exp.checkpoints.io import save_checkpoint
+    from ds2exp.training.rank_watch import failed_summary
+    from ds2exp.training.summary import build, format_summary, run_link
+    from tests.helpers.models import tiny_model
+
+    cfg = _cfg(tmp_path)
+    run_dir = tmp_path / "run"
+    best = run_dir / "checkpoints" / "best-step0000004-cer58.12.ckpt"
+    best.parent.mkdir(parents=True)
+    best.write_bytes(b"x")
+    gone = {"path": str(run_dir / "checkpoints" / "best-step0000002-cer60.00.ckpt"), "step": 2}
+    save_checkpoint(run_dir / "checkpoints" / "last.ckpt", tiny_model(), meta={"step": 6, "config": {}, "best": [
+        gone, {"path": str(best), "step": 4, "monitor": "val/cer", "value": 58.12, "val_cer": 58.12,
+               "val_wer": 96.5, "val_loss": 120.0}]})
+    error = "data-parallel rank 1 (pid 42) was killed by SIGKILL"
+
+    summary = failed_summary(run_dir, cfg, 7, error, "abc123", "4")
+    assert json.loads((run_dir / "summary.json").read_text()) == summary
+    assert set(summary) == set(build("failed", {"stop_reason": "error", "error": error}, None, cfg, run_dir, None))
+    assert (summary["status"], summary["stop_reason"], summary["error"], summary["step"]) == ("failed", "error",
+                                                                                              error, 7)
+    assert summary["best_checkpoint"] == {"path": str(best), "step": 4, "monitor": "val/cer", "value": 58.12,
+                                          "val_cer": 58.12, "val_wer": 96.5, "val_loss": 120.0}
+    assert summary["mlflow_url"] == run_link(str(cfg.logger.tracking_uri), "4", "abc123")
+    assert summary["max_steps"] == 40 and summary["run_dir"] == str(run_dir)
+    assert _lines(format_summary(summary))["status"] == f"failed at step 7: {error}"
+
+    (run_dir / "checkpoints" / "last.ckpt").unlink()  # nothing left by rank 0: no best checkpoint, no run
+    bare = failed_summary(run_dir, cfg, None, error, None, None)
+    assert bare["best_checkpoint"] is None and bare["mlflow_url"] is None and bare["step"] is None
 
 
 def test_link_and_ui_hint_follow_the_store(tmp_path):

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import ROOT, wait_for
-from tests.helpers.processes import SMALL, start
+from bench.small_runs import SMALL
+from tests.helpers.processes import start
 from tests.helpers.tracking import max_logged_step, mlflow_client, runs_of
 
 RUN = SMALL + ["trainer.max_steps=8", "trainer.eval_every=4", "trainer.log_every=1", "trainer.checkpoint_every=100"]
@@ -33,7 +34,7 @@ def _state(run_dir: Path) -> dict:
 
 
 def _ckpt_step(path: Path) -> int:
-    from ds2exp.training.checkpoint import load_checkpoint
+    from ds2exp.checkpoints.io import load_checkpoint
 
     return int(load_checkpoint(path).meta["step"])
 
@@ -108,7 +109,7 @@ def test_a_second_sigint_exits_at_once_and_keeps_the_last_checkpoint(tmp_path, s
     out = _output(proc)
     assert "second SIGINT: exiting now" in out and "==== ds2exp training" not in out
     assert _state(run_dir)["status"] == "running"  # no clean-up ran: resumable like a killed run
-    from ds2exp.training.checkpoint import find_latest_checkpoint
+    from ds2exp.checkpoints.io import find_latest_checkpoint
 
     latest = find_latest_checkpoint(run_dir)
     assert latest is not None and _ckpt_step(latest) >= 1

@@ -14,7 +14,8 @@ from omegaconf import open_dict
 import yaml
 
 from tests.helpers import ROOT
-from tests.helpers.processes import MICRO_3_STEPS, no_parent_env
+from bench.small_runs import MICRO_3_STEPS
+from tests.helpers.processes import no_parent_env
 from tests.helpers.tracking import sweep_runs
 
 
@@ -30,13 +31,13 @@ def sweep(tmp_root: Path, data_dir: Path, *overrides: str, name: str = "s"):
 
 @pytest.fixture
 def report(monkeypatch, capsys):
-    """`python -m ds2exp.sweep_report TARGET --out PNG`, run in this process (saves the imports)."""
-    from ds2exp import sweep_report
+    """`python -m ds2exp.sweeps.report TARGET --out PNG`, run in this process (saves the imports)."""
+    from ds2exp.sweeps.report import main as report_main
 
     def _report(tmp_root: Path, target: str, out: Path) -> str:
         monkeypatch.setenv("DS2EXP_ROOT", str(tmp_root))
         capsys.readouterr()
-        assert sweep_report.main([target, "--out", str(out)]) == 0
+        assert report_main([target, "--out", str(out)]) == 0
         assert out.is_file() and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         return capsys.readouterr().out
 
@@ -140,6 +141,25 @@ def test_lr_batch_sweep_gives_its_verdict_and_names_its_runs(tmp_path, shared_da
         assert set(table_cells(out)) == {("0.0001", "2"), ("0.0001", "4"), ("1000", "2"), ("1000", "4")}
         assert "Recommended: optimizer.lr=0.0001" in out
     assert table_cells(out_dir) == table_cells(out_run) == cells  # the two sources agree with the sweep's own
+
+
+def test_a_job_returns_its_run_s_value_and_nan_when_the_run_diverged_or_crashed(tmp_path):
+    """What run_sweep_job hands the sweeper, from the RunOutcome of the job's run (in-process, no Hydra)."""
+    import math
+
+    from ds2exp.cli import check_overrides
+    from ds2exp.sweeps.job_runner import run_sweep_job
+    from ds2exp.training.ending import RunOutcome
+
+    cfg = check_overrides([f"paths.root_dir={tmp_path}", "logger=none"])
+    assert run_sweep_job(cfg, lambda c: RunOutcome("finished", 58.12)) == 58.12
+    assert math.isnan(run_sweep_job(cfg, lambda c: RunOutcome("diverged", 58.12, 21)))  # its best value is not used
+    assert math.isnan(run_sweep_job(cfg, lambda c: RunOutcome("finished", float("nan"))))  # never evaluated
+
+    def crash(c):
+        raise RuntimeError("boom")
+
+    assert math.isnan(run_sweep_job(cfg, crash))
 
 
 @pytest.mark.slow

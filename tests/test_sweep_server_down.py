@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import ROOT, stop_process_group
-from tests.helpers.processes import MICRO_3_STEPS
+from bench.small_runs import MICRO_3_STEPS
 from tests.helpers.tracking import free_port, wait_healthy
 
 pytestmark = pytest.mark.slow  # a server start (~30 s on 2 busy cores) and a 2-job sweep

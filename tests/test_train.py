@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers.processes import MICRO_BATCH4, SMALL, train
+from bench.small_runs import MICRO_BATCH4, SMALL
+from tests.helpers.processes import train
 from tests.helpers.tracking import mlflow_runs
 
 
@@ -43,7 +44,7 @@ def test_acceptance_train_20_steps_logs_everything_to_mlflow(tmp_path, shared_da
 
 
 def _params(path: Path):
-    from ds2exp.training.checkpoint import load_checkpoint
+    from ds2exp.checkpoints.io import load_checkpoint
 
     c = load_checkpoint(path)
     return c.model_state, c.optimizer_state, c.meta
@@ -82,7 +83,7 @@ def test_logger_none_writes_no_store(tmp_path, shared_data_dir):
 @pytest.mark.parametrize("optimizer", [pytest.param("adamw", marks=pytest.mark.slow), "sgd"])  # adamw: Adam's path
 def test_other_optimizers_and_schedules_train(tmp_path, shared_data_dir, optimizer):
     train(tmp_path, shared_data_dir, f"optimizer={optimizer}", "trainer.max_steps=3", "logger=none", *MICRO_BATCH4)
-    from ds2exp.training.checkpoint import load_checkpoint
+    from ds2exp.checkpoints.io import load_checkpoint
 
     meta = load_checkpoint(tmp_path / "outputs" / "run").meta
     assert meta["step"] == 3 and meta["config"]["optimizer"]["name"] == optimizer

@@ -28,7 +28,8 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import ROOT, stop_process_group
-from tests.helpers.processes import MICRO_3_STEPS, merged
+from bench.small_runs import MICRO_3_STEPS
+from tests.helpers.processes import merged
 from tests.helpers.tracking import free_port, wait_healthy
 
 pytestmark = pytest.mark.slow

@@ -12,7 +12,8 @@ import pytest
 
 from tests.helpers import ROOT
 from tests.helpers.libri_tree import make_libri_tree
-from tests.helpers.processes import SMALL, merged, train_env
+from bench.small_runs import SMALL
+from tests.helpers.processes import merged, train_env
 
 RECIPE_SMALL = ["model=ds2_tiny", "dataset.batch_size=4", "trainer.progress=false", "logger=none"]
 

@@ -7,7 +7,7 @@ import pytest
 
 from ds2exp.models.deepspeech2 import DeepSpeech2, load_state
 from ds2exp.models.zoo_checkpoint import FlatLayoutError, convert_flat_rnn
-from ds2exp.training.checkpoint import load_checkpoint
+from ds2exp.checkpoints.io import load_checkpoint
 from tests.helpers.models import cudnn_flat
 
 LAYERS, HIDDEN = 2, 8

@@ -10,8 +10,8 @@ from typing import Dict, List
 
 
 from ds2exp.evaluation.scores import CheckpointScore
-from ds2exp.training.checkpoint import CheckpointError
-from ds2exp.training.loading import load_model, resolve_checkpoint
+from ds2exp.checkpoints.io import CheckpointError
+from ds2exp.checkpoints.loading import load_model, resolve_checkpoint
 from ds2exp.config import enum_value
 
 log = logging.getLogger("ds2exp.evaluate")
@@ -48,7 +48,7 @@ def make_decoder(dec_cfg):
 
 
 def score_checkpoint(path: Path, cfg, loader) -> CheckpointScore:
-    from ds2exp.training.validate import evaluate_model
+    from ds2exp.training.eval_pass import evaluate_model
     from ds2exp.models.deepspeech2 import count_parameters
 
     model, loaded, _ = load_model(path, cfg.model)

@@ -222,7 +222,7 @@ def score_checkpoint_zoo(path: Path, cfg, utts: List[Utterance]):
     from ds2exp.evaluation.scores import CheckpointScore
     from ds2exp.models.deepspeech2 import count_parameters
     from ds2exp.models.graph_rnn import use_graph_rnns
-    from ds2exp.training.loading import load_model
+    from ds2exp.checkpoints.loading import load_model
 
     model, loaded, _ = load_model(path, cfg.model, impl="plain")
     model = use_graph_rnns(model)

@@ -5,7 +5,7 @@
 - `judge`: diverged or not (the run's own tags/summary, else its logged losses) and the verdict:
   the stability boundary per batch size and the recommended setting.
 - `render`: the report text, the lr x batch-size heatmap and the per-job loss curves.
-- `report`: load, judge, write and log a sweep's report (`python -m ds2exp.sweep_report` is its CLI).
+- `report`: load, judge, write and log a sweep's report; `python -m ds2exp.sweeps.report` runs it by hand.
 - `callback`: the Hydra callback of every `-m` run: the MLflow parent run, the report at the end.
 - `job_runner`: one sweep job (a crash or divergence is recorded and the sweep goes on).
 - `job_process`: a job in a launcher's worker behaves like a plain run.

@@ -14,7 +14,7 @@ Registered in conf/train.yaml under `hydra.callbacks`. In MULTIRUN mode:
   whose runs were created without it are linked to it (`mlflow.parentRunId` set on their runs), and
   `jobs.csv` (number, name, overrides, status, MLflow run id) is rewritten beside the job folders.
 - `on_multirun_end` sends what jobs left in their spools (store down when they ended), links every
-  job, prints the report (ds2exp/sweep_report.py: table, stability boundary per batch size,
+  job, prints the report (ds2exp/sweeps/report.py: table, stability boundary per batch size,
   recommended setting) with its paths, writes `sweep_report.png`, `sweep_losses.png` and
   `sweep_report.txt` into the sweep directory and logs them to the parent run (`report/`), with the
   verdict as its description and the stability boundary, the recommended setting and its best CER as
@@ -235,7 +235,7 @@ class MlflowSweepCallback(Callback):
         try:
             self._report(config)
         except Exception as exc:  # the sweep's jobs are done; a report problem must not hide them
-            log.warning("sweep report failed (%s: %s); run: python -m ds2exp.sweep_report %s",
+            log.warning("sweep report failed (%s: %s); run: python -m ds2exp.sweeps.report %s",
                         type(exc).__name__, exc, self.sweep_dir)
             self._write_jobs_csv()
         self._close("FINISHED")

@@ -5,10 +5,9 @@ overrides (`lr=1e-3 bs=8`, ds2exp/sweeps/names.py) unless `logger.run_name` is g
 inside the job is logged, written to `<job dir>/error.txt`, its MLflow run is marked FAILED (a
 FAILED run is created, with the job's overrides as params, when the job died before it had one, e.g.
 an empty data split) and the job returns a failure value instead of raising, so the sweep goes on.
-A job that diverged (summary.json `status: diverged`) returns the failure value too, even when an
-earlier evaluation had a value. The failure value is NaN; the Optuna sweeper
-(hydra_plugins/ds2exp_optuna_sweeper) reads why from the job's folder (`summary.json`, `error.txt`) and
-records the trial as FAILED with that cause.
+A job whose run diverged returns the failure value too, even when an earlier evaluation had a value.
+The failure value is NaN; the Optuna sweeper (hydra_plugins/ds2exp_optuna_sweeper) reads why from the
+job's folder (`summary.json`, `error.txt`) and records the trial as FAILED with that cause.
 """
 from __future__ import annotations
 
@@ -18,9 +17,12 @@ import math
 import os
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional
 
 from omegaconf import DictConfig, OmegaConf
+
+if TYPE_CHECKING:
+    from ds2exp.training.ending import RunOutcome
 
 log = logging.getLogger("ds2exp.sweep")
 
@@ -50,18 +52,6 @@ def failure_value() -> float:
 def _job_dir() -> Optional[Path]:
     hc = _hydra()
     return Path(hc.runtime.output_dir) if hc is not None else None
-
-
-def _diverged(job_dir: Optional[Path]) -> Optional[Any]:
-    if job_dir is None or not (job_dir / "summary.json").is_file():
-        return None
-    try:
-        summary = json.loads((job_dir / "summary.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if summary.get("status") == "diverged":
-        return summary.get("diverged_at_step", summary.get("step", "?"))
-    return None
 
 
 def job_run_name() -> Optional[str]:
@@ -144,13 +134,13 @@ def _earlier_run(cfg: DictConfig, job_dir: Optional[Path]) -> Dict[str, Any]:
     return {"state": state, "summary": summary}
 
 
-def run_sweep_job(cfg: DictConfig, fn: Callable[[DictConfig], float]) -> float:
-    """Run one sweep job; returns its value, or `failure_value()` if it crashed or diverged. A job an
-    earlier run of the sweep finished (or diverged in) is not run again; one it left interrupted is
-    resumed from its checkpoint."""
+def run_sweep_job(cfg: DictConfig, train: Callable[[DictConfig], RunOutcome]) -> float:
+    """Run one sweep job with `train` (ds2exp.training.run.train_run: its RunOutcome); returns the run's
+    value, or `failure_value()` if it crashed or diverged. A job an earlier run of the sweep finished (or
+    diverged in) is not run again; one it left interrupted is resumed from its checkpoint."""
     from omegaconf import open_dict, read_write
 
-    from ds2exp.checkpoints import RunDir
+    from ds2exp.checkpoints.names import RunDir
 
     job_dir = _job_dir()
     _name_run(cfg)
@@ -165,7 +155,7 @@ def run_sweep_job(cfg: DictConfig, fn: Callable[[DictConfig], float]) -> float:
         with read_write(cfg), open_dict(cfg):
             cfg.resume = str(job_dir)
     try:
-        value = fn(cfg)
+        result = train(cfg)
     except Exception as exc:  # KeyboardInterrupt still ends the sweep
         log.exception("job %s failed; the sweep goes on", job_dir)
         if job_dir is not None:
@@ -176,10 +166,10 @@ def run_sweep_job(cfg: DictConfig, fn: Callable[[DictConfig], float]) -> float:
         except Exception as track_exc:
             log.warning("could not record the failure in MLflow: %s", track_exc)
         return failure_value()
-    step = _diverged(job_dir)
-    if step is not None:
-        log.warning("job %s diverged at step %s: reported to the sweeper as failed", job_dir, step)
+    if result.outcome == "diverged":
+        log.warning("job %s diverged at step %s: reported to the sweeper as failed", job_dir,
+                    result.diverged_at_step)
         return failure_value()
-    if value is None or not math.isfinite(value):
+    if not math.isfinite(result.value):
         return failure_value()
-    return float(value)
+    return float(result.value)

@@ -118,7 +118,7 @@ def _checkpoint_history(job_dir: Path) -> Dict[str, list]:
         if not ckpt.is_file():
             continue
         try:
-            from ds2exp.training.checkpoint import load_checkpoint
+            from ds2exp.checkpoints.io import load_checkpoint
 
             return load_checkpoint(ckpt).meta.get("history") or {}
         except Exception as exc:  # a damaged checkpoint: the report goes on without its history

@@ -47,7 +47,7 @@ class AnomalyPolicy:
         raise TrainingStopped(d)
 
     def _rollback(self, d: Dict[str, Any]) -> None:
-        from ds2exp.training.checkpoint import find_latest_checkpoint, load_checkpoint
+        from ds2exp.checkpoints.io import find_latest_checkpoint, load_checkpoint
 
         s = self.state
         path = find_latest_checkpoint(self.ckpt_dir)

@@ -248,7 +248,7 @@ def train_secondary(cfg, run_dir: Path, resumed, rank: int, world: int, interrup
     """Ranks 1..N-1: train on their shard, in step with rank 0; no MLflow, no files."""
     from ds2exp.data.loaders import build_data
     from ds2exp.tracking.mlflow_tracker import NullTracker
-    from ds2exp.training.checkpoint import prime_optimizer
+    from ds2exp.checkpoints.io import prime_optimizer
     from ds2exp.training.ending import RunOutcome
     from ds2exp.training.optim import model_and_optimizer
     from ds2exp.training.state import TrainingStopped

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, NamedTuple, Optional
 
+from ds2exp.atomic import atomic_write_text
 from ds2exp.training import recovery
 from ds2exp.training import summary as run_summary
 
@@ -42,6 +43,7 @@ _EXPECTED_ERRORS = ("CheckpointError", "RunDirBusy", "DatasetError", "ManifestEr
 class RunOutcome:
     outcome: str  # finished or diverged (an interrupt raises TrainingInterrupted, a failure its exception)
     value: float  # the best value of trainer.monitor over the run: what a hyperparameter search optimises
+    diverged_at_step: Optional[int] = None  # the step the divergence policy stopped a diverged run at
 
     @property
     def exit_status(self) -> int:
@@ -69,7 +71,7 @@ def write_summary(outcome: str, base: Dict[str, Any], trainer, cfg, run_dir: Pat
                                tracker)
     if write:
         try:
-            (run_dir / "summary.json").write_text(json.dumps(report, indent=1, default=str))
+            atomic_write_text(run_dir / "summary.json", json.dumps(report, indent=1, default=str))
         except OSError as exc:
             log.warning("could not write %s: %s", run_dir / "summary.json", exc)
     return report

@@ -11,10 +11,10 @@ from typing import Any, Dict, Optional
 
 from omegaconf import OmegaConf
 
-from ds2exp.checkpoints import RunDir
+from ds2exp.checkpoints.names import RunDir
 from ds2exp.config import enum_value
-from ds2exp.training.best import best_filename
-from ds2exp.training.checkpoint import restore_optimizer, save_checkpoint
+from ds2exp.checkpoints.best import best_filename
+from ds2exp.checkpoints.io import restore_optimizer, save_checkpoint
 from ds2exp.training.state import TrainState
 
 # consecutive_bad starts from 0 in every process: a resumed run has not seen the steps before it in a row

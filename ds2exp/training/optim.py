@@ -97,7 +97,7 @@ def range_test_lr(step: int, total: int, min_lr: float, max_lr: float) -> float:
 def model_and_optimizer(cfg: DictConfig, announce: bool = True):
     """The model (initialised from `pretrained` when set) and its optimizer."""
     from ds2exp.models.deepspeech2 import build_model_for_precision, load_state
-    from ds2exp.training.checkpoint import load_checkpoint
+    from ds2exp.checkpoints.io import load_checkpoint
 
     model = build_model_for_precision(cfg)
     if cfg.pretrained:

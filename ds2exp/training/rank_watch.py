@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import importlib
 import ctypes
-import json
 import logging
 import os
 import signal
@@ -260,7 +259,7 @@ def _preload() -> None:
     """Import what `report` needs (MindSpore for the checkpoint reader, then MLflow: seconds each) while
     the processes are being stopped."""
     def load() -> None:
-        for name in ("ds2exp.training.checkpoint", "mlflow.tracking"):
+        for name in ("ds2exp.checkpoints.io", "mlflow.tracking"):
             try:
                 importlib.import_module(name)
             except Exception as exc:  # noqa: BLE001 - `report` imports it again and says what fails
@@ -310,7 +309,7 @@ def report(watch: RankWatch, run_dir: Path, cfg) -> Optional[int]:
     if culprit is None:
         return 0  # every worker ended with status 0; only msrun's scheduler had to be stopped
     from ds2exp.training import recovery
-    from ds2exp.training.summary import format_summary
+    from ds2exp.training.ending import print_summary
 
     state = recovery.read_run_state(run_dir)
     if state.get("pid") != watch.rank0_pid():  # rank 0 died before it marked the run: nothing in it is this run's
@@ -323,14 +322,7 @@ def report(watch: RankWatch, run_dir: Path, cfg) -> Optional[int]:
     recovery.write_run_state(run_dir, status="failed", error=message[:2000],
                              **({"step": step} if step is not None else {}))
     exp_id = _end_mlflow_run(client, run_id, message) if client is not None else None
-    summary = _summary(run_dir, cfg, step, short, uri, run_id, exp_id)
-    try:
-        from ds2exp.atomic import atomic_write_text
-
-        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1, default=str))
-    except OSError as exc:
-        log.warning("could not write %s: %s", run_dir / "summary.json", exc)
-    print("\n" + format_summary(summary), flush=True)
+    print_summary(failed_summary(run_dir, cfg, step, short, run_id, exp_id), None)
     print(f"error: {message}", file=sys.stderr, flush=True)
     return 1
 
@@ -371,8 +363,8 @@ def _own_error(worker_log: Path) -> Optional[str]:
 def _last_step(run_dir: Path, state: Dict[str, Any], mlflow_run) -> Optional[int]:
     """The last step known to have run: rank 0's last checkpoint, its run_state, its MLflow train/loss
     (`mlflow_run`: (client, run id) or None)."""
-    from ds2exp.checkpoints import RunDir
-    from ds2exp.training.checkpoint import CheckpointError, verify_checkpoint
+    from ds2exp.checkpoints.names import RunDir
+    from ds2exp.checkpoints.io import CheckpointError, verify_checkpoint
 
     steps = [state.get("step")]
     try:
@@ -410,13 +402,15 @@ def _end_mlflow_run(client, run_id: str, message: str) -> Optional[str]:
         return None
 
 
-def _summary(run_dir: Path, cfg, step: Optional[int], error: str, uri: Optional[str], run_id: Optional[str],
-             exp_id: Optional[str]) -> Dict[str, Any]:
-    """summary.json of the failed run (the fields of ds2exp.training.summary.build), from what rank 0
-    left: its last checkpoint (with the best ones it lists) and its MLflow run."""
-    from ds2exp.checkpoints import RunDir
-    from ds2exp.training.checkpoint import CheckpointError, verify_checkpoint
-    from ds2exp.training.summary import run_link
+def failed_summary(run_dir: Path, cfg, step: Optional[int], error: str, run_id: Optional[str],
+                   exp_id: Optional[str]) -> Dict[str, Any]:
+    """summary.json of the failed run, written by ds2exp.training.ending.write_summary as every run's is,
+    from what rank 0 left: its last checkpoint (with the best ones it lists) and its MLflow run."""
+    from types import SimpleNamespace
+
+    from ds2exp.checkpoints.io import CheckpointError, verify_checkpoint
+    from ds2exp.checkpoints.names import RunDir
+    from ds2exp.training.ending import write_summary
 
     best = None
     try:
@@ -429,7 +423,6 @@ def _summary(run_dir: Path, cfg, step: Optional[int], error: str, uri: Optional[
                     "val_wer": b.get("val_wer", b.get("wer")), "val_loss": b.get("val_loss")}
     except CheckpointError:
         pass
-    return {"status": "failed", "stop_reason": "error", "error": error, "step": step, "first_bad_step": None,
-            "diverged_at_step": None, "cause": None, "best_checkpoint": best, "best": [], "run_dir": str(run_dir),
-            "mlflow_run_id": run_id, "mlflow_experiment_id": exp_id, "tracking_uri": uri,
-            "mlflow_url": run_link(uri, exp_id, run_id), "max_steps": int(cfg.trainer.max_steps)}
+    base = {"stop_reason": "error", "error": error, "step": step, "best_checkpoint": best}
+    rank0_run = SimpleNamespace(run_id=run_id, experiment_id=exp_id)  # what the summary reads of a tracker
+    return write_summary("failed", base, None, cfg, run_dir, rank0_run)

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from omegaconf import DictConfig, OmegaConf
-from ds2exp.checkpoints import CHECKPOINTS, RunDir
+from ds2exp.checkpoints.names import CHECKPOINTS, RunDir
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +195,7 @@ def resumable_runs(fingerprint: str, roots: Iterable[Path],
                    exclude: Optional[Path] = None) -> List[Tuple[Path, Optional[Path]]]:
     """Interrupted runs with this fingerprint, newest first: (run dir, latest readable checkpoint or
     None when the run was killed before its first checkpoint)."""
-    from ds2exp.training.checkpoint import find_latest_checkpoint
+    from ds2exp.checkpoints.io import find_latest_checkpoint
 
     found: List[Tuple[float, Path, Optional[Path]]] = []
     seen = set()
@@ -222,7 +222,7 @@ def claim_resumable_run(cfg: Any, roots: Iterable[Path]) -> Optional[Tuple[Path,
     checkpoint or None if it died before the first one, lock); None when there is none.
 
     A checkpoint must carry the same config (its fingerprint is recomputed from the checkpoint)."""
-    from ds2exp.training.checkpoint import CheckpointError, load_checkpoint
+    from ds2exp.checkpoints.io import CheckpointError, load_checkpoint
 
     fp = config_fingerprint(cfg)
     for run_dir, ckpt in resumable_runs(fp, roots):

@@ -8,7 +8,7 @@ from typing import Any, Dict, Tuple
 
 from omegaconf import DictConfig
 
-from ds2exp.checkpoints import RunDir, resumed_run_dir
+from ds2exp.checkpoints.names import RunDir, resumed_run_dir
 from ds2exp.config import project_root
 from ds2exp.training import distributed, ending, recovery
 from ds2exp.training.ending import RunOutcome
@@ -26,11 +26,6 @@ def train_command(cfg: DictConfig) -> int:
         return exc.exit_status
     except Exception as exc:  # noqa: BLE001 - every failure is reported the same way
         return ending.report_failure(exc, cfg, run_dir_from_hydra())
-
-
-def run_training(cfg: DictConfig) -> float:
-    """Train; returns the best value of `trainer.monitor` over the run (what a search optimises)."""
-    return train_run(cfg).value
 
 
 def train_run(cfg: DictConfig) -> RunOutcome:
@@ -89,7 +84,7 @@ def _train_run(cfg: DictConfig, interrupt) -> RunOutcome:
             run_dir = restart_in
         elif cfg.resume:
             if resumed is None:
-                from ds2exp.training.checkpoint import load_checkpoint
+                from ds2exp.checkpoints.io import load_checkpoint
 
                 resumed = load_checkpoint(cfg.resume)
             run_dir = resumed_run_dir(cfg.resume, resumed.meta)
@@ -121,7 +116,7 @@ def _train(cfg: DictConfig, run_dir: Path, resumed, continues: bool, rank: int =
     try:
         build_run(run, resumed, continues, world)
         outcome, summary = fit(run)
-        ending.finish(run, outcome, summary)
+        report = ending.finish(run, outcome, summary)
     except TrainingInterrupted as exc:
         ending.end_interrupted(run, exc)
         raise
@@ -129,7 +124,7 @@ def _train(cfg: DictConfig, run_dir: Path, resumed, continues: bool, rank: int =
         ending.end_failed(run, exc)
         raise
     best = run.trainer.state.best  # best first by trainer.monitor in trainer.monitor_mode
-    return RunOutcome(outcome, float(best[0]["value"]) if best else float("nan"))
+    return RunOutcome(outcome, float(best[0]["value"]) if best else float("nan"), report.get("diverged_at_step"))
 
 
 def fit(run) -> Tuple[str, Dict[str, Any]]:

@@ -23,7 +23,7 @@ from ds2exp.tracking import make_tracker
 from ds2exp.tracking.mlflow_tracker import flatten
 from ds2exp.tracking.resilient import read_state
 from ds2exp.training import recovery
-from ds2exp.training.checkpoint import prime_optimizer
+from ds2exp.checkpoints.io import prime_optimizer
 from ds2exp.training.optim import model_and_optimizer
 from ds2exp.training.trainer import Trainer, compiled_step
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from ds2exp.config import enum_value
-from ds2exp.checkpoints import RunDir
+from ds2exp.checkpoints.names import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,8 @@ def resume_command(run_dir: Path) -> str:
 
 def build(outcome: str, base: Dict[str, Any], state, cfg, run_dir: Path, tracker) -> Dict[str, Any]:
     """summary.json for a run that ended with `outcome` (ds2exp.training.ending.ENDINGS); `base` carries what the
-    trainer or the divergence diagnosis returned (stop_reason, cause, first_bad_step, ...)."""
+    trainer or the divergence diagnosis returned (stop_reason, cause, first_bad_step, ...), and without a
+    `state` the step and best checkpoint known otherwise."""
     backend = enum_value(cfg.logger.backend)
     uri = str(cfg.logger.tracking_uri) if backend != "none" else None
     run_id = getattr(tracker, "run_id", None)
@@ -128,7 +129,7 @@ def build(outcome: str, base: Dict[str, Any], state, cfg, run_dir: Path, tracker
     out = {**base, "status": outcome, "step": state.step if state is not None else base.get("step"),
            "first_bad_step": first_bad, "diverged_at_step": diverged_at,
            "cause": base.get("cause") if outcome == "diverged" else None,
-           "best_checkpoint": best_checkpoint(state, cfg) if state is not None else None,
+           "best_checkpoint": best_checkpoint(state, cfg) if state is not None else base.get("best_checkpoint"),
            "best": list(state.best) if state is not None else [], "run_dir": str(run_dir),
            "mlflow_run_id": run_id, "mlflow_experiment_id": exp_id, "tracking_uri": uri,
            "mlflow_url": run_link(uri, exp_id, run_id), "max_steps": int(cfg.trainer.max_steps)}

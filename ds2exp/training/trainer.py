@@ -22,7 +22,7 @@ from mindspore import ops
 
 from ds2exp.data.dataset import Batch, BatchLoader
 from ds2exp.models.ctc import ctc_losses, infeasible_rows
-from ds2exp.training.validate import EvalResult, evaluate_model
+from ds2exp.training.eval_pass import EvalResult, evaluate_model
 from ds2exp.models.deepspeech2 import parameter_groups
 from ds2exp.tracking import trial_hook
 from ds2exp.training.anomaly import AnomalyPolicy
@@ -34,7 +34,7 @@ from ds2exp.training.optim import learning_rate, set_learning_rate
 from ds2exp.training.progress import estimated_total, progress_bar
 from ds2exp.tracking.mlflow_tracker import Tracker
 from ds2exp.config import enum_value
-from ds2exp.checkpoints import RunDir
+from ds2exp.checkpoints.names import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +188,7 @@ class Trainer(CheckpointKeeping, AnomalyPolicy):
                 self.state.good_since_scale = 0
 
     # ------------------------------------------------------------------ evaluation
-    def validate(self) -> Optional[EvalResult]:
+    def evaluate_val_split(self) -> Optional[EvalResult]:
         if self.val_loader is None or not self.is_primary:
             return None
         res = evaluate_model(self.model, self.val_loader, enum_value(self.cfg.trainer.metric),
@@ -336,7 +336,7 @@ class Trainer(CheckpointKeeping, AnomalyPolicy):
         return done, stop_reason, last_result
 
     def _evaluate_and_checkpoint(self, bar) -> None:
-        res = self.validate()
+        res = self.evaluate_val_split()
         if res is not None:
             msg = f"step {self.state.step}: val loss {res.loss:.3f}  WER {res.wer:.2f}%  CER {res.cer:.2f}%"
             (bar.write if bar is not None else log.info)(msg)

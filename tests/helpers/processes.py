@@ -1,4 +1,5 @@
-"""Run train.py as a real process: the small model settings, start/run/wait/kill, checkpoint comparison."""
+"""Run train.py as a real process: start/run/wait/kill, checkpoint comparison, override lists merged (the
+small-model settings the runs start from are in bench/small_runs.py)."""
 from __future__ import annotations
 
 import os
@@ -12,20 +13,6 @@ import numpy as np
 
 from tests.helpers import ROOT, wait_for
 from tests.helpers.tracking import max_logged_step
-
-# The one home of the small-model settings: every real train.py, lr_find and sweep process of the tests
-# (and bench/soak.py) starts from these lists. A list that changes a key of one of them goes through
-# merged() (train.py refuses a key given twice).
-# The micro DeepSpeech2: 4 conv channels, one RNN layer of 32 units.
-MICRO_MODEL = ["model.conv_channels=4", "model.rnn_hidden=32", "model.rnn_layers=1"]
-# ... trained on 48 utterances, 8 of them validated, without a progress bar
-MICRO = [*MICRO_MODEL, "dataset.max_utterances=48", "trainer.max_eval_utterances=8", "trainer.progress=false"]
-# ... in batches of 4 (the dataset's own number of length buckets)
-MICRO_BATCH4 = [*MICRO, "dataset.batch_size=4"]
-# ... from 2 length buckets
-SMALL = [*MICRO_BATCH4, "dataset.num_buckets=2"]
-# MICRO for 3 steps: a sweep's jobs
-MICRO_3_STEPS = [*MICRO, "trainer.max_steps=3"]
 
 
 def merged(*overrides: str):
@@ -78,7 +65,7 @@ def train(tmp_root: Path, data_dir: Path, *overrides: str, check: bool = True, t
 
 
 def load_params(run_dir: Path):
-    from ds2exp.training.checkpoint import load_checkpoint
+    from ds2exp.checkpoints.io import load_checkpoint
 
     c = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     return c.model_state, c.optimizer_state, c.meta

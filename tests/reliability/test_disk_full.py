@@ -8,7 +8,8 @@ import subprocess
 import pytest
 
 from tests.helpers import ROOT
-from tests.helpers.processes import SMALL, train_cmd, train_env
+from bench.small_runs import SMALL
+from tests.helpers.processes import train_cmd, train_env
 
 
 @pytest.mark.slow

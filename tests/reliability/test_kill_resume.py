@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from tests.helpers.processes import SMALL, assert_same_parameters, load_params, run, sigkill_after_checkpoint, start
+from bench.small_runs import SMALL
+from tests.helpers.processes import assert_same_parameters, load_params, run, sigkill_after_checkpoint, start
 from tests.helpers.tracking import history, mlflow_client, runs_of
 
 STEPS = 16
@@ -76,7 +77,7 @@ def test_claim_resumable_run_rules(tmp_path):
 
     from ds2exp.cli import check_overrides
     from ds2exp.training import recovery
-    from ds2exp.training.checkpoint import save_checkpoint
+    from ds2exp.checkpoints.io import save_checkpoint
     from tests.helpers.models import tiny_model
 
     cfg = check_overrides(["trainer.max_steps=10", f"paths.root_dir={tmp_path}"])

@@ -67,7 +67,7 @@ def test_restore_is_bitwise_with_denormal_optimizer_state():
     import mindspore as ms
 
     from ds2exp.models.deepspeech2 import load_state
-    from ds2exp.training.checkpoint import prime_optimizer, restore_optimizer
+    from ds2exp.checkpoints.io import prime_optimizer, restore_optimizer
 
     model, opt, step = _tiny_training()
     step()

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers.processes import SMALL, assert_same_parameters, run, sigkill_after_checkpoint, start, train_env
+from bench.small_runs import SMALL
+from tests.helpers.processes import assert_same_parameters, run, sigkill_after_checkpoint, start, train_env
 
 STEPS = 16
 RUN = SMALL + [f"trainer.max_steps={STEPS}", "trainer.checkpoint_every=4", "trainer.log_every=1",

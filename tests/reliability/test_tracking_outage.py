@@ -11,7 +11,8 @@ import sys
 import pytest
 
 from tests.helpers import ROOT, wait_for
-from tests.helpers.processes import SMALL, run, start, train_env
+from bench.small_runs import SMALL
+from tests.helpers.processes import run, start, train_env
 from tests.helpers.tracking import MlflowServer, free_port, history, mlflow_client, runs_of
 
 

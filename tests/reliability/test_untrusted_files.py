@@ -47,7 +47,7 @@ def test_checkpoint_with_foreign_names_or_shapes_is_refused(tmp_path):
     import mindspore as ms
 
     from ds2exp.models.deepspeech2 import load_state
-    from ds2exp.training.checkpoint import CheckpointError, load_checkpoint
+    from ds2exp.checkpoints.io import CheckpointError, load_checkpoint
     from tests.helpers.models import tiny_model
 
     model = tiny_model()

@@ -2,7 +2,7 @@
 
 `check_inputs(cfg)` raises `ConfigValueError` (one line, naming the key) when a checkpoint, manifest
 or language model named in the config is missing, of the wrong kind, damaged (see
-`ds2exp.training.checkpoint.verify_checkpoint`), lacks what the command needs (`resume=` needs a
+`ds2exp.checkpoints.io.verify_checkpoint`), lacks what the command needs (`resume=` needs a
 training state), or does not fit the model (`pretrained=`). Checkpoints are read without MindSpore
 except for `pretrained=`, whose fit to the configured model is checked by building the model.
 """
@@ -40,7 +40,7 @@ def check_checkpoint(key: str, value: str, allow_run_id: bool = False, need_trai
             return None
         raise ConfigValueError(key, value, "an existing checkpoint file or run directory"
                                + (" or an MLflow run id" if allow_run_id else ""))
-    from ds2exp.training.checkpoint import CheckpointError, checkpoint_folder, select_checkpoint, verify_checkpoint
+    from ds2exp.checkpoints.io import CheckpointError, checkpoint_folder, select_checkpoint, verify_checkpoint
 
     if p.is_dir():
         info, damaged = select_checkpoint(p)
@@ -67,7 +67,7 @@ def _strip_path(message: str, path: Path) -> str:
 
 
 def _intact_neighbour(path: Path):
-    from ds2exp.training.checkpoint import select_checkpoint
+    from ds2exp.checkpoints.io import select_checkpoint
 
     try:
         info, _ = select_checkpoint(path.parent)
@@ -159,8 +159,8 @@ def check_run_id(key: str, value: str, logger_cfg) -> None:
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():  # asking would create it
         raise InputError(key, value, f"not a file or run directory, and there is no MLflow store at {uri} to look "
                                      f"a run id up in")
-    from ds2exp.training.checkpoint import CheckpointError
-    from ds2exp.training.loading import locate_checkpoint
+    from ds2exp.checkpoints.io import CheckpointError
+    from ds2exp.checkpoints.loading import locate_checkpoint
 
     try:
         locate_checkpoint(str(value), uri)

@@ -50,7 +50,7 @@ def read_meta(path: Path) -> Dict[str, Any]:
     """The ds2exp meta of a checkpoint, without building its tensors ({} when it has none)."""
     import mindspore as ms
 
-    from ds2exp.training.checkpoint import META_KEY
+    from ds2exp.checkpoints.io import META_KEY
 
     try:
         raw = ms.load_checkpoint(str(path), choice_func=lambda name: name == META_KEY)
@@ -59,7 +59,7 @@ def read_meta(path: Path) -> Dict[str, Any]:
     value = raw.get(META_KEY)
     if value is None:
         return {}
-    # ds2exp writes its meta as UTF-8 bytes in a uint8 tensor (checkpoint.py)
+    # ds2exp writes its meta as UTF-8 bytes in a uint8 tensor (io.py)
     text = value.asnumpy().tobytes().decode("utf-8", "replace")
     try:
         return json.loads(text)

@@ -1,4 +1,4 @@
-"""The validation pass: run a model over a data split for its CTC loss, transcripts and WER/CER.
+"""The evaluation pass: run a model over a data split for its CTC loss, transcripts and WER/CER.
 
 Used by the trainer at every validation and by `evaluate.py` (with a beam decoder) alike.
 """

@@ -7,8 +7,8 @@
       checkpoints/averaged-*.ckpt    written by `python -m ds2exp.average` (weights only)
 
 `RunDir.of(ref)` accepts a run directory, its `checkpoints/` folder or a checkpoint file inside it.
-This module only names and lists files; reading and checking them is ds2exp.training.checkpoint's job,
-choosing the best by the monitor ds2exp.training.best's. It imports nothing of ds2exp, so every layer
+This module only names and lists files; reading and checking them is ds2exp.checkpoints.io's job,
+choosing the best by the monitor ds2exp.checkpoints.best's. It imports nothing of ds2exp, so every layer
 can use it.
 """
 from __future__ import annotations

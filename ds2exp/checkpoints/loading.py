@@ -11,8 +11,8 @@ from typing import Any, Callable, NamedTuple, Optional, Tuple
 
 from omegaconf import OmegaConf
 
-from ds2exp.checkpoints import LAST, LAST_PREV, RunDir
-from ds2exp.training.checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint, model_config_for
+from ds2exp.checkpoints.names import LAST, LAST_PREV, RunDir
+from ds2exp.checkpoints.io import CheckpointError, LoadedCheckpoint, load_checkpoint, model_config_for
 
 
 class LoadedModel(NamedTuple):
@@ -23,7 +23,7 @@ class LoadedModel(NamedTuple):
 
 def locate_checkpoint(ref: str, tracking_uri: Optional[str] = None) -> Tuple[Path, Optional[str]]:
     """The checkpoint file a reference names, and the line saying why (None for a file)."""
-    from ds2exp.training.best import choose_best
+    from ds2exp.checkpoints.best import choose_best
 
     p = Path(ref)
     if p.is_file():

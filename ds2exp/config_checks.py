@@ -6,7 +6,7 @@ Two layers:
   without a line here);
 - per key: the ranges below (one table per config group, applied where the group exists).
 Hydra's own settings (`hydra.run.dir`, `hydra.sweep.dir`) are checked by `check_hydra_dirs`; the
-files a command names (checkpoints, manifests, LM) by `ds2exp.input_checks`.
+files a command names (checkpoints, manifests, LM) by `ds2exp.file_checks`.
 """
 from __future__ import annotations
 

@@ -32,7 +32,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from ds2exp.atomic import atomic_path
-from ds2exp.checkpoints import RunDir
+from ds2exp.checkpoints.names import RunDir
 
 META_KEY = "ds2exp_meta"
 OPT_PREFIX = "optimizer."
