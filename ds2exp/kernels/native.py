@@ -6,13 +6,16 @@ keyed by the source, the compiler and the CPU's instruction sets, and returns th
 no compiler works it logs why once and returns None, and the RNN layers run the numba/numpy kernels
 (``ds2exp.kernels.rnn``) instead. ``DS2EXP_NO_NATIVE=1`` or ``set_native_enabled(False)`` chooses
 those too. MindSpore's own compile step for aot sources builds without optimisation or OpenMP, which
-is why the library is built here and handed to ``ops.Custom`` as ``path.so:function``.
+is why the library is built here and handed to ``ops.Custom`` as ``path.so:function``. Where the
+MindSpore wheel ships oneDNN (``mindspore/lib/libdnnl.so.2``) the library links its GEMM for the
+recurrent weight gradient.
 """
 from __future__ import annotations
 
 import ctypes
 import functools
 import hashlib
+import importlib.util
 import logging
 import os
 import shutil
@@ -47,6 +50,17 @@ def _cpu_flags() -> str:
     return ""
 
 
+def _onednn_flags() -> list:
+    """Link oneDNN's GEMM (for the weight gradient) from the MindSpore wheel where it ships one."""
+    spec = importlib.util.find_spec("mindspore")
+    if spec is None or spec.origin is None:
+        return []
+    lib = Path(spec.origin).parent / "lib"
+    if not (lib / "libdnnl.so.2").is_file():
+        return []
+    return ["-DDS2_DNNL", f"-L{lib}", "-l:libdnnl.so.2", f"-Wl,-rpath,{lib}"]
+
+
 def _compiler() -> Optional[str]:
     return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
 
@@ -59,7 +73,8 @@ def build(cxx: Optional[str], directory: Path) -> Optional[str]:
         return None
     try:
         version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
-        key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_flags()]).encode())
+        flags = FLAGS + _onednn_flags()
+        key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(flags), version, _cpu_flags()]).encode())
         out = Path(directory) / f"recurrence-{key.hexdigest()[:16]}.so"
         if not out.is_file():
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -68,8 +83,8 @@ def build(cxx: Optional[str], directory: Path) -> Optional[str]:
             fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
             os.close(fd)
             try:
-                proc = subprocess.run([cxx, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True,
-                                      timeout=300)
+                proc = subprocess.run([cxx, *flags[:len(FLAGS)], "-o", tmp, str(SOURCE), *flags[len(FLAGS):]],
+                                      capture_output=True, text=True, timeout=300)
                 if proc.returncode != 0:
                     log.warning("building %s failed (%s); the RNN recurrences run the numba/numpy kernels:\n%s",
                                 SOURCE.name, cxx, proc.stderr[-2000:])
@@ -81,6 +96,7 @@ def build(cxx: Optional[str], directory: Path) -> Optional[str]:
         lib = ctypes.CDLL(str(out))  # the same handle MindSpore's aot loader opens
         lib.ds2_set_threads.argtypes = [ctypes.c_int]
         lib.ds2_set_threads(settings.threads)
+        lib.ds2_set_split_directions(int(os.environ.get("DS2EXP_RNN_SPLIT", "directions") != "units"))
         on_threads_changed(lib.ds2_set_threads)
         log.info("RNN recurrences: C++ kernels %s (%d threads)", out, settings.threads)
         return str(out)
@@ -98,6 +114,17 @@ def _built() -> Optional[str]:
 def library() -> Optional[str]:
     """Path of the built C++ recurrence library, or None where it is turned off or cannot be built."""
     return _built() if settings.use_native else None
+
+
+def kernel_seconds() -> dict:
+    """Wall seconds this process has spent in the C++ recurrences, forward and backward (the step
+    bench's timers for them; the numba/numpy kernels report through ``settings.timing_hook``)."""
+    path = _built() if _built.cache_info().currsize else None
+    if path is None:
+        return {}
+    lib = ctypes.CDLL(path)
+    lib.ds2_kernel_seconds.restype = ctypes.c_double
+    return {"rnn_fwd": lib.ds2_kernel_seconds(0), "rnn_bwd": lib.ds2_kernel_seconds(1)}
 
 
 def set_native_enabled(flag: bool) -> bool:

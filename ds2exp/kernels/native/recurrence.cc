@@ -16,6 +16,8 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -25,6 +27,22 @@
 namespace {
 
 int g_threads = 1;
+// 1: with no more threads than directions, each direction runs whole on its own thread (no barriers,
+// which a busy machine makes costly: a thread waits at every step for one the OS has descheduled);
+// 0: one direction at a time, every thread on it.
+int g_split_directions = 1;
+// wall seconds spent in the forward and in the backward kernels (the step bench reads them)
+std::atomic<int64_t> g_nanoseconds[2];
+
+struct Timer {
+  int which;
+  std::chrono::steady_clock::time_point start = std::chrono::steady_clock::now();
+  explicit Timer(int w) : which(w) {}
+  ~Timer() {
+    g_nanoseconds[which] += std::chrono::duration_cast<std::chrono::nanoseconds>(
+        std::chrono::steady_clock::now() - start).count();
+  }
+};
 
 typedef float v16 __attribute__((vector_size(64)));
 typedef float v16u __attribute__((vector_size(64), aligned(4), may_alias));
@@ -32,50 +50,83 @@ typedef float v16u __attribute__((vector_size(64), aligned(4), may_alias));
 inline v16 load(const float* p) { return *reinterpret_cast<const v16u*>(p); }
 inline void store(float* p, v16 v) { *reinterpret_cast<v16u*>(p) = v; }
 
-// out[r, n] (+)= sum_k a[r*ars + k*aks] * m[k*ldm + n] for r < RB, n < 16*NV: the register block.
+// A matrix M (K rows, N columns) read by columns of 16: element (k, n) at
+// p[k * ldm + (n / 16) * pstride + n % 16]. Row-major storage: ldm = row length, pstride = 16.
+// Packed in panels of 16 columns (pack_panels): ldm = 16, pstride = 16 * K, so that a block of
+// columns is read as a few sequential streams: a row-major W_hh row is 4-16 KiB apart from the
+// next, and reading it down a column block crosses a page every few rows, which the prefetchers
+// do not follow (the recurrence's product streams W_hh from cache at every step).
+struct Mat {
+  const float* p;
+  long ldm, pstride;
+  const float* vec(int k, int n) const { return p + k * ldm + (n >> 4) * pstride; }
+  float at(int k, int n) const { return p[k * ldm + (n >> 4) * pstride + (n & 15)]; }
+};
+
+// out[r, n..n+16*NV) (+)= sum_k a[r*ars + k*aks] * M[k, n..]: the register block, r < RB.
 template <int RB, int NV>
-inline void block(const float* a, long ars, long aks, int K, const float* m, long ldm, float* out, long ldo,
+inline void block(const float* a, long ars, long aks, int K, const Mat& m, int n, float* out, long ldo,
                   bool accumulate) {
   v16 acc[RB][NV];
   for (int r = 0; r < RB; ++r)
-    for (int v = 0; v < NV; ++v) acc[r][v] = accumulate ? load(out + r * ldo + 16 * v) : v16{};
+    for (int v = 0; v < NV; ++v) acc[r][v] = accumulate ? load(out + r * ldo + n + 16 * v) : v16{};
+  const float* col[NV];
+  for (int v = 0; v < NV; ++v) col[v] = m.vec(0, n + 16 * v);
   for (int k = 0; k < K; ++k) {
     v16 mv[NV];
-    for (int v = 0; v < NV; ++v) mv[v] = load(m + k * ldm + 16 * v);
+    for (int v = 0; v < NV; ++v) mv[v] = load(col[v] + k * m.ldm);
     for (int r = 0; r < RB; ++r) {
       const float s = a[r * ars + k * aks];
       for (int v = 0; v < NV; ++v) acc[r][v] += s * mv[v];
     }
   }
   for (int r = 0; r < RB; ++r)
-    for (int v = 0; v < NV; ++v) store(out + r * ldo + 16 * v, acc[r][v]);
+    for (int v = 0; v < NV; ++v) store(out + r * ldo + n + 16 * v, acc[r][v]);
 }
 
 // Column blocks: 64 wide for up to 4 rows, 32 wide for 8 rows (16 accumulators either way; 8 rows
-// read each W_hh vector for twice the rows).
+// read each W_hh vector for twice the rows). n0 is a multiple of 16.
 template <int RB>
-inline void rows_block(const float* a, long ars, long aks, int K, const float* m, long ldm, float* out, long ldo,
-                       int n0, int n1, bool accumulate) {
+inline void rows_block(const float* a, long ars, long aks, int K, const Mat& m, float* out, long ldo, int n0, int n1,
+                       bool accumulate) {
   int n = n0;
   constexpr int NV = RB >= 8 ? 2 : 4;
-  for (; n + 16 * NV <= n1; n += 16 * NV) block<RB, NV>(a, ars, aks, K, m + n, ldm, out + n, ldo, accumulate);
-  for (; n + 16 <= n1; n += 16) block<RB, 1>(a, ars, aks, K, m + n, ldm, out + n, ldo, accumulate);
+  for (; n + 16 * NV <= n1; n += 16 * NV) block<RB, NV>(a, ars, aks, K, m, n, out, ldo, accumulate);
+  for (; n + 16 <= n1; n += 16) block<RB, 1>(a, ars, aks, K, m, n, out, ldo, accumulate);
   for (; n < n1; ++n)
     for (int r = 0; r < RB; ++r) {
       float s = accumulate ? out[r * ldo + n] : 0.0f;
-      for (int k = 0; k < K; ++k) s += a[r * ars + k * aks] * m[k * ldm + n];
+      for (int k = 0; k < K; ++k) s += a[r * ars + k * aks] * m.at(k, n);
       out[r * ldo + n] = s;
     }
 }
 
-// out[r, n] (+)= sum_k a[r*ars + k*aks] * m[k*ldm + n], rows r < R, columns n0 <= n < n1.
-void gemm(const float* a, long ars, long aks, int R, int K, const float* m, long ldm, float* out, long ldo,
-          int n0, int n1, bool accumulate = false) {
+// out[r, n] (+)= sum_k a[r*ars + k*aks] * M[k, n], rows r < R, columns n0 <= n < n1 (n0 % 16 == 0).
+void gemm(const float* a, long ars, long aks, int R, int K, const Mat& m, float* out, long ldo, int n0, int n1,
+          bool accumulate = false) {
   int r = 0;
-  for (; r + 8 <= R; r += 8) rows_block<8>(a + r * ars, ars, aks, K, m, ldm, out + r * ldo, ldo, n0, n1, accumulate);
-  for (; r + 4 <= R; r += 4) rows_block<4>(a + r * ars, ars, aks, K, m, ldm, out + r * ldo, ldo, n0, n1, accumulate);
-  for (; r < R; ++r) rows_block<1>(a + r * ars, ars, aks, K, m, ldm, out + r * ldo, ldo, n0, n1, accumulate);
+  for (; r + 8 <= R; r += 8) rows_block<8>(a + r * ars, ars, aks, K, m, out + r * ldo, ldo, n0, n1, accumulate);
+  for (; r + 4 <= R; r += 4) rows_block<4>(a + r * ars, ars, aks, K, m, out + r * ldo, ldo, n0, n1, accumulate);
+  for (; r < R; ++r) rows_block<1>(a + r * ars, ars, aks, K, m, out + r * ldo, ldo, n0, n1, accumulate);
 }
+
+inline Mat rows(const float* p, long ldm) { return Mat{p, ldm, 16}; }
+
+// Panels of M[k, n] = src[k * ks + n * ns] for k < K and the columns n0 <= n < n1 (whole panels
+// of 16; columns past N are zero) into dst (ceil(N / 16) panels of 16 * K floats).
+Mat pack_panels(const float* src, long ks, long ns, int K, int N, int n0, int n1, float* dst) {
+  for (int c = n0 / 16; c < (n1 + 15) / 16; ++c) {
+    float* panel = dst + (long)c * 16 * K;
+    for (int k = 0; k < K; ++k)
+      for (int i = 0; i < 16; ++i) {
+        const int n = 16 * c + i;
+        panel[k * 16 + i] = n < N ? src[k * ks + n * ns] : 0.0f;
+      }
+  }
+  return Mat{dst, 16, 16L * K};
+}
+
+inline long panels_size(int K, int N) { return 16L * K * ((N + 15) / 16); }
 
 // Eigen's float32 rational tanh (ds2exp/kernels/tanh_fit.py holds the coefficients' one home; the
 // numba kernels compute the same function).
@@ -133,7 +184,8 @@ template <bool LSTM>
 void forward_direction(const Shape& s, int d, const float* xp, const std::vector<int>& L, int Tm, const float* w,
                        const float* bhh, const float* bih, float* y, float* A, float* CS, float* Hs) {
   const int B = s.B, T = s.T, G = s.G, H = s.H, DG = s.D * G, DH = s.D * H;
-  std::vector<float> wT((size_t)H * G), xb(G), gates((size_t)B * G);
+  const int NG = G / H;
+  std::vector<float> packed(NG * panels_size(H, H)), xb(G), gates((size_t)B * G);
   for (int j = 0; j < G; ++j) xb[j] = LSTM ? bhh[j] + bih[j] : bih[j];
   float* Ad = A + (size_t)d * T * B * G;
   float* Sd = CS + (size_t)d * T * B * H;
@@ -143,12 +195,12 @@ void forward_direction(const Shape& s, int d, const float* xp, const std::vector
   {
     const int id = omp_get_thread_num();
     int u0, u1;
-    units(H, nt, id, u0, u1);
-    for (int g = 0; g < G / H; ++g)  // W_hh transposed, the columns of this thread's units, in tiles
-      for (int j0 = g * H + u0; j0 < g * H + u1; j0 += 16)
-        for (int k0 = 0; k0 < H; k0 += 16)
-          for (int j = j0; j < std::min(j0 + 16, g * H + u1); ++j)
-            for (int k = k0; k < std::min(k0 + 16, H); ++k) wT[(size_t)k * G + j] = w[(size_t)j * H + k];
+    units(H, omp_get_num_threads(), id, u0, u1);
+    // each gate's block of W_hh transposed (M[k, u] = w[g*H + u, k]), in panels: only this thread's
+    // units, the only ones it reads
+    std::vector<Mat> wT(NG);
+    for (int g = 0; g < NG; ++g)
+      wT[g] = pack_panels(w + (size_t)g * H * H, 1, H, H, H, u0, u1, packed.data() + g * panels_size(H, H));
     for (int t = 0; t < T; ++t) {
       float* a_t = Ad + (size_t)t * B * G;
       float* s_t = Sd + (size_t)t * B * H;
@@ -165,7 +217,7 @@ void forward_direction(const Shape& s, int d, const float* xp, const std::vector
       const float* h_prev = t > 0 ? Hd + (size_t)(t - 1) * B * H : nullptr;
       for (int g = 0; g < G / H; ++g) {
         if (h_prev)
-          gemm(h_prev, H, 1, B, H, wT.data(), G, gates.data(), G, g * H + u0, g * H + u1);
+          gemm(h_prev, H, 1, B, H, wT[g], gates.data() + g * H, G, u0, u1);
         else
           for (int b = 0; b < B; ++b) std::memset(&gates[(size_t)b * G + g * H + u0], 0, sizeof(float) * (u1 - u0));
       }
@@ -222,10 +274,31 @@ void forward_direction(const Shape& s, int d, const float* xp, const std::vector
 // ------------------------------------------------------------------------------------------------
 // backward
 // ------------------------------------------------------------------------------------------------
-// d W_hh[j, u] = sum over steps t >= 1 and rows b of dGh[t, b, j] * Hs[t-1, b, u], tiled for cache:
-// each tile continues its elements' sums in k order, so the tiling changes no result.
+#ifdef DS2_DNNL
+// oneDNN's GEMM from the MindSpore wheel (mindspore/lib/libdnnl.so.2); without a threadpool it runs
+// on the calling thread.
+extern "C" int dnnl_sgemm(char transa, char transb, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
+                          int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
+#endif
+
+// d W_hh[j, u] = sum over steps t >= 1 and rows b of dGh[t, b, j] * Hs[t-1, b, u]. With oneDNN: one
+// GEMM per block of 256 gate rows, the blocks shared out to the threads (fixed blocks, so the thread
+// count changes no result). Without: tiled for cache, each tile continuing its elements' sums in k
+// order.
 void weight_grad(const float* dGh, const float* Hd, int B, int Tm, int G, int H, float* dw, int nt) {
   const int K = (Tm - 1) * B;
+#ifdef DS2_DNNL
+  const int JB = 256, blocks = (G + JB - 1) / JB;
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int jb = 0; jb < blocks; ++jb) {
+    const int j0 = jb * JB, rows = std::min(G, j0 + JB) - j0;
+    if (K <= 0)
+      std::memset(dw + (size_t)j0 * H, 0, sizeof(float) * rows * H);
+    else
+      dnnl_sgemm('T', 'N', rows, H, K, 1.0f, dGh + (size_t)B * G + j0, G, Hd, H, 0.0f, dw + (size_t)j0 * H, H);
+  }
+  return;
+#endif
   const int JT = 64, UT = 128, KT = 256;
   const int jtiles = (G + JT - 1) / JT;
 #pragma omp parallel for num_threads(nt) schedule(static)
@@ -237,8 +310,8 @@ void weight_grad(const float* dGh, const float* Hd, int B, int Tm, int G, int H,
       const int kn = std::min(KT, K - k0);
       for (int n0 = 0; n0 < H; n0 += UT) {
         const int n1 = std::min(H, n0 + UT);
-        gemm(dGh + (size_t)(B + k0) * G + j0, 1, G, j1 - j0, kn, Hd + (size_t)k0 * H, H, dw + (size_t)j0 * H, H, n0,
-             n1, true);
+        gemm(dGh + (size_t)(B + k0) * G + j0, 1, G, j1 - j0, kn, rows(Hd + (size_t)k0 * H, H), dw + (size_t)j0 * H, H,
+             n0, n1, true);
       }
     }
   }
@@ -253,13 +326,14 @@ void backward_direction(const Shape& s, int d, const std::vector<int>& L, int Tm
   const float* Sd = CS + (size_t)d * T * B * H;
   const float* Hd = Hs + (size_t)d * T * B * H;
   std::vector<float> dGh((size_t)std::max(Tm, 1) * B * G), dh((size_t)B * H, 0.0f), dc((size_t)B * H, 0.0f),
-      back(LSTM ? 0 : (size_t)B * H);
+      back(LSTM ? 0 : (size_t)B * H), packed(panels_size(G, H));
   const int nt = team(H);
 #pragma omp parallel num_threads(nt)
   {
     const int id = omp_get_thread_num();
     int u0, u1;
-    units(H, nt, id, u0, u1);
+    units(H, omp_get_num_threads(), id, u0, u1);
+    const Mat wp = pack_panels(w, H, 1, G, H, u0, u1, packed.data());  // W_hh, this thread's columns
     for (int t = Tm; t < T; ++t)  // frames past every row's length get no gradient
       for (int b = 0; b < B; ++b)
         for (int g = 0; g < G / H; ++g)
@@ -323,9 +397,9 @@ void backward_direction(const Shape& s, int d, const std::vector<int>& L, int Tm
 #pragma omp barrier
       if (t > 0) {  // dh for step t-1: this step's gate gradients through W_hh, this thread's units
         if (LSTM) {
-          gemm(dg_t, G, 1, B, G, w, H, dh.data(), H, u0, u1);
+          gemm(dg_t, G, 1, B, G, wp, dh.data(), H, u0, u1);
         } else {  // dh = dh * z (above) + the product, added after it as the numpy kernels do
-          gemm(dg_t, G, 1, B, G, w, H, back.data(), H, u0, u1);
+          gemm(dg_t, G, 1, B, G, wp, back.data(), H, u0, u1);
           for (int b = 0; b < B; ++b)
             for (int u = u0; u < u1; ++u) dh[(size_t)b * H + u] += back[(size_t)b * H + u];
         }
@@ -336,7 +410,8 @@ void backward_direction(const Shape& s, int d, const std::vector<int>& L, int Tm
   // bias gradients: d b_hh sums the recurrent pre-activations' gradient, d b_ih the input ones'
 #pragma omp parallel num_threads(nt)
   {
-    const int id = omp_get_thread_num(), j0 = G * id / nt, j1 = G * (id + 1) / nt;
+    const int id = omp_get_thread_num(), all = omp_get_num_threads();
+    const int j0 = G * id / all, j1 = G * (id + 1) / all;
     for (int j = j0; j < j1; ++j) db[j] = dbi[j] = 0.0f;
     for (int k = 0; k < Tm * B; ++k)
       for (int j = j0; j < j1; ++j) db[j] += dGh[(size_t)k * G + j];
@@ -345,9 +420,13 @@ void backward_direction(const Shape& s, int d, const std::vector<int>& L, int Tm
   }
 }
 
+// Directions on threads of their own (each then runs with a team of one: nested regions are off).
+inline bool by_direction(int D) { return D > 1 && g_split_directions && g_threads > 1 && g_threads <= D; }
+
 // MindSpore's aot calling convention: params holds the inputs, then the outputs.
 template <bool LSTM>
 int forward(int nparam, void** params, int64_t** shapes) {
+  Timer timer(0);
   const int D = nparam == 12 ? 2 : 1;
   const int64_t* xs = shapes[0];
   const int64_t* ws = shapes[2];
@@ -361,6 +440,7 @@ int forward(int nparam, void** params, int64_t** shapes) {
   float* A = static_cast<float*>(params[o + 1]);
   float* CS = static_cast<float*>(params[o + 2]);
   float* Hs = static_cast<float*>(params[o + 3]);
+#pragma omp parallel for num_threads(D) schedule(static, 1) if (by_direction(D))
   for (int d = 0; d < D; ++d) {
     const float* w = static_cast<const float*>(params[2 + 3 * d]);
     const float* bhh = static_cast<const float*>(params[3 + 3 * d]);
@@ -372,6 +452,7 @@ int forward(int nparam, void** params, int64_t** shapes) {
 
 template <bool LSTM>
 int backward(int nparam, void** params, int64_t** shapes) {
+  Timer timer(1);
   const int D = nparam == 14 ? 2 : 1;
   const int64_t* as = shapes[1 + D];  // A: (D, T, B, G)
   const int64_t* ws = shapes[1];
@@ -385,6 +466,7 @@ int backward(int nparam, void** params, int64_t** shapes) {
   const float* dy = static_cast<const float*>(params[4 + D]);
   const int o = 5 + D;
   float* dxp = static_cast<float*>(params[o]);
+#pragma omp parallel for num_threads(D) schedule(static, 1) if (by_direction(D))
   for (int d = 0; d < D; ++d) {
     const float* w = static_cast<const float*>(params[1 + d]);
     float* dw = static_cast<float*>(params[o + 1 + 3 * d]);
@@ -399,8 +481,13 @@ int backward(int nparam, void** params, int64_t** shapes) {
 
 extern "C" {
 
-void ds2_set_threads(int n) { g_threads = n > 0 ? n : 1; }
+void ds2_set_threads(int n) {
+  g_threads = n > 0 ? n : 1;
+  omp_set_max_active_levels(1);  // a direction on its own thread runs its inner regions on that thread
+}
 int ds2_get_threads() { return g_threads; }
+void ds2_set_split_directions(int on) { g_split_directions = on; }
+double ds2_kernel_seconds(int which) { return g_nanoseconds[which & 1].load() * 1e-9; }
 
 int lstm_forward(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes, void* stream,
                  void* extra) {
