@@ -63,6 +63,7 @@ def _ds2exp_trainer(model_name: str, batch_size: int, threads: Optional[int] = N
                  f"hardware.mode={mode}"]
     if threads:
         overrides.append(f"hardware.threads={threads}")
+    overrides += [o for o in os.environ.get("DS2EXP_BENCH_OVERRIDES", "").split() if o]
     if os.environ.get("DS2EXP_BENCH_DATA"):  # as bench/run_all.py's feature section
         overrides.append(f"paths.data_dir={Path(os.environ['DS2EXP_BENCH_DATA']).resolve()}")
     cfg = compose_config(overrides)

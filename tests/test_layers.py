@@ -243,6 +243,18 @@ def test_recurrent_product_kernels_match_numpy(B, G, H):
     np.testing.assert_allclose(back, g.astype(np.float64) @ w.astype(np.float64), rtol=1e-5, atol=1e-5)
 
 
+def test_conv_gemm_backward_in_chunks_of_utterances(monkeypatch):
+    """A batch whose im2col matrix is over L.IM2COL_CHUNK_BYTES goes through the GEMM backward one
+    utterance at a time (here: any batch) with the plain layer's gradients."""
+    monkeypatch.setattr(L, "IM2COL_CHUNK_BYTES", 1)
+    C_in, C_out, k, s, p, F, T, _ = CONVS["ds2_tiny_conv2"]
+    plain = L.make_conv2d(C_in, C_out, k, s, p, impl="plain")
+    fast = L.FastConv2d(C_in, C_out, k, s, p, strategy="gemm")
+    copy_params(plain, fast)
+    x = Tensor(np.random.default_rng(4).standard_normal((3, C_in, F, T)).astype(np.float32))
+    assert_same(plain, fast, (x,))
+
+
 @pytest.mark.parametrize("rnn_type", ["lstm", "gru"])
 def test_rnn_directions_in_separate_loops(rnn_type, monkeypatch):
     """Large W_hh: each direction runs its own time loop (the H=1024 path) - same results."""
@@ -347,6 +359,7 @@ def test_kernels_import_no_mindspore():
 
 
 def test_timing_hook_sees_each_kernel_call(monkeypatch):
+    monkeypatch.setattr(K.settings, "use_native", False)  # the C++ kernels time themselves (test_native_kernels)
     calls = []
     monkeypatch.setattr(K.settings, "timing_hook", lambda name, wall, cpu: calls.append((name, wall, cpu)))
     cell = L.make_rnn("lstm", 5, 4, True, impl="fast")

@@ -49,9 +49,9 @@ def layer_outputs(rnn_type, bidirectional, native, threads=None, seed=0):
 @pytest.mark.parametrize("bidirectional", [True, False], ids=["bi", "uni"])
 def test_native_matches_numba(rnn_type, bidirectional):
     cell, native = layer_outputs(rnn_type, bidirectional, native=True)
-    assert cell.scan.func_type == "aot"
+    assert cell.fused and cell.layer_op.func_type == "aot"
     cell, reference = layer_outputs(rnn_type, bidirectional, native=False)
-    assert cell.scan.func_type == "pyfunc"
+    assert not cell.fused and cell.scan.func_type == "pyfunc"
     for a, b in zip(native, reference):
         assert a.shape == b.shape
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5 * max(1.0, float(np.abs(b).max())))
@@ -86,3 +86,10 @@ def test_build_once_per_source_and_machine(tmp_path):
     assert KN.build(KN._compiler(), tmp_path) == first
     assert os.stat(first).st_mtime_ns == mtime
     assert [p.name for p in tmp_path.iterdir()] == [os.path.basename(first)]
+
+
+def test_kernels_time_themselves():
+    before = KN.kernel_seconds()
+    layer_outputs("lstm", True, native=True)
+    after = KN.kernel_seconds()
+    assert after["rnn_fwd"] > before["rnn_fwd"] and after["rnn_bwd"] > before["rnn_bwd"]

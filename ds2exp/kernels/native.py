@@ -1,4 +1,4 @@
-"""The C++ recurrences (kernels/native/recurrence.cc), built once per machine for MindSpore's aot Custom ops.
+"""The C++ RNN layer kernels (kernels/native/recurrence.cc), built once per machine for MindSpore's aot Custom ops.
 
 ``library()`` compiles the source with the system C++ compiler (``-O3 -march=native -fopenmp``) into
 the user's cache (``$DS2EXP_CACHE_DIR``, else ``$XDG_CACHE_HOME/ds2exp``, else ``~/.cache/ds2exp``),
@@ -6,9 +6,9 @@ keyed by the source, the compiler and the CPU's instruction sets, and returns th
 no compiler works it logs why once and returns None, and the RNN layers run the numba/numpy kernels
 (``ds2exp.kernels.rnn``) instead. ``DS2EXP_NO_NATIVE=1`` or ``set_native_enabled(False)`` chooses
 those too. MindSpore's own compile step for aot sources builds without optimisation or OpenMP, which
-is why the library is built here and handed to ``ops.Custom`` as ``path.so:function``. Where the
-MindSpore wheel ships oneDNN (``mindspore/lib/libdnnl.so.2``) the library links its GEMM for the
-recurrent weight gradient.
+is why the library is built here and handed to ``ops.Custom`` as ``path.so:function``. The library
+links the GEMM of the oneDNN that the MindSpore wheel ships (``mindspore/lib/libdnnl.so.2``); without
+it the numba/numpy kernels run.
 """
 from __future__ import annotations
 
@@ -51,14 +51,15 @@ def _cpu_flags() -> str:
 
 
 def _onednn_flags() -> list:
-    """Link oneDNN's GEMM (for the weight gradient) from the MindSpore wheel where it ships one."""
+    """Linker flags for oneDNN's GEMM (the projections and the weight gradients) from the MindSpore wheel,
+    or [] where the wheel ships none."""
     spec = importlib.util.find_spec("mindspore")
     if spec is None or spec.origin is None:
         return []
     lib = Path(spec.origin).parent / "lib"
     if not (lib / "libdnnl.so.2").is_file():
         return []
-    return ["-DDS2_DNNL", f"-L{lib}", "-l:libdnnl.so.2", f"-Wl,-rpath,{lib}"]
+    return [f"-L{lib}", "-l:libdnnl.so.2", f"-Wl,-rpath,{lib}"]
 
 
 def _compiler() -> Optional[str]:
@@ -71,9 +72,14 @@ def build(cxx: Optional[str], directory: Path) -> Optional[str]:
     if cxx is None:
         log.warning("no C++ compiler (g++, c++ or $CXX): the RNN recurrences run the numba/numpy kernels")
         return None
+    onednn = _onednn_flags()
+    if not onednn:
+        log.warning("the installed MindSpore ships no oneDNN (mindspore/lib/libdnnl.so.2): the RNN recurrences "
+                    "run the numba/numpy kernels")
+        return None
     try:
         version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
-        flags = FLAGS + _onednn_flags()
+        flags = FLAGS + onednn
         key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(flags), version, _cpu_flags()]).encode())
         out = Path(directory) / f"recurrence-{key.hexdigest()[:16]}.so"
         if not out.is_file():

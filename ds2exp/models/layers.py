@@ -15,13 +15,14 @@ Each layer comes in two implementations behind one interface, selected by ``impl
     With a single input channel and no input gradient needed (DS2 conv1 over the features,
     ``input_grad=False``), the weight gradient is a direct kernel too; with one input channel and
     an input gradient, MindSpore's own forward and backward are kept.
-    *RNN*: the input projection of all time steps and both directions is ONE MindSpore matmul;
-    the recurrence - forward and a hand-written backward, both directions, ragged lengths - runs
-    in a ``mindspore.ops.Custom(func_type="pyfunc")`` op (ds2exp.kernels.rnn) with a custom bprop, so autodiff works
-    through the whole model in PYNATIVE mode, under ``mindspore.value_and_grad`` and under
-    ``mindspore.jit``. With numba and at most 32 rows, each direction's whole time loop is one
-    compiled call (the two directions on two threads, the product with W_hh register-blocked);
-    otherwise a numpy loop with BLAS per step. The input bias is added inside the recurrence op.
+    *RNN*: where a C++ compiler builds ds2exp.kernels.native, the whole layer - the input projection
+    and the recurrence, forward and a hand-written backward, both directions, ragged lengths - is ONE
+    ``Custom(func_type="aot")`` op over the C++ kernels (models/rnn_ops.py). Otherwise the input
+    projection of all time steps and both directions is one MindSpore matmul and the recurrence runs
+    in a ``Custom(func_type="pyfunc")`` op over the numba/numpy kernels (ds2exp.kernels.rnn): with
+    numba and at most 32 rows each direction's whole time loop is one compiled call, else a numpy
+    loop with BLAS per step. Both have a custom bprop, so autodiff works through the whole model in
+    PYNATIVE mode, under ``mindspore.value_and_grad`` and under ``mindspore.jit``.
 
 Parameters carry the same names and shapes in both (``weight``; ``weight_ih_l0``, ``weight_hh_l0``,
 ``bias_ih_l0``, ``bias_hh_l0`` and ``_reverse``, gate order of ``nn.LSTM`` (i, f, g, o) and ``nn.GRU``
@@ -37,18 +38,17 @@ Notes (measured on the 2-core CPU, bench/bench_layers.py):
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import mindspore as ms
-import numpy as np
 from mindspore import Parameter, nn, ops
 from mindspore.common.initializer import HeUniform, Uniform, initializer
 
 from ds2exp.kernels.conv import (conv_output_size, direct_conv_forward, direct_conv_weight_grad, direct_geometry,
                                  freq_col2im, freq_im2col, pad4, pair, time_shifts)
 from ds2exp.kernels import native
-from ds2exp.kernels.rnn import GATES, KERNELS
+from ds2exp.kernels.rnn import GATES
+from ds2exp.models.rnn_ops import native_layer_op, numpy_scan_op
 
 __all__ = [
     "FastConv2d",
@@ -62,100 +62,6 @@ __all__ = [
 ]
 
 IMPLS = ("plain", "fast")
-
-
-# --------------------------------------------------------------------------------------------
-# RNN recurrence as a Custom op
-# --------------------------------------------------------------------------------------------
-def _make_scan_ops(mode, D, library=None):
-    """Custom forward op (with custom bprop) for a `mode` recurrence with D directions: the C++ kernels
-    of `library` (kernels/native.py) as aot ops, or with library None the numba/numpy kernels as pyfunc ops.
-
-    Forward op inputs: xp (B, T, D*G) without bias, lengths (B,) int32, then (w_hh, b_hh, b_ih) per
-    direction.
-    Outputs: y (B, T, D*H) and three saved tensors (D, T, B, G|H|H) used by the backward.
-    """
-    fwd_np, bwd_np = KERNELS[mode]
-
-    def _out_shapes(xs, ws):
-        B, T = xs[0], xs[1]
-        G, H = ws[0], ws[1]
-        return (B, T, D * H), (D, T, B, G), (D, T, B, H), (D, T, B, H)
-
-    def _bias_ih_grad(dxp):
-        # the input bias adds to every valid frame's projection: its gradient is dxp summed
-        return dxp.reshape(-1, D, dxp.shape[-1] // D).sum(axis=0)
-
-    if D == 1:
-        def fwd(xp, lengths, w0, b0, bi0):
-            return fwd_np(xp, lengths, w0[None], b0[None], bi0[None])
-
-        def fwd_shape(xs, ls, w0, b0, bi0):
-            return _out_shapes(xs, w0)
-
-        def fwd_dtype(xt, lt, w0, b0, bi0):
-            return xt, xt, xt, xt
-
-        def bwd(lengths, w0, a, s, hs, dy):
-            dxp, dw, db = bwd_np(lengths, w0[None], a, s, hs, dy)
-            return dxp, dw[0], db[0], _bias_ih_grad(dxp)[0]
-
-        def bwd_shape(ls, w0, a, s, hs, dy):
-            return (dy[0], dy[1], w0[0]), tuple(w0), (w0[0],), (w0[0],)
-
-        def bwd_dtype(lt, w0, a, s, hs, dy):
-            return w0, w0, w0, w0
-
-        bwd_op = _custom(bwd, f"{mode}_backward", library, bwd_shape, bwd_dtype)
-
-        def bprop(xp, lengths, w0, b0, bi0, out, dout):
-            dxp, dw0, db0, dbi0 = bwd_op(lengths, w0, out[1], out[2], out[3], dout[0])
-            return dxp, ops.zeros_like(lengths), dw0, db0, dbi0
-    else:
-        def fwd(xp, lengths, w0, b0, bi0, w1, b1, bi1):
-            return fwd_np(xp, lengths, np.stack((w0, w1)), np.stack((b0, b1)), np.stack((bi0, bi1)))
-
-        def fwd_shape(xs, ls, w0, b0, bi0, w1, b1, bi1):
-            return _out_shapes(xs, w0)
-
-        def fwd_dtype(xt, lt, w0, b0, bi0, w1, b1, bi1):
-            return xt, xt, xt, xt
-
-        def bwd(lengths, w0, w1, a, s, hs, dy):
-            dxp, dw, db = bwd_np(lengths, np.stack((w0, w1)), a, s, hs, dy)
-            dbi = _bias_ih_grad(dxp)
-            return dxp, dw[0], db[0], dbi[0], dw[1], db[1], dbi[1]
-
-        def bwd_shape(ls, w0, w1, a, s, hs, dy):
-            G = (w0[0],)
-            return (dy[0], dy[1], 2 * w0[0]), tuple(w0), G, G, tuple(w1), G, G
-
-        def bwd_dtype(lt, w0, w1, a, s, hs, dy):
-            return (w0,) * 7
-
-        bwd_op = _custom(bwd, f"{mode}_backward", library, bwd_shape, bwd_dtype)
-
-        def bprop(xp, lengths, w0, b0, bi0, w1, b1, bi1, out, dout):
-            dxp, dw0, db0, dbi0, dw1, db1, dbi1 = bwd_op(lengths, w0, w1, out[1], out[2], out[3], dout[0])
-            return dxp, ops.zeros_like(lengths), dw0, db0, dbi0, dw1, db1, dbi1
-
-    fwd_op = _custom(fwd, f"{mode}_forward", library, fwd_shape, fwd_dtype, bprop=bprop)
-    # keep the Python callables alive: the pyfunc registry is keyed by id()
-    fwd_op._ds2_keep = (fwd, bwd, bprop, bwd_op)
-    return fwd_op
-
-
-def _custom(fn, symbol, library, out_shape, out_dtype, **kw):
-    """A Custom op running the C++ kernel `symbol` of `library`, or with library None the Python `fn`."""
-    if library is None:
-        return ops.Custom(fn, out_shape=out_shape, out_dtype=out_dtype, func_type="pyfunc", **kw)
-    return ops.Custom(f"{library}:{symbol}", out_shape=out_shape, out_dtype=out_dtype, func_type="aot", **kw)
-
-
-@functools.lru_cache(maxsize=None)
-def _scan_op(mode, D, library):
-    """One Custom op per (mode, directions, kernels), shared by every FastRNN of that kind."""
-    return _make_scan_ops(mode, D, library)
 
 
 # --------------------------------------------------------------------------------------------
@@ -230,13 +136,25 @@ class FastRNN(nn.Cell):
             self.bias_ih_l0_reverse = p((G,), "bias_ih_l0_reverse")
             self.bias_hh_l0_reverse = p((G,), "bias_hh_l0_reverse")
         self.matmul_t = ops.MatMul(transpose_b=True)
-        self.scan = _scan_op(self.rnn_type, self.num_directions, native.library())
+        library = native.library()
+        # with the C++ kernels one op does the projection and the recurrence (rnn_ops.native_layer_op)
+        self.fused = library is not None
+        if self.fused:
+            self.layer_op = native_layer_op(self.rnn_type, self.num_directions, library)
+        else:
+            self.scan = numpy_scan_op(self.rnn_type, self.num_directions)
 
     def construct(self, x, lengths=None):
         B, T, In = x.shape
         if lengths is None:
             lengths = ops.fill(ms.int32, (B,), T)
         lengths = lengths.astype(ms.int32)
+        if self.fused:
+            if self.num_directions == 2:
+                return self.layer_op(x, lengths, self.weight_ih_l0, self.weight_hh_l0, self.bias_hh_l0, self.bias_ih_l0,
+                                     self.weight_ih_l0_reverse, self.weight_hh_l0_reverse, self.bias_hh_l0_reverse,
+                                     self.bias_ih_l0_reverse)[0]
+            return self.layer_op(x, lengths, self.weight_ih_l0, self.weight_hh_l0, self.bias_hh_l0, self.bias_ih_l0)[0]
         if self.num_directions == 2:
             w_ih = ops.concat((self.weight_ih_l0, self.weight_ih_l0_reverse), 0)
         else:
@@ -283,6 +201,11 @@ def _direct_forward_op(out_channels, kernel_size, stride, padding, bprop=None):
     return op, (fwd, fwd_shape)
 
 
+# Largest im2col matrix of the GEMM backward (_ConvFn.bprop): ds2_tiny's conv2 at batch 16 x 300 frames
+# (70 MB) goes through in one piece, ds2_reference's at 8 x 1200 frames (538 MB) in chunks of utterances.
+IM2COL_CHUNK_BYTES = 96 << 20
+
+
 class _ConvFn(nn.Cell):
     """conv2d(x, w) with a GEMM backward (custom bprop): the data movement (frequency im2col of x,
     the kT time shifts of dy, col2im of the input gradient) runs in numpy/numba pyfunc ops
@@ -301,6 +224,7 @@ class _ConvFn(nn.Cell):
             self.fwd_op = ops.Conv2D(out_channel=out_channels, kernel_size=kernel_size, mode=1, pad_mode="pad",
                                      pad=padding, stride=stride)
         sF, sT = stride
+        self.stride_t = sT
         pt, pb, pl, _ = padding
         kF, kT = kernel_size
 
@@ -339,13 +263,22 @@ class _ConvFn(nn.Cell):
 
     def bprop(self, x, w, out, dout):
         O, C, kF, kT = w.shape
-        xf = self.im2col(x, dout)                                    # (B*Tu*Fo, kF*C)
-        dz = self.shifts(dout)                                       # (B*Tu*Fo, kT*O)
+        B, Fo, To = dout.shape[0], dout.shape[2], dout.shape[3]
         wr = ops.transpose(w, (2, 1, 3, 0)).reshape(kF * C, kT * O)
-        dwr = self.matmul_ta(xf, dz)                                 # (kF*C, kT*O)
+        # the im2col matrix and its gradient are kF/sF times the input: a batch of long utterances
+        # goes through in chunks of utterances, so that they stay under IM2COL_CHUNK_BYTES
+        rows = ((To - 1) * self.stride_t + kT) * Fo
+        per_chunk = max(1, IM2COL_CHUNK_BYTES // max(1, rows * kF * C * 4))
+        dwr, dxs = None, []
+        for b0 in range(0, B, per_chunk):
+            xb, db = x[b0:b0 + per_chunk], dout[b0:b0 + per_chunk]
+            xf = self.im2col(xb, db)                                 # (b*Tu*Fo, kF*C)
+            dz = self.shifts(db)                                     # (b*Tu*Fo, kT*O)
+            part = self.matmul_ta(xf, dz)                            # (kF*C, kT*O)
+            dwr = part if dwr is None else dwr + part
+            dxs.append(self.col2im(self.matmul_tb(dz, wr), xb, db))  # d x of these utterances
         dw = ops.transpose(dwr.reshape(kF, C, kT, O), (3, 1, 0, 2))
-        dxf = self.matmul_tb(dz, wr)                                 # (B*Tu*Fo, kF*C)
-        dx = self.col2im(dxf, x, dout)
+        dx = dxs[0] if len(dxs) == 1 else ops.concat(dxs, 0)
         return dx, dw
 
 

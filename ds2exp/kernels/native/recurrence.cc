@@ -1,10 +1,13 @@
 // LSTM and GRU recurrences, forward and backward, as MindSpore Custom(func_type="aot") kernels.
 //
-// Same tensors and arithmetic as ds2exp/kernels/rnn.py (its docstrings are the specification):
-//   forward  in: xp (B,T,D*G), lengths (B) int32, then w_hh (G,H), b_hh (G), b_ih (G) per direction
+// The input projection and the recurrence of one layer in one op, with the arithmetic of
+// ds2exp/kernels/rnn.py (its docstrings are the specification), directions d = 0 (forward), 1 (reverse):
+//   forward  in: x (B,T,In), lengths (B) int32, then w_ih (G,In), w_hh (G,H), b_hh (G), b_ih (G) per direction
 //           out: y (B,T,D*H), A (D,T,B,G), C|S (D,T,B,H), Hs (D,T,B,H)      [aligned time, see rnn.py]
-//   backward in: lengths, w_hh per direction, A, C|S, Hs, dy (B,T,D*H)
-//           out: d_xp (B,T,D*G), then d_w_hh, d_b_hh, d_b_ih per direction
+//   backward in: x, lengths, then w_ih, w_hh per direction, then A, C|S, Hs, dy (B,T,D*H)
+//           out: dx (B,T,In), then d_w_ih, d_w_hh, d_b_hh, d_b_ih per direction
+// The projections x w_ih^T and their gradients live only inside the op (oneDNN's GEMM from the
+// MindSpore wheel), so the step keeps no (B,T,D*G) tensor between forward and backward.
 // G = 4H (LSTM i,f,g,o) or 3H (GRU r,z,n). The kernels run on MindSpore's own buffers: no copies,
 // no Python, no GIL.
 //
@@ -183,7 +186,7 @@ void clip_lengths(const int32_t* lengths, int B, int T, std::vector<int>& L, int
 template <bool LSTM>
 void forward_direction(const Shape& s, int d, const float* xp, const std::vector<int>& L, int Tm, const float* w,
                        const float* bhh, const float* bih, float* y, float* A, float* CS, float* Hs) {
-  const int B = s.B, T = s.T, G = s.G, H = s.H, DG = s.D * G, DH = s.D * H;
+  const int B = s.B, T = s.T, G = s.G, H = s.H, DH = s.D * H;
   const int NG = G / H;
   std::vector<float> packed(NG * panels_size(H, H)), xb(G), gates((size_t)B * G);
   for (int j = 0; j < G; ++j) xb[j] = LSTM ? bhh[j] + bih[j] : bih[j];
@@ -224,7 +227,7 @@ void forward_direction(const Shape& s, int d, const float* xp, const std::vector
       for (int b = 0; b < B; ++b) {
         const int f = frame(d, t, L[b]);
         const float keep = t < L[b] ? 1.0f : 0.0f;
-        const float* x = xp + ((size_t)b * T + f) * DG + (size_t)d * G;
+        const float* x = xp + ((size_t)b * T + f) * G;
         const float* gb = &gates[(size_t)b * G];
         float* ab = a_t + (size_t)b * G;
         float* sb = s_t + (size_t)b * H;
@@ -274,54 +277,41 @@ void forward_direction(const Shape& s, int d, const float* xp, const std::vector
 // ------------------------------------------------------------------------------------------------
 // backward
 // ------------------------------------------------------------------------------------------------
-#ifdef DS2_DNNL
 // oneDNN's GEMM from the MindSpore wheel (mindspore/lib/libdnnl.so.2); without a threadpool it runs
 // on the calling thread.
 extern "C" int dnnl_sgemm(char transa, char transb, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
                           int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
-#endif
 
-// d W_hh[j, u] = sum over steps t >= 1 and rows b of dGh[t, b, j] * Hs[t-1, b, u]. With oneDNN: one
-// GEMM per block of 256 gate rows, the blocks shared out to the threads (fixed blocks, so the thread
-// count changes no result). Without: tiled for cache, each tile continuing its elements' sums in k
-// order.
-void weight_grad(const float* dGh, const float* Hd, int B, int Tm, int G, int H, float* dw, int nt) {
-  const int K = (Tm - 1) * B;
-#ifdef DS2_DNNL
-  const int JB = 256, blocks = (G + JB - 1) / JB;
-#pragma omp parallel for num_threads(nt) schedule(static)
-  for (int jb = 0; jb < blocks; ++jb) {
-    const int j0 = jb * JB, rows = std::min(G, j0 + JB) - j0;
-    if (K <= 0)
-      std::memset(dw + (size_t)j0 * H, 0, sizeof(float) * rows * H);
-    else
-      dnnl_sgemm('T', 'N', rows, H, K, 1.0f, dGh + (size_t)B * G + j0, G, Hd, H, 0.0f, dw + (size_t)j0 * H, H);
-  }
-  return;
-#endif
-  const int JT = 64, UT = 128, KT = 256;
-  const int jtiles = (G + JT - 1) / JT;
-#pragma omp parallel for num_threads(nt) schedule(static)
-  for (int jt = 0; jt < jtiles; ++jt) {
-    const int j0 = jt * JT, j1 = std::min(G, j0 + JT);
-    for (int j = j0; j < j1; ++j) std::memset(dw + (size_t)j * H, 0, sizeof(float) * H);
-    if (K <= 0) continue;
-    for (int k0 = 0; k0 < K; k0 += KT) {
-      const int kn = std::min(KT, K - k0);
-      for (int n0 = 0; n0 < H; n0 += UT) {
-        const int n1 = std::min(H, n0 + UT);
-        gemm(dGh + (size_t)(B + k0) * G + j0, 1, G, j1 - j0, kn, rows(Hd + (size_t)k0 * H, H), dw + (size_t)j0 * H, H,
-             n0, n1, true);
-      }
+// C (M x N) = op(A) op(B) + beta C, row-major, 'N' or 'T' as in BLAS. The rows of C are cut into
+// (at most) four fixed blocks, one GEMM each, shared out to the threads: the cut does not depend
+// on the thread count, so neither do the results.
+void gemm_blocks(char ta, char tb, int M, int N, int K, const float* A, long lda, const float* B, long ldb, float beta,
+                 float* C, long ldc) {
+  const int blocks = std::max(1, std::min(4, M));
+#pragma omp parallel for num_threads(std::min(g_threads, blocks)) schedule(static)
+  for (int i = 0; i < blocks; ++i) {
+    const int m0 = (int)((long)M * i / blocks), m1 = (int)((long)M * (i + 1) / blocks);
+    if (m1 <= m0) continue;
+    const float* a = ta == 'N' ? A + (size_t)m0 * lda : A + m0;
+    if (K <= 0) {
+      for (int m = m0; m < m1; ++m)
+        for (int n = 0; n < N; ++n) C[(size_t)m * ldc + n] = beta == 0.0f ? 0.0f : beta * C[(size_t)m * ldc + n];
+      continue;
     }
+    dnnl_sgemm(ta, tb, m1 - m0, N, K, 1.0f, a, lda, B, ldb, beta, C + (size_t)m0 * ldc, ldc);
   }
+}
+
+// d W_hh[j, u] = sum over steps t >= 1 and rows b of dGh[t, b, j] * Hs[t-1, b, u]
+void weight_grad(const float* dGh, const float* Hd, int B, int Tm, int G, int H, float* dw) {
+  gemm_blocks('T', 'N', G, H, (Tm - 1) * B, dGh + (size_t)B * G, G, Hd, H, 0.0f, dw, H);
 }
 
 template <bool LSTM>
 void backward_direction(const Shape& s, int d, const std::vector<int>& L, int Tm, const float* w, const float* A,
                         const float* CS, const float* Hs, const float* dy, float* dxp, float* dw, float* db,
                         float* dbi) {
-  const int B = s.B, T = s.T, G = s.G, H = s.H, DG = s.D * G, DH = s.D * H;
+  const int B = s.B, T = s.T, G = s.G, H = s.H, DH = s.D * H;
   const float* Ad = A + (size_t)d * T * B * G;
   const float* Sd = CS + (size_t)d * T * B * H;
   const float* Hd = Hs + (size_t)d * T * B * H;
@@ -337,7 +327,7 @@ void backward_direction(const Shape& s, int d, const std::vector<int>& L, int Tm
     for (int t = Tm; t < T; ++t)  // frames past every row's length get no gradient
       for (int b = 0; b < B; ++b)
         for (int g = 0; g < G / H; ++g)
-          std::memset(dxp + ((size_t)b * T + t) * DG + (size_t)d * G + g * H + u0, 0, sizeof(float) * (u1 - u0));
+          std::memset(dxp + ((size_t)b * T + t) * G + g * H + u0, 0, sizeof(float) * (u1 - u0));
     for (int t = Tm - 1; t >= 0; --t) {
       const float* a_t = Ad + (size_t)t * B * G;
       float* dg_t = &dGh[(size_t)t * B * G];
@@ -347,7 +337,7 @@ void backward_direction(const Shape& s, int d, const std::vector<int>& L, int Tm
         const bool valid = t < L[b];
         const float* ab = a_t + (size_t)b * G;
         float* dgb = dg_t + (size_t)b * G;
-        float* dxb = dxp + ((size_t)b * T + f) * DG + (size_t)d * G;
+        float* dxb = dxp + ((size_t)b * T + f) * G;
         float* dhb = &dh[(size_t)b * H];
         if (LSTM) {
           float* dcb = &dc[(size_t)b * H];
@@ -406,7 +396,7 @@ void backward_direction(const Shape& s, int d, const std::vector<int>& L, int Tm
       }
     }
   }
-  weight_grad(dGh.data(), Hd, B, Tm, G, H, dw, team(G));
+  weight_grad(dGh.data(), Hd, B, Tm, G, H, dw);
   // bias gradients: d b_hh sums the recurrent pre-activations' gradient, d b_ih the input ones'
 #pragma omp parallel num_threads(nt)
   {
@@ -416,7 +406,7 @@ void backward_direction(const Shape& s, int d, const std::vector<int>& L, int Tm
     for (int k = 0; k < Tm * B; ++k)
       for (int j = j0; j < j1; ++j) db[j] += dGh[(size_t)k * G + j];
     for (int k = 0; k < B * T; ++k)
-      for (int j = j0; j < j1; ++j) dbi[j] += dxp[(size_t)k * DG + (size_t)d * G + j];
+      for (int j = j0; j < j1; ++j) dbi[j] += dxp[(size_t)k * G + j];
   }
 }
 
@@ -427,25 +417,31 @@ inline bool by_direction(int D) { return D > 1 && g_split_directions && g_thread
 template <bool LSTM>
 int forward(int nparam, void** params, int64_t** shapes) {
   Timer timer(0);
-  const int D = nparam == 12 ? 2 : 1;
+  const int D = (nparam - 6) / 4;
   const int64_t* xs = shapes[0];
-  const int64_t* ws = shapes[2];
+  const int64_t* ws = shapes[3];  // w_hh (G, H)
+  const int In = (int)xs[2];
   Shape s{(int)xs[0], (int)xs[1], D, (int)ws[0], (int)ws[1]};
-  const float* xp = static_cast<const float*>(params[0]);
+  const float* x = static_cast<const float*>(params[0]);
   std::vector<int> L;
   int Tm;
   clip_lengths(static_cast<const int32_t*>(params[1]), s.B, s.T, L, Tm);
-  const int o = 2 + 3 * D;
+  const int o = 2 + 4 * D;
   float* y = static_cast<float*>(params[o]);
   float* A = static_cast<float*>(params[o + 1]);
   float* CS = static_cast<float*>(params[o + 2]);
   float* Hs = static_cast<float*>(params[o + 3]);
+  const size_t rows = (size_t)s.B * s.T;
+  std::vector<float> xp((size_t)D * rows * s.G);  // each direction's projections, (B*T, G)
+  for (int d = 0; d < D; ++d)
+    gemm_blocks('N', 'T', (int)rows, s.G, In, x, In, static_cast<const float*>(params[2 + 4 * d]), In, 0.0f,
+                xp.data() + d * rows * s.G, s.G);
 #pragma omp parallel for num_threads(D) schedule(static, 1) if (by_direction(D))
   for (int d = 0; d < D; ++d) {
-    const float* w = static_cast<const float*>(params[2 + 3 * d]);
-    const float* bhh = static_cast<const float*>(params[3 + 3 * d]);
-    const float* bih = static_cast<const float*>(params[4 + 3 * d]);
-    forward_direction<LSTM>(s, d, xp, L, Tm, w, bhh, bih, y, A, CS, Hs);
+    const float* w = static_cast<const float*>(params[3 + 4 * d]);
+    const float* bhh = static_cast<const float*>(params[4 + 4 * d]);
+    const float* bih = static_cast<const float*>(params[5 + 4 * d]);
+    forward_direction<LSTM>(s, d, xp.data() + d * rows * s.G, L, Tm, w, bhh, bih, y, A, CS, Hs);
   }
   return 0;
 }
@@ -453,26 +449,36 @@ int forward(int nparam, void** params, int64_t** shapes) {
 template <bool LSTM>
 int backward(int nparam, void** params, int64_t** shapes) {
   Timer timer(1);
-  const int D = nparam == 14 ? 2 : 1;
-  const int64_t* as = shapes[1 + D];  // A: (D, T, B, G)
-  const int64_t* ws = shapes[1];
-  Shape s{(int)as[2], (int)as[1], D, (int)ws[0], (int)ws[1]};
+  const int D = (nparam - 7) / 6;
+  const int64_t* xs = shapes[0];
+  const int64_t* ws = shapes[3];  // w_hh (G, H)
+  const int In = (int)xs[2];
+  Shape s{(int)xs[0], (int)xs[1], D, (int)ws[0], (int)ws[1]};
+  const float* x = static_cast<const float*>(params[0]);
   std::vector<int> L;
   int Tm;
-  clip_lengths(static_cast<const int32_t*>(params[0]), s.B, s.T, L, Tm);
-  const float* A = static_cast<const float*>(params[1 + D]);
-  const float* CS = static_cast<const float*>(params[2 + D]);
-  const float* Hs = static_cast<const float*>(params[3 + D]);
-  const float* dy = static_cast<const float*>(params[4 + D]);
-  const int o = 5 + D;
-  float* dxp = static_cast<float*>(params[o]);
+  clip_lengths(static_cast<const int32_t*>(params[1]), s.B, s.T, L, Tm);
+  const float* A = static_cast<const float*>(params[2 + 2 * D]);
+  const float* CS = static_cast<const float*>(params[3 + 2 * D]);
+  const float* Hs = static_cast<const float*>(params[4 + 2 * D]);
+  const float* dy = static_cast<const float*>(params[5 + 2 * D]);
+  const int o = 6 + 2 * D;
+  float* dx = static_cast<float*>(params[o]);
+  const size_t rows = (size_t)s.B * s.T;
+  std::vector<float> dxp((size_t)D * rows * s.G);  // each direction's projections' gradient, (B*T, G)
 #pragma omp parallel for num_threads(D) schedule(static, 1) if (by_direction(D))
   for (int d = 0; d < D; ++d) {
-    const float* w = static_cast<const float*>(params[1 + d]);
-    float* dw = static_cast<float*>(params[o + 1 + 3 * d]);
-    float* db = static_cast<float*>(params[o + 2 + 3 * d]);
-    float* dbi = static_cast<float*>(params[o + 3 + 3 * d]);
-    backward_direction<LSTM>(s, d, L, Tm, w, A, CS, Hs, dy, dxp, dw, db, dbi);
+    const float* w = static_cast<const float*>(params[3 + 2 * d]);
+    float* dw = static_cast<float*>(params[o + 2 + 4 * d]);
+    float* db = static_cast<float*>(params[o + 3 + 4 * d]);
+    float* dbi = static_cast<float*>(params[o + 4 + 4 * d]);
+    backward_direction<LSTM>(s, d, L, Tm, w, A, CS, Hs, dy, dxp.data() + d * rows * s.G, dw, db, dbi);
+  }
+  for (int d = 0; d < D; ++d) {
+    const float* w_ih = static_cast<const float*>(params[2 + 2 * d]);
+    const float* g = dxp.data() + d * rows * s.G;
+    gemm_blocks('N', 'N', (int)rows, In, s.G, g, s.G, w_ih, In, d == 0 ? 0.0f : 1.0f, dx, In);      // dx
+    gemm_blocks('T', 'N', s.G, In, (int)rows, g, s.G, x, In, 0.0f, static_cast<float*>(params[o + 1 + 4 * d]), In);
   }
   return 0;
 }
