@@ -11,11 +11,12 @@
 // G = 4H (LSTM i,f,g,o) or 3H (GRU r,z,n). The kernels run on MindSpore's own buffers: no copies,
 // no Python, no GIL.
 //
-// Threads: one direction at a time, every thread on it, each owning a fixed range of hidden units
-// (all gates of those units), so a direction's W_hh is read once per step by all cores together
-// and stays in cache; one barrier per time step. Every output element is summed by the same code
-// in the same order (k = 0, 1, ... with one multiply-add each) whichever thread computes it and
-// however the columns are blocked, so results do not depend on the thread count.
+// Threads: with no more threads than directions, each direction runs whole on a thread of its own.
+// With more, one direction at a time, every thread owning a fixed range of hidden units (all gates
+// of those units), so that a direction's W_hh is read once per step by all cores together and stays
+// in cache; one barrier per time step. Every output element of the recurrence is one running sum in
+// the same order (k = 0, 1, ...) whichever thread computes it and however the columns are blocked,
+// and the GEMMs are cut into blocks that do not depend on the thread count, so no result depends on it.
 #include <omp.h>
 
 #include <algorithm>
@@ -413,35 +414,49 @@ void backward_direction(const Shape& s, int d, const std::vector<int>& L, int Tm
 // Directions on threads of their own (each then runs with a team of one: nested regions are off).
 inline bool by_direction(int D) { return D > 1 && g_split_directions && g_threads > 1 && g_threads <= D; }
 
-// MindSpore's aot calling convention: params holds the inputs, then the outputs.
+// MindSpore's aot calling convention: params holds the inputs, then the outputs. Both ops start with
+// x (B, T, In), lengths (B) and w_ih, w_hh of the first direction.
+struct Call {
+  Shape s;
+  int In, Tm;
+  const float* x;
+  std::vector<int> L;
+  Call(void** params, int64_t** shapes, int D)
+      : s{(int)shapes[0][0], (int)shapes[0][1], D, (int)shapes[3][0], (int)shapes[3][1]},
+        In((int)shapes[0][2]),
+        x(static_cast<const float*>(params[0])) {
+    clip_lengths(static_cast<const int32_t*>(params[1]), s.B, s.T, L, Tm);
+  }
+};
+
+// The tensors the forward saves for the backward: gate activations, cell states (LSTM) or W_hn h + b_hn
+// (GRU), hidden states, each (D, T, B, ...), three consecutive params.
+struct Saved {
+  float *A, *CS, *Hs;
+  explicit Saved(void** p)
+      : A(static_cast<float*>(p[0])), CS(static_cast<float*>(p[1])), Hs(static_cast<float*>(p[2])) {}
+};
+
 template <bool LSTM>
 int forward(int nparam, void** params, int64_t** shapes) {
   Timer timer(0);
-  const int D = (nparam - 6) / 4;
-  const int64_t* xs = shapes[0];
-  const int64_t* ws = shapes[3];  // w_hh (G, H)
-  const int In = (int)xs[2];
-  Shape s{(int)xs[0], (int)xs[1], D, (int)ws[0], (int)ws[1]};
-  const float* x = static_cast<const float*>(params[0]);
-  std::vector<int> L;
-  int Tm;
-  clip_lengths(static_cast<const int32_t*>(params[1]), s.B, s.T, L, Tm);
-  const int o = 2 + 4 * D;
-  float* y = static_cast<float*>(params[o]);
-  float* A = static_cast<float*>(params[o + 1]);
-  float* CS = static_cast<float*>(params[o + 2]);
-  float* Hs = static_cast<float*>(params[o + 3]);
+  const Call c(params, shapes, (nparam - 6) / 4);
+  const Shape& s = c.s;
+  const int D = s.D;
+  float* y = static_cast<float*>(params[2 + 4 * D]);
+  const Saved saved(params + 3 + 4 * D);
   const size_t rows = (size_t)s.B * s.T;
   std::vector<float> xp((size_t)D * rows * s.G);  // each direction's projections, (B*T, G)
   for (int d = 0; d < D; ++d)
-    gemm_blocks('N', 'T', (int)rows, s.G, In, x, In, static_cast<const float*>(params[2 + 4 * d]), In, 0.0f,
-                xp.data() + d * rows * s.G, s.G);
+    gemm_blocks('N', 'T', (int)rows, s.G, c.In, c.x, c.In, static_cast<const float*>(params[2 + 4 * d]), c.In,
+                0.0f, xp.data() + d * rows * s.G, s.G);
 #pragma omp parallel for num_threads(D) schedule(static, 1) if (by_direction(D))
   for (int d = 0; d < D; ++d) {
     const float* w = static_cast<const float*>(params[3 + 4 * d]);
     const float* bhh = static_cast<const float*>(params[4 + 4 * d]);
     const float* bih = static_cast<const float*>(params[5 + 4 * d]);
-    forward_direction<LSTM>(s, d, xp.data() + d * rows * s.G, L, Tm, w, bhh, bih, y, A, CS, Hs);
+    forward_direction<LSTM>(s, d, xp.data() + d * rows * s.G, c.L, c.Tm, w, bhh, bih, y, saved.A, saved.CS,
+                            saved.Hs);
   }
   return 0;
 }
@@ -449,18 +464,13 @@ int forward(int nparam, void** params, int64_t** shapes) {
 template <bool LSTM>
 int backward(int nparam, void** params, int64_t** shapes) {
   Timer timer(1);
-  const int D = (nparam - 7) / 6;
-  const int64_t* xs = shapes[0];
-  const int64_t* ws = shapes[3];  // w_hh (G, H)
-  const int In = (int)xs[2];
-  Shape s{(int)xs[0], (int)xs[1], D, (int)ws[0], (int)ws[1]};
-  const float* x = static_cast<const float*>(params[0]);
-  std::vector<int> L;
-  int Tm;
-  clip_lengths(static_cast<const int32_t*>(params[1]), s.B, s.T, L, Tm);
-  const float* A = static_cast<const float*>(params[2 + 2 * D]);
-  const float* CS = static_cast<const float*>(params[3 + 2 * D]);
-  const float* Hs = static_cast<const float*>(params[4 + 2 * D]);
+  const Call c(params, shapes, (nparam - 7) / 6);
+  const Shape& s = c.s;
+  const int D = s.D, In = c.In, Tm = c.Tm;
+  const float* x = c.x;
+  const std::vector<int>& L = c.L;
+  const Saved saved(params + 2 + 2 * D);
+  const float *A = saved.A, *CS = saved.CS, *Hs = saved.Hs;
   const float* dy = static_cast<const float*>(params[5 + 2 * D]);
   const int o = 6 + 2 * D;
   float* dx = static_cast<float*>(params[o]);
@@ -495,20 +505,14 @@ int ds2_get_threads() { return g_threads; }
 void ds2_set_split_directions(int on) { g_split_directions = on; }
 double ds2_kernel_seconds(int which) { return g_nanoseconds[which & 1].load() * 1e-9; }
 
-int lstm_forward(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes, void* stream,
-                 void* extra) {
-  return forward<true>(nparam, params, shapes);
-}
-int lstm_backward(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes, void* stream,
-                  void* extra) {
-  return backward<true>(nparam, params, shapes);
-}
-int gru_forward(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes, void* stream,
-                void* extra) {
-  return forward<false>(nparam, params, shapes);
-}
-int gru_backward(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes, void* stream,
-                 void* extra) {
-  return backward<false>(nparam, params, shapes);
-}
+// The four kernels in MindSpore's aot signature (ndims, dtypes, stream and extra are not needed).
+#define DS2_AOT_KERNEL(name, body)                                                                           \
+  int name(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes, void* stream,        \
+           void* extra) {                                                                                     \
+    return body(nparam, params, shapes);                                                                      \
+  }
+DS2_AOT_KERNEL(lstm_forward, forward<true>)
+DS2_AOT_KERNEL(lstm_backward, backward<true>)
+DS2_AOT_KERNEL(gru_forward, forward<false>)
+DS2_AOT_KERNEL(gru_backward, backward<false>)
 }
