@@ -93,3 +93,12 @@ def test_kernels_time_themselves():
     layer_outputs("lstm", True, native=True)
     after = KN.kernel_seconds()
     assert after["rnn_fwd"] > before["rnn_fwd"] and after["rnn_bwd"] > before["rnn_bwd"]
+
+
+def test_a_mistyped_split_setting_is_named_and_ignored(monkeypatch, caplog):
+    monkeypatch.setenv("DS2EXP_RNN_SPLIT", "unit")
+    with caplog.at_level(logging.WARNING, logger="ds2exp.kernels.native"):
+        assert KN._split_setting() == "directions"
+    assert "DS2EXP_RNN_SPLIT='unit'" in caplog.text
+    monkeypatch.setenv("DS2EXP_RNN_SPLIT", "units")
+    assert KN._split_setting() == "units"

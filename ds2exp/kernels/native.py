@@ -62,6 +62,17 @@ def _onednn_flags() -> list:
     return [f"-L{lib}", "-l:libdnnl.so.2", f"-Wl,-rpath,{lib}"]
 
 
+def _split_setting() -> str:
+    """How the recurrence shares a layer among threads: "directions" (the default: with no more threads
+    than directions, one direction per thread) or "units" (one direction at a time, every thread on
+    its hidden units); ``DS2EXP_RNN_SPLIT`` chooses, for measuring one against the other."""
+    value = os.environ.get("DS2EXP_RNN_SPLIT", "directions") or "directions"
+    if value not in ("directions", "units"):
+        log.warning("DS2EXP_RNN_SPLIT=%r is neither 'directions' nor 'units': using 'directions'", value)
+        return "directions"
+    return value
+
+
 def _compiler() -> Optional[str]:
     return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
 
@@ -102,9 +113,9 @@ def build(cxx: Optional[str], directory: Path) -> Optional[str]:
         lib = ctypes.CDLL(str(out))  # the same handle MindSpore's aot loader opens
         lib.ds2_set_threads.argtypes = [ctypes.c_int]
         lib.ds2_set_threads(settings.threads)
-        lib.ds2_set_split_directions(int(os.environ.get("DS2EXP_RNN_SPLIT", "directions") != "units"))
+        lib.ds2_set_split_directions(int(_split_setting() == "directions"))
         on_threads_changed(lib.ds2_set_threads)
-        log.info("RNN recurrences: C++ kernels %s (%d threads)", out, settings.threads)
+        log.info("RNN layers: C++ kernels %s (%d threads)", out, settings.threads)
         return str(out)
     except (OSError, subprocess.SubprocessError) as exc:
         log.warning("the C++ RNN kernels are unavailable (%s); the RNN recurrences run the numba/numpy kernels",

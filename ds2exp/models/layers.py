@@ -135,13 +135,13 @@ class FastRNN(nn.Cell):
             self.weight_hh_l0_reverse = p((G, hidden_size), "weight_hh_l0_reverse")
             self.bias_ih_l0_reverse = p((G,), "bias_ih_l0_reverse")
             self.bias_hh_l0_reverse = p((G,), "bias_hh_l0_reverse")
-        self.matmul_t = ops.MatMul(transpose_b=True)
         library = native.library()
         # with the C++ kernels one op does the projection and the recurrence (rnn_ops.native_layer_op)
         self.fused = library is not None
         if self.fused:
             self.layer_op = native_layer_op(self.rnn_type, self.num_directions, library)
         else:
+            self.matmul_t = ops.MatMul(transpose_b=True)
             self.scan = numpy_scan_op(self.rnn_type, self.num_directions)
 
     def construct(self, x, lengths=None):
