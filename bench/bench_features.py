@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=2, help="loader threads")
     args = ap.parse_args(argv)
 
-    from bench.bench_step import machine
+    from bench.host import machine
     from ds2exp.data.dataset import BatchLoader
     from ds2exp.data.features import FeatureCache, cache_bytes, compute_features, librispeech_cache_gb
     from ds2exp.data.audio import load_audio

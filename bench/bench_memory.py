@@ -48,7 +48,7 @@ def run(threads: int, where: str, out: Callable[[str], None] = print) -> Dict[st
 
 
 def main() -> int:
-    from bench.bench_step import cores, where
+    from bench.host import cores, where
 
     res = run(cores(), where())
     print(f"  ds2exp / PyTorch peak RSS at {COMPARED[0]}x{COMPARED[1]}: "

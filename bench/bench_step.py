@@ -37,8 +37,6 @@ bench/step_harness.py (the row processes), bench/torch_baseline.py, this file (p
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import time
 from typing import Any, Callable, Dict, List, Optional
@@ -46,6 +44,7 @@ from typing import Any, Callable, Dict, List, Optional
 from bench.flops import (FRAMES_PER_SECOND, NAIVE_FRAMES, TRAIN_CLEAN_100_HOURS, conv_shapes, epoch_hours,
                          forward_flops, model_arch, rnn_dims, train_flops)
 from bench import bench_memory
+from bench.host import cores, where
 from bench.step_harness import run_child, run_duel
 
 # model -> (batch, frames) of the ds2exp / PyTorch rows
@@ -64,28 +63,6 @@ SCALING_MODEL = "ds2_tiny"
 SCALING_STEPS = 4
 
 
-def machine() -> str:
-    """CPU model, the cores this process may use, the vector extensions that matter, Python."""
-    cpu, flags = "unknown CPU", set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name") and cpu == "unknown CPU":
-                    cpu = line.split(":", 1)[1].strip()
-                elif line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    isa = [x for x in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if x in flags]
-    return (f"{cpu}, {len(os.sched_getaffinity(0))} cores ({'/'.join(isa) or 'no AVX2'}), "
-            f"Python {platform.python_version()}")
-
-
-def where() -> str:
-    """The machine and its load now: printed with every table."""
-    return f"[{machine()}; load {os.getloadavg()[0]:.1f}]"
-
-
 def check(name: str, value: Optional[float], target: float, higher_is_better: bool, fmt: str,
           lower_bound: bool = False) -> str:
     """One target line. lower_bound: `value` is only known to be at least this (a killed naive step)."""
@@ -101,10 +78,6 @@ def check(name: str, value: Optional[float], target: float, higher_is_better: bo
 PATH_LABEL = {"ds2exp": "ds2exp Trainer (fast, blocking)", "graph": "ds2exp Trainer, hardware.mode=graph",
               "naive": "naive zoo (plain, async, pad 1250)", "pytorch": "PyTorch 2.13 fp32"}
 DS2EXP_PATHS = ("ds2exp", "graph")  # PYNATIVE, and the step compiled as one graph
-
-
-def cores() -> int:
-    return len(os.sched_getaffinity(0))
 
 
 def plan(quick: bool, naive_timeout: float = 360.0) -> List[Dict[str, Any]]:

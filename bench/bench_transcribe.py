@@ -24,7 +24,7 @@ from typing import List
 import numpy as np
 
 import ds2exp  # noqa: F401  (first: the protobuf implementation before MindSpore)
-from bench.bench_step import machine
+from bench.host import machine
 
 SENTENCES = ["the quick brown fox jumps over the lazy dog", "open the door and let the light in",
              "she sells sea shells by the sea shore", "a small world of sound and colour",

@@ -18,7 +18,7 @@ import os
 import sys
 import tempfile
 
-from bench.bench_step import where
+from bench.host import where
 
 
 def profile(model: str, batch: int, frames: int, steps: int, out_dir: str):

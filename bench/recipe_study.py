@@ -29,7 +29,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from bench.bench_step import where
+from bench.host import where
 from ds2exp.config import project_root
 
 VARIANTS = {

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import ds2exp  # noqa: F401  (protobuf implementation before mindspore)
-from bench.bench_step import machine, where
+from bench.host import machine, where
 
 ROOT = Path(__file__).resolve().parents[1]
 

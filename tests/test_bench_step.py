@@ -6,6 +6,7 @@ import pytest
 
 from bench import bench_step as report
 from bench import flops as bs
+from bench import host
 
 
 def test_architectures_come_from_the_model_configs():
@@ -102,7 +103,7 @@ def test_scaling_model():
 
 
 def test_machine_line_names_the_cpu_and_cores():
-    line = report.where()
+    line = host.where()
     assert "cores" in line and "load" in line and "Python" in line
 
 
@@ -116,7 +117,7 @@ def test_plan_covers_the_four_paths():
             assert r["batch"] == 1 and r["padded"] == bs.NAIVE_FRAMES
         else:
             assert (r["batch"], r["frames"]) == report.SHAPES[r["model"]]
-            assert r["kw"]["threads"] == report.cores()  # ds2exp and PyTorch on the same threads
+            assert r["kw"]["threads"] == host.cores()  # ds2exp and PyTorch on the same threads
 
 
 def test_torch_baseline_model_on_tiny_shapes():
