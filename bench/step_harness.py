@@ -6,7 +6,9 @@ split by timers: value_and_grad, the Trainer's numpy gradient handling, Adam, an
 through ``ds2exp.kernels.settings.timing_hook``), ``naive`` (the model zoo recipe's layers and
 launch mode), ``torch`` (bench/torch_baseline.py). ``--threads N`` runs a child on N threads: the
 parent sets OMP_NUM_THREADS and DS2EXP_RNN_THREADS and pins it to N cores with taskset; the ds2exp
-child also sets ``hardware.threads=N``.
+child also sets ``hardware.threads=N``, and takes further config overrides from
+``DS2EXP_BENCH_OVERRIDES`` (space-separated, e.g. ``"model.conv_impl=plain model.rnn_layers=1"``:
+what a variant of the model costs in time and peak memory).
 """
 from __future__ import annotations
 

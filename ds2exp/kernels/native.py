@@ -90,8 +90,8 @@ def build(cxx: Optional[str], directory: Path) -> Optional[str]:
         return None
     try:
         version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
-        flags = FLAGS + onednn
-        key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(flags), version, _cpu_flags()]).encode())
+        key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS + onednn), version, _cpu_flags()])
+                             .encode())
         out = Path(directory) / f"recurrence-{key.hexdigest()[:16]}.so"
         if not out.is_file():
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -100,8 +100,9 @@ def build(cxx: Optional[str], directory: Path) -> Optional[str]:
             fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
             os.close(fd)
             try:
-                proc = subprocess.run([cxx, *flags[:len(FLAGS)], "-o", tmp, str(SOURCE), *flags[len(FLAGS):]],
-                                      capture_output=True, text=True, timeout=300)
+                # the libraries after the source that needs them
+                proc = subprocess.run([cxx, *FLAGS, "-o", tmp, str(SOURCE), *onednn], capture_output=True, text=True,
+                                      timeout=300)
                 if proc.returncode != 0:
                     log.warning("building %s failed (%s); the RNN recurrences run the numba/numpy kernels:\n%s",
                                 SOURCE.name, cxx, proc.stderr[-2000:])

@@ -54,33 +54,31 @@ typedef float v16u __attribute__((vector_size(64), aligned(4), may_alias));
 inline v16 load(const float* p) { return *reinterpret_cast<const v16u*>(p); }
 inline void store(float* p, v16 v) { *reinterpret_cast<v16u*>(p) = v; }
 
-// A matrix M (K rows, N columns) read by columns of 16: element (k, n) at
-// p[k * ldm + (n / 16) * pstride + n % 16]. Row-major storage: ldm = row length, pstride = 16.
-// Packed in panels of 16 columns (pack_panels): ldm = 16, pstride = 16 * K, so that a block of
-// columns is read as a few sequential streams: a row-major W_hh row is 4-16 KiB apart from the
-// next, and reading it down a column block crosses a page every few rows, which the prefetchers
-// do not follow (the recurrence's product streams W_hh from cache at every step).
-struct Mat {
+// A matrix M (K rows, N columns) packed in panels of 16 columns (pack_panels): element (k, n) at
+// p[(n / 16) * 16 * K + k * 16 + n % 16], so that a block of columns is read as a few sequential
+// streams. A row-major W_hh row is 4-16 KiB apart from the next, and reading it down a column block
+// crosses a page every few rows, which the prefetchers do not follow (the recurrence's product
+// streams W_hh from cache at every step).
+struct Panels {
   const float* p;
-  long ldm, pstride;
-  const float* vec(int k, int n) const { return p + k * ldm + (n >> 4) * pstride; }
-  float at(int k, int n) const { return p[k * ldm + (n >> 4) * pstride + (n & 15)]; }
+  int K;
+  const float* column_block(int n) const { return p + (long)(n >> 4) * 16 * K; }
+  float at(int k, int n) const { return column_block(n)[k * 16 + (n & 15)]; }
 };
 
-// out[r, n..n+16*NV) (+)= sum_k a[r*ars + k*aks] * M[k, n..]: the register block, r < RB.
+// out[r, n..n+16*NV) = sum_k a[r*lda + k] * M[k, n..]: the register block, r < RB.
 template <int RB, int NV>
-inline void block(const float* a, long ars, long aks, int K, const Mat& m, int n, float* out, long ldo,
-                  bool accumulate) {
+inline void block(const float* a, long lda, const Panels& m, int n, float* out, long ldo) {
   v16 acc[RB][NV];
   for (int r = 0; r < RB; ++r)
-    for (int v = 0; v < NV; ++v) acc[r][v] = accumulate ? load(out + r * ldo + n + 16 * v) : v16{};
+    for (int v = 0; v < NV; ++v) acc[r][v] = v16{};
   const float* col[NV];
-  for (int v = 0; v < NV; ++v) col[v] = m.vec(0, n + 16 * v);
-  for (int k = 0; k < K; ++k) {
+  for (int v = 0; v < NV; ++v) col[v] = m.column_block(n + 16 * v);
+  for (int k = 0; k < m.K; ++k) {
     v16 mv[NV];
-    for (int v = 0; v < NV; ++v) mv[v] = load(col[v] + k * m.ldm);
+    for (int v = 0; v < NV; ++v) mv[v] = load(col[v] + k * 16);
     for (int r = 0; r < RB; ++r) {
-      const float s = a[r * ars + k * aks];
+      const float s = a[r * lda + k];
       for (int v = 0; v < NV; ++v) acc[r][v] += s * mv[v];
     }
   }
@@ -91,34 +89,31 @@ inline void block(const float* a, long ars, long aks, int K, const Mat& m, int n
 // Column blocks: 64 wide for up to 4 rows, 32 wide for 8 rows (16 accumulators either way; 8 rows
 // read each W_hh vector for twice the rows). n0 is a multiple of 16.
 template <int RB>
-inline void rows_block(const float* a, long ars, long aks, int K, const Mat& m, float* out, long ldo, int n0, int n1,
-                       bool accumulate) {
+inline void rows_block(const float* a, long lda, const Panels& m, float* out, long ldo, int n0, int n1) {
   int n = n0;
   constexpr int NV = RB >= 8 ? 2 : 4;
-  for (; n + 16 * NV <= n1; n += 16 * NV) block<RB, NV>(a, ars, aks, K, m, n, out, ldo, accumulate);
-  for (; n + 16 <= n1; n += 16) block<RB, 1>(a, ars, aks, K, m, n, out, ldo, accumulate);
+  for (; n + 16 * NV <= n1; n += 16 * NV) block<RB, NV>(a, lda, m, n, out, ldo);
+  for (; n + 16 <= n1; n += 16) block<RB, 1>(a, lda, m, n, out, ldo);
   for (; n < n1; ++n)
     for (int r = 0; r < RB; ++r) {
-      float s = accumulate ? out[r * ldo + n] : 0.0f;
-      for (int k = 0; k < K; ++k) s += a[r * ars + k * aks] * m.at(k, n);
+      float s = 0.0f;
+      for (int k = 0; k < m.K; ++k) s += a[r * lda + k] * m.at(k, n);
       out[r * ldo + n] = s;
     }
 }
 
-// out[r, n] (+)= sum_k a[r*ars + k*aks] * M[k, n], rows r < R, columns n0 <= n < n1 (n0 % 16 == 0).
-void gemm(const float* a, long ars, long aks, int R, int K, const Mat& m, float* out, long ldo, int n0, int n1,
-          bool accumulate = false) {
+// out[r, n] = sum_k a[r*lda + k] * M[k, n], rows r < R (a row-major, R x K), columns n0 <= n < n1
+// (n0 % 16 == 0).
+void gemm(const float* a, long lda, int R, const Panels& m, float* out, long ldo, int n0, int n1) {
   int r = 0;
-  for (; r + 8 <= R; r += 8) rows_block<8>(a + r * ars, ars, aks, K, m, out + r * ldo, ldo, n0, n1, accumulate);
-  for (; r + 4 <= R; r += 4) rows_block<4>(a + r * ars, ars, aks, K, m, out + r * ldo, ldo, n0, n1, accumulate);
-  for (; r < R; ++r) rows_block<1>(a + r * ars, ars, aks, K, m, out + r * ldo, ldo, n0, n1, accumulate);
+  for (; r + 8 <= R; r += 8) rows_block<8>(a + r * lda, lda, m, out + r * ldo, ldo, n0, n1);
+  for (; r + 4 <= R; r += 4) rows_block<4>(a + r * lda, lda, m, out + r * ldo, ldo, n0, n1);
+  for (; r < R; ++r) rows_block<1>(a + r * lda, lda, m, out + r * ldo, ldo, n0, n1);
 }
-
-inline Mat rows(const float* p, long ldm) { return Mat{p, ldm, 16}; }
 
 // Panels of M[k, n] = src[k * ks + n * ns] for k < K and the columns n0 <= n < n1 (whole panels
 // of 16; columns past N are zero) into dst (ceil(N / 16) panels of 16 * K floats).
-Mat pack_panels(const float* src, long ks, long ns, int K, int N, int n0, int n1, float* dst) {
+Panels pack_panels(const float* src, long ks, long ns, int K, int N, int n0, int n1, float* dst) {
   for (int c = n0 / 16; c < (n1 + 15) / 16; ++c) {
     float* panel = dst + (long)c * 16 * K;
     for (int k = 0; k < K; ++k)
@@ -127,7 +122,7 @@ Mat pack_panels(const float* src, long ks, long ns, int K, int N, int n0, int n1
         panel[k * 16 + i] = n < N ? src[k * ks + n * ns] : 0.0f;
       }
   }
-  return Mat{dst, 16, 16L * K};
+  return Panels{dst, K};
 }
 
 inline long panels_size(int K, int N) { return 16L * K * ((N + 15) / 16); }
@@ -202,7 +197,7 @@ void forward_direction(const Shape& s, int d, const float* xp, const std::vector
     units(H, omp_get_num_threads(), id, u0, u1);
     // each gate's block of W_hh transposed (M[k, u] = w[g*H + u, k]), in panels: only this thread's
     // units, the only ones it reads
-    std::vector<Mat> wT(NG);
+    std::vector<Panels> wT(NG);
     for (int g = 0; g < NG; ++g)
       wT[g] = pack_panels(w + (size_t)g * H * H, 1, H, H, H, u0, u1, packed.data() + g * panels_size(H, H));
     for (int t = 0; t < T; ++t) {
@@ -221,7 +216,7 @@ void forward_direction(const Shape& s, int d, const float* xp, const std::vector
       const float* h_prev = t > 0 ? Hd + (size_t)(t - 1) * B * H : nullptr;
       for (int g = 0; g < G / H; ++g) {
         if (h_prev)
-          gemm(h_prev, H, 1, B, H, wT[g], gates.data() + g * H, G, u0, u1);
+          gemm(h_prev, H, B, wT[g], gates.data() + g * H, G, u0, u1);
         else
           for (int b = 0; b < B; ++b) std::memset(&gates[(size_t)b * G + g * H + u0], 0, sizeof(float) * (u1 - u0));
       }
@@ -324,7 +319,7 @@ void backward_direction(const Shape& s, int d, const std::vector<int>& L, int Tm
     const int id = omp_get_thread_num();
     int u0, u1;
     units(H, omp_get_num_threads(), id, u0, u1);
-    const Mat wp = pack_panels(w, H, 1, G, H, u0, u1, packed.data());  // W_hh, this thread's columns
+    const Panels wp = pack_panels(w, H, 1, G, H, u0, u1, packed.data());  // W_hh, this thread's columns
     for (int t = Tm; t < T; ++t)  // frames past every row's length get no gradient
       for (int b = 0; b < B; ++b)
         for (int g = 0; g < G / H; ++g)
@@ -388,9 +383,9 @@ void backward_direction(const Shape& s, int d, const std::vector<int>& L, int Tm
 #pragma omp barrier
       if (t > 0) {  // dh for step t-1: this step's gate gradients through W_hh, this thread's units
         if (LSTM) {
-          gemm(dg_t, G, 1, B, G, wp, dh.data(), H, u0, u1);
+          gemm(dg_t, G, B, wp, dh.data(), H, u0, u1);
         } else {  // dh = dh * z (above) + the product, added after it as the numpy kernels do
-          gemm(dg_t, G, 1, B, G, wp, back.data(), H, u0, u1);
+          gemm(dg_t, G, B, wp, back.data(), H, u0, u1);
           for (int b = 0; b < B; ++b)
             for (int u = u0; u < u1; ++u) dh[(size_t)b * H + u] += back[(size_t)b * H + u];
         }
@@ -501,7 +496,6 @@ void ds2_set_threads(int n) {
   g_threads = n > 0 ? n : 1;
   omp_set_max_active_levels(1);  // a direction on its own thread runs its inner regions on that thread
 }
-int ds2_get_threads() { return g_threads; }
 void ds2_set_split_directions(int on) { g_split_directions = on; }
 double ds2_kernel_seconds(int which) { return g_nanoseconds[which & 1].load() * 1e-9; }
 
