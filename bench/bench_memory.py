@@ -13,6 +13,7 @@ from __future__ import annotations
 import sys
 from typing import Any, Callable, Dict, List
 
+from bench.host import cores, where
 from bench.step_harness import run_child
 
 MODEL = "ds2_reference"
@@ -48,8 +49,6 @@ def run(threads: int, where: str, out: Callable[[str], None] = print) -> Dict[st
 
 
 def main() -> int:
-    from bench.host import cores, where
-
     res = run(cores(), where())
     print(f"  ds2exp / PyTorch peak RSS at {COMPARED[0]}x{COMPARED[1]}: "
           + (f"{res['ratio']:.2f}" if res["ratio"] else "n/a"))
